@@ -1,0 +1,1 @@
+"""Latency and throughput of every backend against PyTorch eager."""

@@ -1,0 +1,1 @@
+"""Inference backends (PyTorch eager, ONNX Runtime, TensorRT) and the decode loop that drives them."""

@@ -1,0 +1,25 @@
+"""What every command-line tool shares: one rich console and user errors printed as one line."""
+from __future__ import annotations
+
+import functools
+
+import typer
+from rich.console import Console
+
+from sat_export.errors import SatError
+
+console = Console(stderr=True)
+
+
+def user_errors(fn):
+    """Decorate a typer command: a ``SatError`` becomes ``error: <message>`` and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SatError as err:
+            console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper

@@ -1,0 +1,129 @@
+"""The graph I/O contract: tensor names, dtypes and named axes of the two exported graphs.
+
+Declared once here; export, the engines, TensorRT profiles and the tests all read it.
+
+=============  ==========================================  ==========================================
+graph          inputs                                      outputs
+=============  ==========================================  ==========================================
+encoder        images f32 (batch, 3, height, width)        features (batch, n_pix, enc_dim),
+                                                           features_proj (batch, n_pix, att_dim),
+                                                           h0, c0 (batch, dec_dim)
+decoder_step   tokens i64 (batch,), h, c (batch, dec_dim),  logprobs (batch, vocab), alpha (batch, n_pix),
+               features, features_proj                     h_next, c_next (batch, dec_dim)
+=============  ==========================================  ==========================================
+
+Only ``batch`` is dynamic; every other axis is fixed by the model config (see ``ModelConfig.dims``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sat_export.errors import ShapeError
+
+BATCH = "batch"
+MANIFEST_FILE = "manifest.json"
+BUNDLE_FORMAT = "sat-bundle"
+BUNDLE_VERSION = 1
+DEFAULT_OPSET = 18
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output: its name, numpy dtype name and named axes."""
+
+    name: str
+    dtype: str
+    axes: tuple[str | int, ...]
+
+    def shape(self, dims: dict[str, int], batch: int | None = None) -> tuple[int | str, ...]:
+        """Concrete shape; the batch axis stays symbolic (``"batch"``) unless ``batch`` is given."""
+        return tuple(
+            (batch if batch is not None else a) if a == BATCH else (dims[a] if isinstance(a, str) else a)
+            for a in self.axes
+        )
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One exported graph: its name, file name in the bundle, and ordered inputs and outputs."""
+
+    name: str
+    file: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def check_inputs(self, arrays: dict, dims: dict[str, int]) -> None:
+        """Raise ``ShapeError`` naming the tensor if names, dtypes or shapes break the contract."""
+        check_tensors(self.name, "input", self.inputs, arrays, dims)
+
+    def check_outputs(self, arrays: dict, dims: dict[str, int]) -> None:
+        check_tensors(self.name, "output", self.outputs, arrays, dims)
+
+
+def check_tensors(graph: str, kind: str, specs, arrays: dict, dims: dict[str, int]) -> None:
+    """Check ``arrays`` (numpy or torch) against ``specs``: names, then dtypes, then shapes."""
+    expected = [s.name for s in specs]
+    if sorted(arrays) != sorted(expected):
+        raise ShapeError(f"{graph}: {kind} names {sorted(arrays)} != contract {sorted(expected)}")
+    batch = None
+    for spec in specs:
+        arr = arrays[spec.name]
+        dtype = str(arr.dtype).removeprefix("torch.")
+        if dtype != spec.dtype:
+            raise ShapeError(f"{graph}: {kind} '{spec.name}' has dtype {dtype}, contract says {spec.dtype}")
+        batch = arr.shape[0] if batch is None else batch
+        want = spec.shape(dims, batch)
+        if tuple(arr.shape) != want:
+            raise ShapeError(f"{graph}: {kind} '{spec.name}' has shape {tuple(arr.shape)}, contract says {want}")
+
+
+def _f32(name: str, *axes) -> TensorSpec:
+    return TensorSpec(name, "float32", axes)
+
+
+ENCODER = GraphSpec(
+    name="encoder",
+    file="encoder.onnx",
+    inputs=(_f32("images", BATCH, 3, "height", "width"),),
+    outputs=(
+        _f32("features", BATCH, "n_pix", "enc_dim"),
+        _f32("features_proj", BATCH, "n_pix", "att_dim"),
+        _f32("h0", BATCH, "dec_dim"),
+        _f32("c0", BATCH, "dec_dim"),
+    ),
+)
+
+DECODER_STEP = GraphSpec(
+    name="decoder_step",
+    file="decoder_step.onnx",
+    inputs=(
+        TensorSpec("tokens", "int64", (BATCH,)),
+        _f32("h", BATCH, "dec_dim"),
+        _f32("c", BATCH, "dec_dim"),
+        _f32("features", BATCH, "n_pix", "enc_dim"),
+        _f32("features_proj", BATCH, "n_pix", "att_dim"),
+    ),
+    outputs=(
+        _f32("logprobs", BATCH, "vocab"),
+        _f32("alpha", BATCH, "n_pix"),
+        _f32("h_next", BATCH, "dec_dim"),
+        _f32("c_next", BATCH, "dec_dim"),
+    ),
+)
+
+GRAPHS = (ENCODER, DECODER_STEP)
+
+# Parity tolerances between an exported graph and PyTorch eager, per precision.
+TOLERANCES = {
+    "fp32": {"rel_l2": 1e-5, "alpha_max_abs": 1e-4},
+    "fp16": {"rel_l2": 2e-2, "alpha_max_abs": 2e-2},
+    "int8": {"rel_l2": 0.5, "alpha_max_abs": 0.5},
+}

@@ -1,0 +1,41 @@
+"""Shared fixtures: a tiny, fast model and checkpoint built once per session; markers."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from training.checkpoint import save_checkpoint
+from training.config import ModelConfig, PreprocessConfig
+from training.model import ShowAttendTell
+from training.vocab import Vocab
+
+WORDS = ["a", "red", "blue", "circle", "square", "on", "the", "left", "right"]
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    """mobilenet_v3_small_s16 at 64 px, 4x4 grid, tiny decoder: milliseconds per call."""
+    base = dict(vocab_size=4 + len(WORDS), backbone="mobilenet_v3_small_s16", enc_dim=48, grid=4,
+                att_dim=16, dec_dim=32, emb_dim=16, preprocess=PreprocessConfig(resize=72, crop=64))
+    return ModelConfig(**{**base, **overrides})
+
+
+def tiny_model(seed: int = 0, **overrides) -> ShowAttendTell:
+    torch.manual_seed(seed)
+    return ShowAttendTell(tiny_config(**overrides)).eval()
+
+
+@pytest.fixture(scope="session")
+def vocab() -> Vocab:
+    return Vocab.build([WORDS])
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory, vocab):
+    """Path of a saved tiny checkpoint (random weights), shared by the session."""
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pth", tiny_model(), vocab, {"epoch": 0})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "requires_cuda" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="requires a CUDA GPU: torch.cuda.is_available() is False"))

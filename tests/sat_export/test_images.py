@@ -1,0 +1,99 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sat_export.images import ImageDecodeError, load_image, load_rgb, preprocess, to_rgb
+from training.config import PreprocessConfig
+
+CFG = PreprocessConfig(resize=40, crop=32)
+
+
+def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _gradient(mode: str, size=(60, 45)) -> Image.Image:
+    x = np.linspace(0, 1, size[0])[None, :] * np.ones((size[1], 1))
+    if mode == "I;16":
+        return Image.fromarray((x * 65535).astype("<u2"))
+    if mode == "I":
+        return Image.fromarray((x * 1e6).astype(np.int32))
+    if mode == "F":
+        return Image.fromarray(x.astype(np.float32))
+    rgb = Image.fromarray((np.stack([x, 1 - x, x * 0.5], -1) * 255).astype(np.uint8))
+    return rgb.convert(mode)
+
+
+MODES = ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "I;16", "I", "F", "RGBa", "HSV", "LAB"]
+SAVABLE = {"1": "PNG", "L": "PNG", "LA": "PNG", "P": "PNG", "RGB": "JPEG", "RGBA": "PNG", "CMYK": "JPEG",
+           "I;16": "PNG", "I": "TIFF", "F": "TIFF"}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode_gives_3xHxW_float32(mode):
+    img = _gradient(mode)
+    assert img.mode == mode
+    out = preprocess(to_rgb(img), CFG)
+    assert out.shape == (3, 32, 32) and out.dtype == np.float32
+    assert np.isfinite(out).all()
+    assert out.std() > 0.05, "the gradient survived conversion"
+
+
+@pytest.mark.parametrize("mode", sorted(SAVABLE))
+def test_every_savable_mode_decodes_from_file(mode, tmp_path):
+    path = tmp_path / f"img.{SAVABLE[mode].lower()}"
+    _gradient(mode).save(path, format=SAVABLE[mode])
+    out = load_image(path, CFG)
+    assert out.shape == (3, 32, 32) and out.dtype == np.float32 and out.std() > 0.05
+
+
+def test_16_bit_greyscale_is_rescaled_not_clipped_to_white():
+    rgb = load_rgb(_encode(_gradient("I;16"), "PNG"))
+    arr = np.asarray(rgb)
+    assert arr.min() < 10 and arr.max() > 245
+
+
+def test_transparency_composited_on_white():
+    img = Image.new("RGBA", (10, 10), (255, 0, 0, 0))
+    assert np.asarray(load_rgb(_encode(img, "PNG")))[0, 0].tolist() == [255, 255, 255]
+
+
+def test_exif_orientation_is_applied():
+    img = Image.new("RGB", (40, 20), (0, 0, 0))
+    img.paste((255, 255, 255), (0, 0, 20, 20))  # white left half
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    upright = load_rgb(_encode(img, "JPEG", exif=exif.tobytes(), quality=95))
+    assert upright.size == (20, 40)
+    arr = np.asarray(upright).mean(axis=(1, 2))
+    assert arr[:20].mean() > 200 > 50 > arr[20:].mean()  # white half now on top
+
+
+def test_resize_short_side_then_centre_crop_and_normalise():
+    img = Image.new("RGB", (80, 40), (124, 116, 104))  # ImageNet mean colour
+    out = preprocess(img, CFG)
+    assert out.shape == (3, 32, 32)
+    np.testing.assert_allclose(out, 0.0, atol=0.01)
+
+
+@pytest.mark.parametrize("data,message", [
+    (b"", "cannot identify"),
+    (b"not an image at all", "cannot identify"),
+])
+def test_bad_bytes_raise_image_decode_error(data, message):
+    with pytest.raises(ImageDecodeError, match=message):
+        load_rgb(data)
+
+
+def test_truncated_and_bomb_images_are_refused(tmp_path):
+    png = _encode(_gradient("RGB", (300, 300)), "PNG")
+    with pytest.raises(ImageDecodeError, match="decode"):
+        load_rgb(png[: len(png) // 2])
+    with pytest.raises(ImageDecodeError, match="over the limit of 1000"):
+        load_rgb(png, max_pixels=1000)
+    with pytest.raises(ImageDecodeError, match="not found"):
+        load_image(tmp_path / "missing.jpg", CFG)

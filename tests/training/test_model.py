@@ -1,0 +1,92 @@
+import pytest
+import torch
+
+from sat_export.contract import DECODER_STEP, ENCODER
+from training.model import caption_loss, make_model
+from tests.conftest import tiny_config, tiny_model
+
+
+@pytest.mark.parametrize("n_img", [1, 3, 32])
+def test_encode_and_step_shapes_follow_contract(n_img):
+    model = tiny_model()
+    dims = model.config.dims()
+    images = torch.randn(n_img, 3, 64, 64)
+    with torch.no_grad():
+        enc = dict(zip(ENCODER.output_names, model.encode(images)))
+        ENCODER.check_outputs(enc, dims)
+        tokens = torch.randint(0, dims["vocab"], (n_img,))
+        inputs = {"tokens": tokens, "h": enc["h0"], "c": enc["c0"], "features": enc["features"],
+                  "features_proj": enc["features_proj"]}
+        DECODER_STEP.check_inputs(inputs, dims)
+        out = dict(zip(DECODER_STEP.output_names, model.step(**inputs)))
+    DECODER_STEP.check_outputs(out, dims)
+    assert out["logprobs"].shape == (n_img, dims["vocab"])
+    assert out["alpha"].shape == (n_img, 16)
+
+
+def test_default_grid_is_14x14_with_resnet_and_mobilenet():
+    for backbone in ("resnet18", "mobilenet_v3_small_s16"):
+        model = make_model(10, backbone=backbone).eval()
+        with torch.no_grad():
+            features, proj, h0, c0 = model.encode(torch.randn(2, 3, 224, 224))
+        assert features.shape == (2, 196, model.config.enc_dim)
+        assert proj.shape == (2, 196, 128) and h0.shape == c0.shape == (2, 256)
+
+
+@pytest.mark.parametrize("attention,gate", [("tanh", True), ("relu", False)])
+def test_alphas_sum_to_one_and_logprobs_normalised(attention, gate):
+    model = tiny_model(attention=attention, gate=gate)
+    with torch.no_grad():
+        f, fp, h, c = model.encode(torch.randn(5, 3, 64, 64))
+        lp, alpha, _, _ = model.step(torch.arange(5), h, c, f, fp)
+    torch.testing.assert_close(alpha.sum(1), torch.ones(5))
+    torch.testing.assert_close(lp.exp().sum(1), torch.ones(5))
+    assert (alpha >= 0).all()
+
+
+def test_teacher_forced_loss_equals_hand_written_loop_over_step():
+    model = tiny_model(dropout=0.0)
+    torch.manual_seed(1)
+    images = torch.randn(4, 3, 64, 64)
+    captions = torch.tensor([[1, 5, 6, 7, 2, 0], [1, 8, 2, 0, 0, 0], [1, 4, 5, 6, 7, 2], [1, 9, 10, 2, 0, 0]])
+    logprobs, alphas = model(images, captions)
+    total, nll = caption_loss(logprobs, alphas, captions, pad_id=0, alpha_c=1.0)
+
+    features, proj, h, c = model.encode(images)
+    nll_sum, n_words, att_sum = 0.0, 0, torch.zeros(4, 16)
+    for i in range(4):
+        hi, ci = h[i : i + 1], c[i : i + 1]
+        for t in range(captions.size(1) - 1):
+            target = captions[i, t + 1].item()
+            if target == 0:
+                break
+            lp, alpha, hi, ci = model.step(captions[i, t : t + 1], hi, ci, features[i : i + 1], proj[i : i + 1])
+            nll_sum -= lp[0, target]
+            n_words += 1
+            att_sum[i] += alpha[0]
+    expected_nll = nll_sum / n_words
+    expected_total = expected_nll + ((1 - att_sum) ** 2).mean()
+    torch.testing.assert_close(nll, expected_nll, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(total, expected_total, rtol=1e-5, atol=1e-6)
+
+
+def test_loss_gradients_reach_decoder_and_frozen_flag_is_respected():
+    model = tiny_model().train()
+    for p in model.backbone.parameters():
+        p.requires_grad_(False)
+    captions = torch.tensor([[1, 5, 6, 2], [1, 7, 2, 0]])
+    total, _ = caption_loss(*model(torch.randn(2, 3, 64, 64), captions), captions, pad_id=0)
+    total.backward()
+    assert model.fc.weight.grad.abs().sum() > 0
+    assert model.attention.enc_att.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.backbone.parameters())
+
+
+def test_config_rejects_bad_values_and_mismatched_backbone():
+    with pytest.raises(ValueError, match="attention"):
+        tiny_config(attention="softmax")
+    with pytest.raises(ValueError, match="enc_dim"):
+        from training.model import ShowAttendTell
+        ShowAttendTell(tiny_config(enc_dim=2048))
+    with pytest.raises(ValueError, match="preset"):
+        make_model(10, preset="huge")

@@ -1,0 +1,1 @@
+"""Show-Attend-Tell training: model, vocabulary, checkpoints, data and the training loop."""

@@ -1,0 +1,145 @@
+"""Self-describing checkpoints: a plain dict, written with ``torch.save``, read with ``weights_only=True``.
+
+Layout (version 1)::
+
+    {"format": "sat-checkpoint", "version": 1,
+     "config": ModelConfig.to_dict(),      # dims, backbone, attention kind, gate, preprocess
+     "vocab": {"itos": [...]},
+     "state_dict": {...},
+     "train": {...}}                        # epoch, step, metrics; optimiser/scheduler/RNG state to resume
+
+Preprocessing lives inside ``config["preprocess"]``: one place, read by export and inference.
+"""
+from __future__ import annotations
+
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from sat_export.errors import CheckpointError
+from training.config import ModelConfig
+from training.model import ShowAttendTell
+from training.vocab import Vocab
+
+FORMAT = "sat-checkpoint"
+VERSION = 1
+REQUIRED_KEYS = ("format", "version", "config", "vocab", "state_dict")
+
+
+@dataclass
+class Checkpoint:
+    """A loaded, validated checkpoint."""
+
+    config: ModelConfig
+    vocab: Vocab
+    state_dict: dict[str, torch.Tensor]
+    train: dict = field(default_factory=dict)
+    path: Path | None = None
+
+    def build_model(self) -> ShowAttendTell:
+        """The model in eval mode with these weights."""
+        model = ShowAttendTell(self.config)
+        model.load_state_dict(self.state_dict)
+        return model.eval()
+
+
+def save_checkpoint(path: str | Path, model: ShowAttendTell, vocab: Vocab, train: dict | None = None) -> Path:
+    """Write ``model`` + ``vocab`` (+ training state) atomically to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if len(vocab) != model.config.vocab_size:
+        raise ValueError(f"vocab has {len(vocab)} words, model config says {model.config.vocab_size}")
+    payload = {
+        "format": FORMAT, "version": VERSION, "config": model.config.to_dict(),
+        "vocab": {"itos": list(vocab.itos)},
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "train": train or {},
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return path
+
+
+def read_payload(path: str | Path) -> dict:
+    """``torch.load(weights_only=True)`` with every failure turned into one ``CheckpointError`` line."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "GLOBAL" in str(err) or "Unsupported global" in str(err):
+            raise CheckpointError(
+                f"{path}: refusing to load: the file pickles Python objects or code, not only tensors "
+                f"({_reason(err)}; loading it could execute code). Convert trusted files with `sat-export import --trust-pickle`."
+            ) from None
+        raise CheckpointError(f"{path}: corrupt file, not a PyTorch checkpoint ({_reason(err)})") from None
+    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError) as err:
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({_reason(err)})") from None
+    except Exception as err:  # noqa: BLE001 - the unpickler raises arbitrary types on garbage input
+        raise CheckpointError(f"{path}: corrupt file, not a PyTorch checkpoint ({_reason(err)})") from None
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read and validate a sat-export checkpoint: format, version, keys, config, vocab and tensor shapes."""
+    path = Path(path)
+    payload = read_payload(path)
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path}: holds a {type(payload).__name__}, not a sat-export checkpoint dict")
+    if payload.get("format") != FORMAT:
+        hint = (" (it looks like a bare state_dict: convert it with `sat-export import`)"
+                if "format" not in payload and all(isinstance(v, torch.Tensor) for v in payload.values()) else "")
+        raise CheckpointError(f"{path}: not a sat-export checkpoint (format={payload.get('format')!r}){hint}")
+    if not isinstance(payload.get("version"), int) or payload["version"] > VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint version {payload.get('version')!r} is not supported (this tool reads <= {VERSION})")
+    missing = [k for k in REQUIRED_KEYS if k not in payload]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint is missing keys {missing}")
+    config = ModelConfig.from_dict(payload["config"], source=str(path))
+    try:
+        vocab = Vocab(payload["vocab"]["itos"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: invalid vocabulary ({err})") from None
+    if len(vocab) != config.vocab_size:
+        raise CheckpointError(f"{path}: vocabulary has {len(vocab)} words, config says vocab_size={config.vocab_size}")
+    state_dict = payload["state_dict"]
+    _check_state_dict(path, config, state_dict)
+    return Checkpoint(config, vocab, state_dict, payload.get("train") or {}, path)
+
+
+def _check_state_dict(path: Path, config: ModelConfig, state_dict: dict) -> None:
+    try:
+        with torch.device("meta"):
+            expected = ShowAttendTell(config).state_dict()
+    except ValueError as err:
+        raise CheckpointError(f"{path}: invalid config: {err}") from None
+    if not isinstance(state_dict, dict):
+        raise CheckpointError(f"{path}: state_dict is a {type(state_dict).__name__}, expected a dict of tensors")
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: state_dict does not match config: missing {_few(missing)}, unexpected {_few(unexpected)}")
+    for name, ref in expected.items():
+        got = state_dict[name]
+        if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(ref.shape):
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            raise CheckpointError(f"{path}: tensor '{name}' has shape {shape}, config expects {tuple(ref.shape)}")
+
+
+def _few(keys: list[str], n: int = 3) -> str:
+    return "[]" if not keys else ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def _reason(err: Exception) -> str:
+    """The most specific line of a (possibly multi-line) torch error, cut short."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    specific = [ln for ln in lines if ln.startswith(("Unsupported", "Trying to load", "PytorchStreamReader"))]
+    return (specific or lines or [type(err).__name__])[0][:160]

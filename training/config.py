@@ -1,0 +1,98 @@
+"""Model and preprocessing configuration, stored verbatim in every checkpoint and bundle manifest."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from sat_export.errors import CheckpointError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Attention / decoder sizes: the seed project's four, plus 512/512 of the most-used public
+# implementation (sgrvinod's a-PyTorch-Tutorial-to-Image-Captioning).
+PRESETS: dict[str, dict[str, int]] = {
+    "small": {"att_dim": 128, "dec_dim": 256, "emb_dim": 128},
+    "medium": {"att_dim": 256, "dec_dim": 512, "emb_dim": 256},
+    "sgrvinod": {"att_dim": 512, "dec_dim": 512, "emb_dim": 512},
+    "large": {"att_dim": 1024, "dec_dim": 1024, "emb_dim": 512},
+    "xl": {"att_dim": 3000, "dec_dim": 3000, "emb_dim": 512},
+}
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How an image becomes the encoder's input: resize the short side, centre crop, normalise."""
+
+    resize: int = 256
+    crop: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+
+    def __post_init__(self):
+        if self.crop > self.resize:
+            raise ValueError(f"crop ({self.crop}) must not exceed resize ({self.resize})")
+        if self.interpolation not in ("bilinear", "bicubic", "nearest"):
+            raise ValueError(f"interpolation must be bilinear, bicubic or nearest, not {self.interpolation!r}")
+        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a model: ``ShowAttendTell(ModelConfig(**ckpt["config"]))``."""
+
+    vocab_size: int
+    backbone: str = "resnet101"
+    enc_dim: int = 2048
+    grid: int = 14
+    att_dim: int = 128
+    dec_dim: int = 256
+    emb_dim: int = 128
+    attention: str = "tanh"  # "tanh" (paper) or "relu" (sgrvinod)
+    gate: bool = True  # sigmoid gate beta on the context vector (paper section 4.2.1)
+    dropout: float = 0.5
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+
+    def __post_init__(self):
+        if isinstance(self.preprocess, dict):
+            object.__setattr__(self, "preprocess", PreprocessConfig(**self.preprocess))
+        if self.attention not in ("tanh", "relu"):
+            raise ValueError(f"attention must be 'tanh' or 'relu', not {self.attention!r}")
+        for name in ("vocab_size", "enc_dim", "grid", "att_dim", "dec_dim", "emb_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def n_pix(self) -> int:
+        return self.grid * self.grid
+
+    def dims(self) -> dict[str, int]:
+        """Sizes of the named axes of the graph contract (``sat_export.contract``)."""
+        return {
+            "n_pix": self.n_pix, "enc_dim": self.enc_dim, "att_dim": self.att_dim, "dec_dim": self.dec_dim,
+            "vocab": self.vocab_size, "height": self.preprocess.crop, "width": self.preprocess.crop,
+        }
+
+    def to_dict(self) -> dict:
+        """Plain, JSON- and ``weights_only``-safe dict (tuples become lists)."""
+        d = asdict(self)
+        d["preprocess"]["mean"] = list(d["preprocess"]["mean"])
+        d["preprocess"]["std"] = list(d["preprocess"]["std"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> ModelConfig:
+        """Build from a stored dict, refusing unknown or missing keys with a message naming ``source``."""
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{source}: config is a {type(d).__name__}, expected a dict")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise CheckpointError(f"{source}: unknown config keys {unknown}")
+        try:
+            return cls(**d)
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"{source}: invalid config: {err}") from None
