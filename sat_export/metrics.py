@@ -1,0 +1,160 @@
+"""Caption metrics (corpus BLEU-1..4, CIDEr-D) and attention grounding.
+
+BLEU is nltk's ``corpus_bleu`` itself (cumulative weights, no smoothing). Grounding measures how much
+of a word's attention falls inside the boxes of the object it names, in original-image pixels.
+
+Attention grid -> image mapping
+-------------------------------
+``sat_export.images.preprocess`` resizes the image so its short side is ``resize`` (each side at least
+``crop``), then centre-crops ``crop x crop``. The ``g x g`` attention grid covers exactly that crop:
+flattened pixel ``p`` is row ``p // g``, column ``p % g`` (``features.flatten(2)`` is row-major), and
+cell ``(r, c)`` covers crop pixels ``[c, c+1) * crop/g`` by ``[r, r+1) * crop/g``. Mapped back to the
+original ``w x h`` image (Pillow's resize scales pixel edges by ``w / W``), the crop is the window
+``crop_window(image_size, preprocess)`` and each cell is a ``1/g`` share of it. Boxes are clipped to
+that window: the parts of an object cut away by the crop cannot receive attention.
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from nltk.translate.bleu_score import corpus_bleu as _nltk_corpus_bleu
+
+from training.config import PreprocessConfig
+
+Box = Sequence[float]  # [x0, y0, x1, y1] in original-image pixels, x0 < x1, y0 < y1
+
+
+def corpus_bleu(references: list[list[list[str]]], hypotheses: list[list[str]]) -> dict[str, float]:
+    """Cumulative corpus BLEU-1..4, exactly as ``nltk.translate.bleu_score.corpus_bleu`` computes it.
+
+    Parameters
+    ----------
+    references : per hypothesis, a list of tokenised reference captions (at least one).
+    hypotheses : tokenised hypotheses, aligned with ``references``.
+
+    Returns
+    -------
+    ``{"bleu1": .., "bleu2": .., "bleu3": .., "bleu4": ..}``; no smoothing, so a corpus without any
+    matching n-gram of some order scores (nltk's) ~1e-100 or less for that order and above.
+    """
+    if len(references) != len(hypotheses):
+        raise ValueError(f"{len(references)} reference lists for {len(hypotheses)} hypotheses")
+    if not hypotheses:
+        raise ValueError("corpus BLEU needs at least one hypothesis")
+    if any(not refs for refs in references):
+        raise ValueError("every hypothesis needs at least one reference")
+    with warnings.catch_warnings():  # nltk warns when an n-gram order has no match; the score says it
+        warnings.simplefilter("ignore", UserWarning)
+        return {f"bleu{n}": float(_nltk_corpus_bleu(references, hypotheses, weights=(1.0 / n,) * n))
+                for n in range(1, 5)}
+
+
+def crop_window(image_size: tuple[int, int], preprocess: PreprocessConfig) -> tuple[float, float, float, float]:
+    """The centre crop the encoder sees, as ``(x0, y0, x1, y1)`` in original-image pixels.
+
+    Mirrors ``sat_export.images.preprocess`` exactly (same rounding of the resized size and the
+    same integer crop offset).
+    """
+    w, h = image_size
+    scale = preprocess.resize / min(w, h)
+    big_w, big_h = max(preprocess.crop, round(w * scale)), max(preprocess.crop, round(h * scale))
+    left, top = (big_w - preprocess.crop) // 2, (big_h - preprocess.crop) // 2
+    sx, sy = w / big_w, h / big_h  # original pixels per resized pixel
+    return left * sx, top * sy, (left + preprocess.crop) * sx, (top + preprocess.crop) * sy
+
+
+def box_coverage(boxes: Sequence[Box], window: tuple[float, float, float, float], grid: int) -> np.ndarray:
+    """Fraction of each grid cell covered by the union of ``boxes``, ``(grid, grid)`` in [0, 1].
+
+    The window (``crop_window``) is split into ``grid x grid`` equal cells. Exact: the plane is cut at
+    every cell and box edge, and each elementary rectangle inside a box adds its area to its cell.
+    """
+    wx0, wy0, wx1, wy1 = window
+    cell_w, cell_h = (wx1 - wx0) / grid, (wy1 - wy0) / grid
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    if (b[:, 2] < b[:, 0]).any() or (b[:, 3] < b[:, 1]).any():
+        raise ValueError(f"boxes must be [x0, y0, x1, y1] with x0 <= x1 and y0 <= y1, got {b.tolist()}")
+    xs = np.unique(np.clip(np.concatenate([wx0 + cell_w * np.arange(grid + 1), b[:, 0], b[:, 2]]), wx0, wx1))
+    ys = np.unique(np.clip(np.concatenate([wy0 + cell_h * np.arange(grid + 1), b[:, 1], b[:, 3]]), wy0, wy1))
+    cx, cy = (xs[:-1] + xs[1:]) / 2, (ys[:-1] + ys[1:]) / 2  # centres of elementary rectangles
+    inside_x = (b[:, None, 0] <= cx) & (cx <= b[:, None, 2])  # (n_box, n_x)
+    inside_y = (b[:, None, 1] <= cy) & (cy <= b[:, None, 3])  # (n_box, n_y)
+    covered = (inside_y[:, :, None] & inside_x[:, None, :]).any(0)  # (n_y, n_x)
+    area = np.outer(np.diff(ys), np.diff(xs)) * covered  # (n_y, n_x)
+    col = np.minimum(((cx - wx0) / cell_w).astype(int), grid - 1)
+    row = np.minimum(((cy - wy0) / cell_h).astype(int), grid - 1)
+    cells = np.zeros((grid, grid))
+    np.add.at(cells, (row[:, None], col[None, :]), area)
+    return cells / (cell_w * cell_h)
+
+
+@dataclass(frozen=True)
+class WordGrounding:
+    """Attention on one generated word that has boxes.
+
+    ``mass``: attention inside the boxes (0..1); ``share``: the boxes' share of the cropped image;
+    ``ratio``: ``mass / share`` (1 = no better than uniform attention; None when the crop cut the
+    boxes away entirely, ``share == 0``).
+    """
+
+    step: int
+    word: str
+    mass: float
+    share: float
+    ratio: float | None
+
+
+def attention_grounding(alphas: np.ndarray, words: Sequence[str], boxes: Mapping[str, Sequence[Box]],
+                        image_size: tuple[int, int], preprocess: PreprocessConfig) -> list[WordGrounding]:
+    """Per generated word with boxes: attention mass inside them and its ratio to their area share.
+
+    Parameters
+    ----------
+    alphas : ``(T, g, g)`` or ``(T, n_pix)`` with ``n_pix = g*g``, the attention of each emitted token.
+    words : the T emitted tokens (the ``tokens`` of the alphas ``.npz``), aligned with ``alphas``.
+    boxes : word -> list of ``[x0, y0, x1, y1]`` boxes in original-image pixels (one image's entry of
+        ``boxes.json``); words absent from it are skipped.
+    image_size : ``(w, h)`` of the original image.
+    preprocess : the model's resize/centre-crop settings; see the module docstring for the mapping.
+
+    Returns
+    -------
+    One ``WordGrounding`` per step whose word has boxes, in step order.
+    """
+    a = np.asarray(alphas, dtype=np.float64)
+    if a.ndim == 2:
+        grid = int(round(np.sqrt(a.shape[1])))
+        if grid * grid != a.shape[1]:
+            raise ValueError(f"alphas have {a.shape[1]} pixels per step, not a square grid")
+        a = a.reshape(a.shape[0], grid, grid)
+    if a.ndim != 3 or a.shape[1] != a.shape[2]:
+        raise ValueError(f"alphas must be (T, g, g) or (T, g*g), got shape {np.shape(alphas)}")
+    if a.shape[0] != len(words):
+        raise ValueError(f"alphas have {a.shape[0]} steps for {len(words)} words")
+    window = crop_window(image_size, preprocess)
+    coverage = {}  # word -> (g, g) covered fraction, computed once per word
+    out = []
+    for step, word in enumerate(words):
+        if not boxes.get(word):
+            continue
+        if word not in coverage:
+            coverage[word] = box_coverage(boxes[word], window, a.shape[1])
+        cov = coverage[word]
+        share = float(cov.mean())
+        mass = float((a[step] * cov).sum() / a[step].sum())
+        out.append(WordGrounding(step, word, mass, share, mass / share if share > 0 else None))
+    return out
+
+
+def summarize_grounding(items: Sequence[WordGrounding]) -> dict[str, float | int | None]:
+    """Corpus grounding figures: words counted, mean mass, mean share, mean ratio (over words with share > 0)."""
+    ratios = [g.ratio for g in items if g.ratio is not None]
+    return {
+        "n_words": len(items),
+        "mean_mass": float(np.mean([g.mass for g in items])) if items else None,
+        "mean_share": float(np.mean([g.share for g in items])) if items else None,
+        "mean_ratio": float(np.mean(ratios)) if ratios else None,
+    }
