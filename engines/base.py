@@ -1,0 +1,51 @@
+"""The Backend interface every runtime implements, and the registry that maps names to classes.
+
+A backend knows the graph contract (``encode``, ``step``) and nothing about decoding; the decode
+loop in ``engines.decode`` drives any of them. Heavy runtimes (onnxruntime, tensorrt) are
+imported lazily inside their modules; a missing one raises ``BackendUnavailable`` with the
+install command.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor
+
+from training.config import ModelConfig
+from training.vocab import Vocab
+
+EncoderOutputs = tuple[Tensor, Tensor, Tensor, Tensor]  # features, features_proj, h0, c0
+StepOutputs = tuple[Tensor, Tensor, Tensor, Tensor]  # logprobs, alpha, h_next, c_next
+
+
+class Backend(ABC):
+    """A loaded model on one runtime and device. Use as a context manager to release it."""
+
+    name: str = "backend"
+
+    def __init__(self, config: ModelConfig, vocab: Vocab, device: torch.device | str = "cpu"):
+        self.config = config
+        self.vocab = vocab
+        self.device = torch.device(device)
+
+    @abstractmethod
+    def encode(self, images: Tensor) -> EncoderOutputs:
+        """``images (n_img, 3, H, W)`` float32 -> ``features, features_proj, h0, c0``."""
+
+    @abstractmethod
+    def step(self, tokens: Tensor, h: Tensor, c: Tensor, features: Tensor, features_proj: Tensor) -> StepOutputs:
+        """One decoder step for every row -> ``logprobs, alpha, h_next, c_next``."""
+
+    def close(self) -> None:
+        """Release runtime resources (sessions, engines, device buffers)."""
+
+    def describe(self) -> str:
+        """One line for logs and benchmark tables."""
+        return f"{self.name} on {self.device}"
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

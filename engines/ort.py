@@ -1,0 +1,107 @@
+"""ONNX Runtime backend: the bundle's two graphs on the CPU or CUDA execution provider.
+
+CPU: full graph optimisation, intra-op threads = usable cores, torch CPU tensors passed to and
+from numpy without copies. CUDA (``onnxruntime-gpu``, the ``[gpu]`` extra): IO binding on torch
+CUDA tensors, so decoder state never leaves the GPU between steps.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from engines.base import Backend, EncoderOutputs, StepOutputs
+from sat_export.contract import DECODER_STEP, ENCODER, GraphSpec
+from sat_export.errors import BackendUnavailable
+from training.config import ModelConfig
+from training.vocab import Vocab
+
+
+def _import_ort():
+    try:
+        import onnxruntime
+    except ImportError as err:
+        raise BackendUnavailable(f"onnxruntime is not installed ({err}): pip install onnxruntime "
+                                 "(or onnxruntime-gpu via the [gpu] extra)") from None
+    return onnxruntime
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class OrtBackend(Backend):
+    """Two ``InferenceSession`` s following the graph contract."""
+
+    name = "onnxruntime"
+
+    def __init__(self, encoder_path: str | Path, decoder_path: str | Path, config: ModelConfig, vocab: Vocab,
+                 device: torch.device | str = "cpu", threads: int | None = None):
+        super().__init__(config, vocab, device)
+        ort = _import_ort()
+        if self.device.type == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise BackendUnavailable(
+                    "onnxruntime: CUDAExecutionProvider not available (install the [gpu] extra: "
+                    "pip uninstall -y onnxruntime && pip install onnxruntime-gpu)")
+            providers = [("CUDAExecutionProvider", {"device_id": self.device.index or 0}), "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = threads or usable_cores()
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        self.threads = opts.intra_op_num_threads
+        self.encoder_path, self.decoder_path = Path(encoder_path), Path(decoder_path)
+        self._sessions = {spec.name: ort.InferenceSession(str(path), opts, providers=providers)
+                          for spec, path in ((ENCODER, encoder_path), (DECODER_STEP, decoder_path))}
+
+    @classmethod
+    def from_bundle(cls, bundle_dir: str | Path, device: torch.device | str = "cpu", threads: int | None = None,
+                    precision: str = "fp32") -> OrtBackend:
+        """Open a verified bundle; ``precision`` picks its fp32, fp16 or int8-encoder graphs."""
+        from sat_export.bundle import load_bundle
+
+        bundle = load_bundle(bundle_dir)
+        encoder, decoder = bundle.graph_paths(precision)
+        return cls(encoder, decoder, bundle.config, bundle.vocab, device, threads)
+
+    def _run(self, spec: GraphSpec, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        session = self._sessions[spec.name]
+        if self.device.type == "cuda":
+            return self._run_bound(session, spec, inputs)
+        feeds = {t.name: x.detach().cpu().numpy() for t, x in zip(spec.inputs, inputs)}
+        return tuple(torch.from_numpy(np.asarray(o)) for o in session.run(spec.output_names, feeds))
+
+    def _run_bound(self, session, spec: GraphSpec, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """IO binding: inputs and outputs stay in CUDA memory owned by torch."""
+        binding = session.io_binding()
+        for t, x in zip(spec.inputs, inputs):
+            x = x.to(self.device).contiguous()
+            binding.bind_input(t.name, "cuda", self.device.index or 0, _NP_DTYPES[t.dtype], tuple(x.shape),
+                               x.data_ptr())
+        for name in spec.output_names:
+            binding.bind_output(name, "cuda", self.device.index or 0)
+        session.run_with_iobinding(binding)
+        return tuple(torch.from_dlpack(o.to_dlpack()) if hasattr(o, "to_dlpack")
+                     else torch.from_numpy(o.numpy()).to(self.device) for o in binding.get_outputs())
+
+    def encode(self, images: Tensor) -> EncoderOutputs:
+        return self._run(ENCODER, (images.float(),))
+
+    def step(self, tokens: Tensor, h: Tensor, c: Tensor, features: Tensor, features_proj: Tensor) -> StepOutputs:
+        return self._run(DECODER_STEP, (tokens.long(), h, c, features, features_proj))
+
+    def close(self) -> None:
+        self._sessions.clear()
+
+    def describe(self) -> str:
+        providers = self._sessions[ENCODER.name].get_providers()[0] if self._sessions else "closed"
+        return f"{self.name} {self.encoder_path.name} on {providers} ({self.threads} threads)"
+
+
+_NP_DTYPES = {"float32": np.float32, "int64": np.int64, "float16": np.float16}

@@ -1,0 +1,57 @@
+"""PyTorch eager: the reference backend, plus the CPU options a user would try first.
+
+``channels_last`` and ``autocast`` (bf16 on CPU, fp16 on CUDA) change only the encoder, where
+the time goes; ``compile`` wraps ``encode`` in ``torch.compile``. Outputs are always float32.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from engines.base import Backend, EncoderOutputs, StepOutputs
+from sat_export.errors import BackendUnavailable
+from training.checkpoint import load_checkpoint
+from training.model import ShowAttendTell
+from training.vocab import Vocab
+
+
+class TorchBackend(Backend):
+    """A ``ShowAttendTell`` in eval mode, called directly."""
+
+    name = "torch"
+
+    def __init__(self, model: ShowAttendTell, vocab: Vocab, device: torch.device | str = "cpu", *,
+                 channels_last: bool = False, autocast: torch.dtype | None = None, compile: bool = False):
+        super().__init__(model.config, vocab, device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise BackendUnavailable("torch backend: CUDA requested but torch.cuda.is_available() is False")
+        self.model = model.eval().to(self.device)
+        self.channels_last, self.autocast = channels_last, autocast
+        if channels_last:
+            self.model.backbone.to(memory_format=torch.channels_last)
+        self._encode = torch.compile(self.model.encode) if compile else self.model.encode
+        self.options = [o for o, on in (("channels_last", channels_last), (f"autocast={autocast}", autocast),
+                                        ("compile", compile)) if on]
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: torch.device | str = "cpu", **options) -> TorchBackend:
+        ckpt = load_checkpoint(path)
+        return cls(ckpt.build_model(), ckpt.vocab, device, **options)
+
+    def encode(self, images: Tensor) -> EncoderOutputs:
+        images = images.to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast(self.device.type, self.autocast or torch.float32,
+                                                    enabled=self.autocast is not None):
+            out = self._encode(images)
+        return tuple(x.float().contiguous() for x in out)
+
+    def step(self, tokens: Tensor, h: Tensor, c: Tensor, features: Tensor, features_proj: Tensor) -> StepOutputs:
+        with torch.inference_mode():
+            return self.model.step(tokens, h, c, features, features_proj)
+
+    def describe(self) -> str:
+        return " ".join([super().describe(), *self.options])
