@@ -1,6 +1,7 @@
 """Caption metrics (corpus BLEU-1..4, CIDEr-D) and attention grounding.
 
-BLEU is nltk's ``corpus_bleu`` itself (cumulative weights, no smoothing). Grounding measures how much
+BLEU is nltk's ``corpus_bleu`` itself (cumulative weights, no smoothing). CIDEr-D reproduces the COCO
+caption evaluation code (``pycocoevalcap.cider``) quirk for quirk. Grounding measures how much
 of a word's attention falls inside the boxes of the object it names, in original-image pixels.
 
 Attention grid -> image mapping
@@ -15,7 +16,9 @@ that window: the parts of an object cut away by the crop cannot receive attentio
 """
 from __future__ import annotations
 
+import math
 import warnings
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -50,6 +53,59 @@ def corpus_bleu(references: list[list[list[str]]], hypotheses: list[list[str]]) 
         warnings.simplefilter("ignore", UserWarning)
         return {f"bleu{n}": float(_nltk_corpus_bleu(references, hypotheses, weights=(1.0 / n,) * n))
                 for n in range(1, 5)}
+
+
+def _ngram_counts(words: Sequence[str], n: int = 4) -> Counter:
+    return Counter(tuple(words[i:i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1))
+
+
+def cider_d(references: list[list[list[str]]], hypotheses: list[list[str]],
+            sigma: float = 6.0) -> tuple[float, np.ndarray]:
+    """CIDEr-D, equal to ``pycocoevalcap.cider.Cider().compute_score`` on the same tokens.
+
+    For n = 1..4: tf-idf vectors of n-grams, idf ``log(n_img) - log(max(1, df))`` with document
+    frequency counted over the references of the evaluated set (so one image alone scores 0);
+    hypothesis weights clipped at the reference's, cosine similarity, times the length penalty
+    ``exp(-delta^2 / (2 sigma^2))`` (``delta``: difference in length). Scores are averaged over n and
+    references, times 10.
+
+    Parameters
+    ----------
+    references, hypotheses : as for ``corpus_bleu``.
+
+    Returns
+    -------
+    (corpus score = mean of per-image scores, per-image scores ``(n_img,)``)
+    """
+    if len(references) != len(hypotheses):
+        raise ValueError(f"{len(references)} reference lists for {len(hypotheses)} hypotheses")
+    if not hypotheses or any(not refs for refs in references):
+        raise ValueError("CIDEr-D needs at least one hypothesis, each with at least one reference")
+    ref_counts = [[_ngram_counts(r) for r in refs] for refs in references]
+    df = Counter(g for refs in ref_counts for g in set().union(*refs))
+    log_n_img = math.log(len(references))
+
+    def tfidf(counts: Counter) -> tuple[list[dict], list[float], int]:
+        vec = [{} for _ in range(4)]  # per n-gram order: ngram -> weight
+        for g, tf in counts.items():
+            vec[len(g) - 1][g] = tf * (log_n_img - math.log(max(1.0, df[g])))
+        norms = [math.sqrt(sum(v * v for v in order.values())) for order in vec]
+        return vec, norms, sum(tf for g, tf in counts.items() if len(g) == 1)
+
+    scores = np.zeros(len(hypotheses))
+    for i, (hyp, refs) in enumerate(zip(hypotheses, ref_counts)):
+        vec_h, norm_h, len_h = tfidf(_ngram_counts(hyp))
+        total = np.zeros(4)
+        for ref in refs:
+            vec_r, norm_r, len_r = tfidf(ref)
+            penalty = math.e ** (-float(len_h - len_r) ** 2 / (2 * sigma ** 2))
+            for n in range(4):
+                val = sum(min(w, vec_r[n].get(g, 0.0)) * vec_r[n].get(g, 0.0) for g, w in vec_h[n].items())
+                if norm_h[n] != 0 and norm_r[n] != 0:
+                    val /= norm_h[n] * norm_r[n]
+                total[n] += val * penalty
+        scores[i] = total.mean() / len(refs) * 10.0
+    return float(scores.mean()), scores
 
 
 def crop_window(image_size: tuple[int, int], preprocess: PreprocessConfig) -> tuple[float, float, float, float]:
@@ -150,11 +206,13 @@ def attention_grounding(alphas: np.ndarray, words: Sequence[str], boxes: Mapping
 
 
 def summarize_grounding(items: Sequence[WordGrounding]) -> dict[str, float | int | None]:
-    """Corpus grounding figures: words counted, mean mass, mean share, mean ratio (over words with share > 0)."""
-    ratios = [g.ratio for g in items if g.ratio is not None]
-    return {
-        "n_words": len(items),
-        "mean_mass": float(np.mean([g.mass for g in items])) if items else None,
-        "mean_share": float(np.mean([g.share for g in items])) if items else None,
-        "mean_ratio": float(np.mean(ratios)) if ratios else None,
-    }
+    """Corpus grounding figures over the words whose boxes the crop kept (``share > 0``).
+
+    ``n_words`` counts them, ``n_cropped_away`` the others; ``mean_mass``, ``mean_share`` and
+    ``mean_ratio`` are plain means over the counted words (None when there are none).
+    """
+    kept = [g for g in items if g.ratio is not None]
+    mean = (lambda xs: float(np.mean(xs))) if kept else (lambda xs: None)
+    return {"n_words": len(kept), "n_cropped_away": len(items) - len(kept),
+            "mean_mass": mean([g.mass for g in kept]), "mean_share": mean([g.share for g in kept]),
+            "mean_ratio": mean([g.ratio for g in kept])}
