@@ -1,0 +1,86 @@
+"""Attention overlays: a ``g x g`` attention map drawn over the original image.
+
+The grid covers the model's centre crop (``sat_export.metrics.crop_window``), so the map is
+upsampled bilinearly onto that window only; the parts of the image the model never saw get the
+colour of zero attention. Used by ``sat-eval --html`` and ``sat-infer --overlays``.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from sat_export.metrics import crop_window
+from training.config import PreprocessConfig
+
+
+def heat_colours(x: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] -> RGB in [0, 1] on the classic "jet" ramp (blue, cyan, yellow, red), ``(..., 3)``."""
+    x = np.clip(x, 0.0, 1.0)[..., None]
+    return np.clip(1.5 - np.abs(4.0 * x - np.array([3.0, 2.0, 1.0])), 0.0, 1.0)
+
+
+def overlay(image: Image.Image, alpha: np.ndarray, preprocess: PreprocessConfig,
+            opacity: float = 0.5, max_side: int | None = None) -> Image.Image:
+    """Blend one step's attention over the image it was computed on.
+
+    Parameters
+    ----------
+    image : the original RGB image (any size; the crop window is computed from it).
+    alpha : ``(g, g)`` or ``(g*g,)`` attention weights; scaled so the largest is full red.
+    preprocess : the model's resize/crop settings, to place the grid on the image.
+    opacity : weight of the colour map in the blend.
+    max_side : shrink the result so its longer side is at most this many pixels.
+
+    Returns
+    -------
+    An RGB image of the original aspect ratio.
+    """
+    a = np.asarray(alpha, dtype=np.float32)
+    grid = int(round(np.sqrt(a.size)))
+    if grid * grid != a.size:
+        raise ValueError(f"alpha has {a.size} values, not a square grid")
+    window = crop_window(image.size, preprocess)
+    image, scale = _fit(image, max_side)
+    x0, y0, x1, y1 = (v * scale for v in window)
+    left, top = round(x0), round(y0)
+    w, h = max(1, round(x1) - left), max(1, round(y1) - top)
+    peak = float(a.max())
+    heat_grid = Image.fromarray(a.reshape(grid, grid) / peak if peak > 0 else a.reshape(grid, grid), mode="F")
+    heat = np.zeros((image.height, image.width), np.float32)  # zero attention outside the crop
+    heat[top:top + h, left:left + w] = np.asarray(heat_grid.resize((w, h), Image.Resampling.BILINEAR))
+    rgb = np.asarray(image.convert("RGB"), np.float32) / 255.0  # (h, w, 3)
+    blended = (1.0 - opacity) * rgb + opacity * heat_colours(heat)
+    return Image.fromarray(np.rint(blended * 255.0).astype(np.uint8))
+
+
+def _fit(image: Image.Image, max_side: int | None) -> tuple[Image.Image, float]:
+    """Shrink so the longer side is at most ``max_side``; returns the image and the scale applied."""
+    scale = min(1.0, max_side / max(image.size)) if max_side else 1.0
+    if scale < 1.0:
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                             Image.Resampling.BILINEAR)
+    return image, scale
+
+
+def attention_strip(image: Image.Image, alphas: np.ndarray, words: Sequence[str],
+                    preprocess: PreprocessConfig, panel: int = 160) -> Image.Image:
+    """The image followed by one labelled overlay per word, side by side: one PNG per caption.
+
+    ``alphas`` is ``(T, g, g)`` or ``(T, g*g)`` for the ``T`` words; each panel's longer side is ``panel``.
+    """
+    if len(alphas) != len(words):
+        raise ValueError(f"alphas have {len(alphas)} steps for {len(words)} words")
+    font = ImageFont.load_default(size=max(10, panel // 10))
+    label_h = font.size + 8
+    first = _fit(image.convert("RGB"), panel)[0]
+    panels = [("(image)", first)] + [(word, overlay(image, a, preprocess, max_side=panel))
+                                     for word, a in zip(words, alphas)]
+    pw, ph = first.size
+    strip = Image.new("RGB", (len(panels) * (pw + 4), ph + label_h), "white")
+    draw = ImageDraw.Draw(strip)
+    for i, (word, img) in enumerate(panels):
+        strip.paste(img, (i * (pw + 4), 0))
+        draw.text((i * (pw + 4) + pw / 2, ph + 4), word, fill="black", font=font, anchor="ma")
+    return strip
