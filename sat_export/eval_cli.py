@@ -23,12 +23,12 @@ SHOWN = 10  # names printed per list; --json and --html have them all
 def main(
     pred: Path = typer.Option(None, help="sat-infer output (captions.jsonl)."),
     refs: Path = typer.Option(None, help="References: captions.txt, Flickr8k.token.txt, dataset_*.json, or their folder."),
-    split: str = typer.Option(None, help="Score only this split of the references (train, val, test) [default: all]."),
-    images: Path = typer.Option(None, help="Image folder of the references [default: next to --refs]."),
-    boxes: Path = typer.Option(None, help="boxes.json (image -> word -> [[x0, y0, x1, y1]]): score attention grounding."),
-    alphas: Path = typer.Option(None, help="Folder of <image>.npz attention files [default: each row's 'alphas']."),
+    split: str = typer.Option(None, help="Score only this split of the references: train, val or test (default: all)."),
+    images: Path = typer.Option(None, help="Image folder of the references (default: next to --refs)."),
+    boxes: Path = typer.Option(None, help="boxes.json (image -> word -> pixel boxes x0 y0 x1 y1): score attention grounding."),
+    alphas: Path = typer.Option(None, help="Folder of <image>.npz attention files (default: each row's 'alphas')."),
     model: str = typer.Option(None, help="Checkpoint or bundle that made the captions, for its crop "
-                                         "(grounding, overlays) [default: the embedded demo model]."),
+                                         "(grounding, overlays); default: the embedded demo model."),
     compare: tuple[Path, Path] = typer.Option(None, help="Compare two captions files A B instead: B scored against A."),
     json_out: Path = typer.Option(None, "--json", help="Write the full report (every name, every image) as JSON."),
     html: Path = typer.Option(None, help="Write a static HTML report with a gallery of attention overlays."),
@@ -36,11 +36,9 @@ def main(
 ):
     """Score captions against references: corpus BLEU-1..4 (nltk), CIDEr-D (COCO) and attention grounding.
 
-    Error rows, predictions without a reference and references without a prediction are counted
-    and named, never dropped; an empty caption is scored as wrong.
+    Error rows, predictions without a reference and references without a prediction are counted and named, never dropped; an empty caption is scored as wrong.
 
-    Example:  sat-eval --pred captions.jsonl --refs data/shapes/captions.txt --split test
-    --boxes data/shapes/boxes.json --html report.html
+    Example:  sat-eval --pred captions.jsonl --refs data/shapes/captions.txt --split test --boxes data/shapes/boxes.json --html report.html
 
     Example:  sat-eval --compare captions.onnx.jsonl captions.int8.jsonl
     """

@@ -22,7 +22,7 @@ from sat_export.errors import SatError
 from sat_export.inputs import sidecar_path
 from sat_export.metrics import WordGrounding, attention_grounding, cider_d, corpus_bleu, summarize_grounding
 from training.config import PreprocessConfig
-from training.data import ImageCaptions, load_captions
+from training.data import SPLITS, ImageCaptions, load_captions
 from training.vocab import tokenize
 
 EXIF_ORIENTATION, TRANSPOSED = 0x0112, (5, 6, 7, 8)  # orientations that swap width and height
@@ -170,7 +170,8 @@ def evaluate(pred_path: str | Path, refs_path: str | Path, split: str | None = N
     ----------
     pred_path : ``sat-infer`` JSONL.
     refs_path, images : references file (or folder) and image folder, as ``training.data.load_captions`` takes.
-    split : keep only the references of this split (``train``/``val``/``test``); None keeps all.
+    split : keep only the references of this split (``train``/``val``/``test``); None keeps all. Files
+        without splits get ``training.data``'s name-hash split (its default fractions).
     boxes_path : ``boxes.json``; grounding needs it, the alphas files and ``preprocess``.
     alphas_dir : where ``<image>.npz`` files are, instead of each row's ``alphas`` path.
 
@@ -181,6 +182,8 @@ def evaluate(pred_path: str | Path, refs_path: str | Path, split: str | None = N
     """
     if boxes_path is not None and preprocess is None:
         raise ValueError("grounding needs the model's preprocessing")
+    if split not in (None, *SPLITS):
+        raise EvalError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)} (or none for all images)")
     refs = load_captions(refs_path, images)
     preds = read_predictions(pred_path, alphas_dir)
     by_name = {r.name: r for r in refs}

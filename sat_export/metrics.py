@@ -43,16 +43,20 @@ def corpus_bleu(references: list[list[list[str]]], hypotheses: list[list[str]]) 
     ``{"bleu1": .., "bleu2": .., "bleu3": .., "bleu4": ..}``; no smoothing, so a corpus without any
     matching n-gram of some order scores (nltk's) ~1e-100 or less for that order and above.
     """
-    if len(references) != len(hypotheses):
-        raise ValueError(f"{len(references)} reference lists for {len(hypotheses)} hypotheses")
-    if not hypotheses:
-        raise ValueError("corpus BLEU needs at least one hypothesis")
-    if any(not refs for refs in references):
-        raise ValueError("every hypothesis needs at least one reference")
+    _check_corpus(references, hypotheses)
     with warnings.catch_warnings():  # nltk warns when an n-gram order has no match; the score says it
         warnings.simplefilter("ignore", UserWarning)
         return {f"bleu{n}": float(_nltk_corpus_bleu(references, hypotheses, weights=(1.0 / n,) * n))
                 for n in range(1, 5)}
+
+
+def _check_corpus(references: list, hypotheses: list) -> None:
+    if len(references) != len(hypotheses):
+        raise ValueError(f"{len(references)} reference lists for {len(hypotheses)} hypotheses")
+    if not hypotheses:
+        raise ValueError("the corpus is empty: no hypotheses")
+    if any(not refs for refs in references):
+        raise ValueError("every hypothesis needs at least one reference")
 
 
 def _ngram_counts(words: Sequence[str], n: int = 4) -> Counter:
@@ -77,10 +81,7 @@ def cider_d(references: list[list[list[str]]], hypotheses: list[list[str]],
     -------
     (corpus score = mean of per-image scores, per-image scores ``(n_img,)``)
     """
-    if len(references) != len(hypotheses):
-        raise ValueError(f"{len(references)} reference lists for {len(hypotheses)} hypotheses")
-    if not hypotheses or any(not refs for refs in references):
-        raise ValueError("CIDEr-D needs at least one hypothesis, each with at least one reference")
+    _check_corpus(references, hypotheses)
     ref_counts = [[_ngram_counts(r) for r in refs] for refs in references]
     df = Counter(g for refs in ref_counts for g in set().union(*refs))
     log_n_img = math.log(len(references))

@@ -177,5 +177,7 @@ def test_cli_user_errors_are_one_line(tmp_path):
     runner = CliRunner()
     out = runner.invoke(app, ["--pred", str(tmp_path / "missing.jsonl"), "--refs", str(tmp_path)])
     assert out.exit_code == 1 and "error:" in out.output and "Traceback" not in out.output
+    out = runner.invoke(app, ["--pred", str(tmp_path / "p.jsonl"), "--refs", str(tmp_path), "--split", "dev"])
+    assert out.exit_code == 1 and "unknown split 'dev'" in out.output
     out = runner.invoke(app, ["--pred", "p.jsonl"])
     assert out.exit_code == 1 and "pass --pred and --refs" in out.output
