@@ -1,0 +1,277 @@
+"""Accuracy-aware int8 encoder: static QDQ quantisation that backs off where the captions change.
+
+1. The calibration images are split: every ``HOLD_BACK``-th one is held back to judge the result.
+2. Activation ranges are calibrated once (``minmax``, ``percentile`` or ``entropy``) on the rest
+   and cached, so every later quantisation of the search reuses them.
+3. The whole encoder is quantised (QDQ, per-channel int8 weights, uint8 activations: the
+   VNNI-friendly choice on x86), and the held-back images are captioned with it and the fp32
+   decoder step; agreement is the share of captions identical to the fp32 bundle's.
+4. While agreement is below the target, the node groups (a backbone block such as
+   ``backbone.6.3``, a head such as ``attention.enc_att``) are ranked by the error each adds
+   (relative L2 against fp32 at its output minus at its input, on the held-back images), the
+   worst is excluded from quantisation, and the encoder is quantised and judged again.
+
+The result records the groups and nodes left in fp32 and the agreement reached; ``sat-export
+build`` stores it in the manifest under ``int8``.
+"""
+from __future__ import annotations
+
+import ast
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from rich.console import Console
+
+from engines.decode import DecodeOptions, decode
+from engines.ort import OrtBackend
+from sat_export.bundle import Bundle, load_bundle
+from sat_export.contract import ENCODER
+from sat_export.errors import BundleError
+from sat_export.export import graph_file
+from sat_export.images import ImageDecodeError, load_image
+from sat_export.quantize import METHODS, ImageCalibrationReader, calibration_files
+
+DEFAULT_TARGET = 0.97
+HOLD_BACK = 4  # every 4th calibration image is held back to measure agreement
+MAX_EXCLUDED = 16  # groups; the search stops there even below the target
+WEIGHT_OPS = {"Conv", "MatMul", "Gemm"}  # a group without one of these has nothing worth excluding
+N_ERROR_IMAGES = 8  # held-back images used to rank groups by error (intermediate tensors are large)
+
+
+def caption_agreement(reference: Sequence[Sequence[int]], other: Sequence[Sequence[int]]) -> float:
+    """Share of captions (token lists) identical to the reference's, in [0, 1]."""
+    if len(reference) != len(other) or not reference:
+        raise ValueError(f"need two equal, non-empty lists of captions, got {len(reference)} and {len(other)}")
+    return sum(list(a) == list(b) for a, b in zip(reference, other)) / len(reference)
+
+
+@dataclass(frozen=True)
+class SearchStep:
+    """One quantisation of the search: the group newly excluded (None: all quantised) and its score."""
+
+    excluded: str | None
+    agreement: float
+    feature_rel_l2: float
+
+
+@dataclass
+class Int8Search:
+    """What the search produced: the int8 encoder, what stayed fp32, and the agreement reached."""
+
+    path: Path
+    method: str
+    target: float
+    n_calib: int
+    n_held_back: int
+    agreement: float
+    excluded_groups: list[str] = field(default_factory=list)
+    excluded_nodes: list[str] = field(default_factory=list)
+    steps: list[SearchStep] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def reached(self) -> bool:
+        return self.agreement >= self.target
+
+    def to_dict(self) -> dict:
+        """JSON-ready record for the manifest."""
+        d = asdict(self)
+        d["path"] = self.path.name
+        return {**d, "reached": self.reached}
+
+
+def split_held_back(files: Sequence[Path]) -> tuple[list[Path], list[Path]]:
+    """``(calibration, held_back)``: every ``HOLD_BACK``-th file is held back (at least one of each)."""
+    if len(files) < 2:
+        raise BundleError(f"accuracy-aware int8 needs at least 2 calibration images, got {len(files)}")
+    held = [f for i, f in enumerate(files) if i % HOLD_BACK == HOLD_BACK - 1] or [files[-1]]
+    return [f for f in files if f not in held], held
+
+
+def node_groups(exported: onnx.ModelProto, prepared: onnx.ModelProto) -> dict[str, list[str]]:
+    """Group -> node names of ``prepared``, from the module scopes the exporter recorded in ``exported``.
+
+    A node the pre-processing created (no match by name) joins the group of its input's producer.
+    """
+    scopes = {n.name: _module_group(n) for n in exported.graph.node}
+    producer: dict[str, str] = {}
+    groups: dict[str, list[str]] = {}
+    for node in prepared.graph.node:
+        group = scopes.get(node.name) or next((producer[i] for i in node.input if i in producer), "graph")
+        groups.setdefault(group, []).append(node.name)
+        producer.update({o: group for o in node.output})
+    return groups
+
+
+def _module_group(node: onnx.NodeProto) -> str | None:
+    meta = {p.key: p.value for p in node.metadata_props}
+    try:
+        scopes = ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]"))
+    except (ValueError, SyntaxError):
+        return None
+    modules = [s for s in scopes if isinstance(s, str) and s.startswith("model.")]
+    if not modules:
+        return None
+    parts = max(modules, key=len).split(".")[1:]  # drop the export wrapper's "model"
+    return ".".join(parts[: 3 if parts[0] == "backbone" else 2])
+
+
+class HeldBack:
+    """The held-back images, their fp32 encoder outputs and fp32 greedy captions (computed once)."""
+
+    def __init__(self, bundle: Bundle, files: Sequence[Path], max_len: int = 20):
+        images = []
+        for path in files:
+            try:
+                images.append(load_image(path, bundle.config.preprocess))
+            except ImageDecodeError:
+                continue
+        if not images:
+            raise BundleError(f"none of the {len(files)} held-back calibration images could be read")
+        self.bundle, self.images = bundle, torch.from_numpy(np.stack(images))
+        self.options = DecodeOptions(max_len=max_len)
+        self.encoder, self.decoder = bundle.graph_paths("fp32")
+        self.features, self.captions = self.run(self.encoder)
+
+    def run(self, encoder: Path) -> tuple[torch.Tensor, list[list[int]]]:
+        """Grid features and greedy captions of the held-back images with ``encoder``."""
+        with OrtBackend(encoder, self.decoder, self.bundle.config, self.bundle.vocab) as ort:
+            enc = ort.encode(self.images)
+            captions = decode(ort.step, enc, self.bundle.vocab.special_ids(), self.options)
+        return enc[0], [c.tokens for c in captions]
+
+    def score(self, encoder: Path) -> tuple[float, float]:
+        """``(caption agreement with fp32, relative L2 of the grid features)`` of an int8 encoder."""
+        features, captions = self.run(encoder)
+        rel = float((features - self.features).norm() / self.features.norm().clamp_min(1e-12))
+        return caption_agreement(self.captions, captions), rel
+
+
+def group_errors(prepared: Path, quantised: Path, groups: dict[str, list[str]], images: torch.Tensor) -> dict[str, float]:
+    """Error each group adds: rel. L2 (int8 vs fp32) at its output minus the largest at its inputs."""
+    fp32, int8 = onnx.load(str(prepared)), onnx.load(str(quantised))
+    group_of = {n: g for g, nodes in groups.items() for n in nodes}
+    nodes = {n.name: n for n in fp32.graph.node}
+    outputs = {g: nodes[names[-1]].output[0] for g, names in groups.items()}
+    producer = {o: group_of[n.name] for n in fp32.graph.node for o in n.output}
+    seen = _dequantized_names(int8)  # the value downstream nodes read in the int8 graph
+    feeds = {ENCODER.input_names[0]: images.numpy()}
+    ref = _run_with_outputs(fp32, list(outputs.values()), feeds)
+    got = _run_with_outputs(int8, [seen.get(t, t) for t in outputs.values()], feeds)
+    err = {g: float(np.linalg.norm(q - f) / max(np.linalg.norm(f), 1e-12))
+           for (g, f), q in zip(zip(outputs, ref), got)}
+    errors = {}
+    for g, names in groups.items():
+        inputs = {producer[i] for n in names for i in nodes[n].input if i in producer} - {g}
+        errors[g] = err[g] - max((err[p] for p in inputs), default=0.0)
+    return errors
+
+
+def _dequantized_names(model: onnx.ModelProto) -> dict[str, str]:
+    """Float tensor -> output of the DequantizeLinear that follows its QuantizeLinear."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    result = {}
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear":
+            dq = [c for c in consumers.get(node.output[0], []) if c.op_type == "DequantizeLinear"]
+            if dq:
+                result[node.input[0]] = dq[0].output[0]
+    return result
+
+
+def _run_with_outputs(model: onnx.ModelProto, names: list[str], feeds: dict) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    extra = onnx.ModelProto()
+    extra.CopyFrom(model)
+    present = {o.name for o in extra.graph.output}
+    extra.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
+                              for n in dict.fromkeys(names) if n not in present)
+    session = ort.InferenceSession(extra.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(names, feeds)
+
+
+def _quantize(prepared: Path, out: Path, reader, method: str, ranges: Path, exclude: list[str]) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    calibrate = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                 "percentile": CalibrationMethod.Percentile}[method]
+    try:
+        quantize_static(str(prepared), str(out), None if ranges.is_file() else reader, quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=exclude, calibrate_method=calibrate, calibration_cache_path=str(ranges))
+    except ValueError as err:  # onnxruntime's histogram collector cannot bin a near-constant tensor
+        raise BundleError(f"int8 calibration ({method}) failed: {err}; try another --calib-method") from None
+
+
+def search_int8_encoder(bundle_dir: str | Path, calib_images: str | Path | Sequence[str | Path],
+                        method: str = "minmax", target: float = DEFAULT_TARGET, limit: int | None = 256,
+                        out: str | Path | None = None, console: Console | None = None) -> Int8Search:
+    """Quantise the bundle's encoder, excluding sensitive groups until held-back agreement >= ``target``.
+
+    Parameters
+    ----------
+    bundle_dir : a built bundle with fp32 graphs (its manifest gives the preprocessing).
+    calib_images : a folder of images (searched recursively) or a list of image paths.
+    method : calibration method, ``minmax``, ``percentile`` or ``entropy``.
+    target : share of held-back captions that must equal the fp32 ones, in (0, 1].
+    limit : use at most this many images (sorted by path), held-back ones included.
+    out : output path; ``encoder.int8.onnx`` in the bundle by default.
+
+    The search stops at the target, or after ``MAX_EXCLUDED`` groups; it then keeps the
+    quantisation with the best agreement (``Int8Search.reached`` says whether it met the target).
+    """
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
+    if not 0 < target <= 1:
+        raise ValueError(f"target must be in (0, 1], got {target}")
+    console = console or Console(stderr=True)
+    start = time.perf_counter()
+    bundle = load_bundle(bundle_dir)
+    files = calibration_files(calib_images, limit)
+    calib, held_files = split_held_back(files)
+    reader = ImageCalibrationReader(calib, bundle.config.preprocess, batch=1)  # histograms need equal batches
+    if reader.empty:
+        raise BundleError(f"{calib_images}: none of the {len(calib)} calibration images could be read "
+                          f"({reader.skipped[0]})")
+    held = HeldBack(bundle, held_files)
+    out = Path(out) if out else bundle.dir / graph_file(ENCODER, "int8")
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared, ranges = Path(tmp) / "encoder.pre.onnx", Path(tmp) / "ranges.json"
+        quant_pre_process(str(held.encoder), str(prepared))
+        prepared_model = onnx.load(str(prepared))
+        groups = node_groups(onnx.load(str(held.encoder)), prepared_model)
+        op_type = {n.name: n.op_type for n in prepared_model.graph.node}
+        candidates = [g for g, nodes in groups.items() if any(op_type[n] in WEIGHT_OPS for n in nodes)]
+        excluded: list[str] = []
+        steps: list[SearchStep] = []
+        while True:
+            _quantize(prepared, out, reader, method, ranges, [n for g in excluded for n in groups[g]])
+            agreement, rel = held.score(out)
+            steps.append(SearchStep(excluded[-1] if excluded else None, agreement, rel))
+            console.print(f"int8 ({method}) {'all quantised' if not excluded else 'fp32: ' + ', '.join(excluded)}: "
+                          f"agreement {agreement:.1%} on {len(held.captions)} held-back images, "
+                          f"features rel L2 {rel:.3f}", highlight=False, soft_wrap=True)
+            left = [g for g in candidates if g not in excluded]
+            if agreement >= target or len(excluded) >= MAX_EXCLUDED or not left:
+                break
+            errors = group_errors(prepared, out, groups, held.images[:N_ERROR_IMAGES])
+            excluded.append(max(left, key=errors.__getitem__))
+        best = max(range(len(steps)), key=lambda i: (steps[i].agreement, -i))
+        if best != len(steps) - 1:  # the last step was not the best: quantise the best again
+            excluded = excluded[:best]
+            _quantize(prepared, out, reader, method, ranges, [n for g in excluded for n in groups[g]])
+    return Int8Search(out, method, target, len(calib), len(held.captions), steps[best].agreement, excluded,
+                      [n for g in excluded for n in groups[g]], steps, round(time.perf_counter() - start, 2))
+
