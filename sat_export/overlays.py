@@ -14,6 +14,8 @@ from PIL import Image, ImageDraw, ImageFont
 from sat_export.metrics import crop_window
 from training.config import PreprocessConfig
 
+FLAT_PEAK = 4.0  # the colour scale tops out at no less than 4x the uniform weight 1 / n_pix
+
 
 def heat_colours(x: np.ndarray) -> np.ndarray:
     """Values in [0, 1] -> RGB in [0, 1] on the classic "jet" ramp (blue, cyan, yellow, red), ``(..., 3)``."""
@@ -28,7 +30,8 @@ def overlay(image: Image.Image, alpha: np.ndarray, preprocess: PreprocessConfig,
     Parameters
     ----------
     image : the original RGB image (any size; the crop window is computed from it).
-    alpha : ``(g, g)`` or ``(g*g,)`` attention weights; scaled so the largest is full red.
+    alpha : ``(g, g)`` or ``(g*g,)`` attention weights. The colour scale runs from 0 to the map's
+        peak, but at least ``FLAT_PEAK`` times the uniform weight: a flat map stays cool, not red.
     preprocess : the model's resize/crop settings, to place the grid on the image.
     opacity : weight of the colour map in the blend.
     max_side : shrink the result so its longer side is at most this many pixels.
@@ -46,8 +49,8 @@ def overlay(image: Image.Image, alpha: np.ndarray, preprocess: PreprocessConfig,
     x0, y0, x1, y1 = (v * scale for v in window)
     left, top = round(x0), round(y0)
     w, h = max(1, round(x1) - left), max(1, round(y1) - top)
-    peak = float(a.max())
-    heat_grid = Image.fromarray(a.reshape(grid, grid) / peak if peak > 0 else a.reshape(grid, grid), mode="F")
+    peak = max(float(a.max()), FLAT_PEAK / a.size)
+    heat_grid = Image.fromarray(a.reshape(grid, grid) / peak, mode="F")
     heat = np.zeros((image.height, image.width), np.float32)  # zero attention outside the crop
     heat[top:top + h, left:left + w] = np.asarray(heat_grid.resize((w, h), Image.Resampling.BILINEAR))
     rgb = np.asarray(image.convert("RGB"), np.float32) / 255.0  # (h, w, 3)

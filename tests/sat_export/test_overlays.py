@@ -27,7 +27,16 @@ def test_overlay_puts_the_heat_on_the_attended_cell_of_the_crop():
     assert np.argmax(red[48]) < 64 and np.argmax(red[:, 40]) >= 32
 
 
-def test_overlay_accepts_flat_alphas_and_shrinks():
+def test_a_flat_map_stays_cool_and_a_peaked_one_reaches_red():
+    img = Image.new("RGB", (64, 64), "black")
+    flat = np.asarray(overlay(img, np.full(16, 1 / 16), CFG, opacity=1.0)).astype(int)
+    assert (flat[..., 2] > flat[..., 0]).all()  # uniform attention: blue everywhere
+    peaked = np.full(16, 0.5 / 15)
+    peaked[5] = 0.5
+    assert np.asarray(overlay(img, peaked, CFG, opacity=1.0))[..., 0].max() >= 127  # jet's red end
+
+
+def test_overlay_accepts_flattened_alphas_and_shrinks():
     img = Image.new("RGB", (300, 150), "white")
     a = np.random.default_rng(0).random(16)
     small = overlay(img, a, CFG, max_side=100)
