@@ -71,11 +71,12 @@ def read_predictions(path: str | Path, alphas_dir: str | Path | None = None) -> 
     return preds
 
 
-def match_names(keys: list[str], names: list[str]) -> list[tuple[str | None, str | None]]:
+def match_names(keys: list[str], names: list[str], missing: str = "no reference") -> list[tuple[str | None, str | None]]:
     """Match prediction keys to reference names: per key, ``(name, None)`` or ``(None, why not)``.
 
     A key matches the name equal to it, else the one name with which it shares all the trailing path
-    components of the shorter (``a/b/c.jpg`` ~ ``b/c.jpg``). Each name is matched at most once.
+    components of the shorter (``a/b/c.jpg`` ~ ``b/c.jpg``). Each name is matched at most once;
+    ``missing`` is the reason given when nothing matches.
     """
     exact, by_base = set(names), defaultdict(list)
     for name in names:
@@ -88,7 +89,7 @@ def match_names(keys: list[str], names: list[str]) -> list[tuple[str | None, str
             kp = PurePosixPath(key).parts
             found = [n for n in by_base.get(PurePosixPath(key).name, []) if _suffix_match(kp, PurePosixPath(n).parts)]
         if not found:
-            out.append((None, "no reference"))
+            out.append((None, missing))
         elif len(found) > 1:
             out.append((None, f"ambiguous: matches {', '.join(found[:3])}"))
         elif found[0] in taken:
@@ -247,7 +248,7 @@ def compare(a_path: str | Path, b_path: str | Path) -> dict:
     """
     a = {p.image: p for p in read_predictions(a_path)}
     b = read_predictions(b_path)
-    matches = match_names([p.image for p in b], list(a))
+    matches = match_names([p.image for p in b], list(a), missing="not in A")
     pairs = [(a[name], pb) for pb, (name, _) in zip(b, matches) if name is not None]
     both = [(pa, pb) for pa, pb in pairs if pa.error is None and pb.error is None]
     differ = [{"image": pb.image, "a": pa.caption, "b": pb.caption} for pa, pb in both if pa.caption != pb.caption]

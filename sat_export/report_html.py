@@ -30,7 +30,7 @@ body { font: 14px/1.45 system-ui, sans-serif; margin: 24px; color: #222; max-wid
 h1 { font-size: 20px; } h2 { font-size: 16px; margin-top: 28px; }
 table.metrics td, table.metrics th { padding: 3px 14px 3px 0; text-align: left; }
 table.metrics td.num { font-variant-numeric: tabular-nums; text-align: right; }
-.src { color: #666; font-size: 12px; word-break: break-all; }
+.src { color: #666; font-size: 12px; word-break: break-all; } .nowrap { white-space: nowrap; word-break: normal; }
 details { margin: 6px 0; } summary { cursor: pointer; }
 .card { border-top: 1px solid #ddd; padding: 12px 0; display: flex; gap: 16px; }
 .card .text { min-width: 260px; max-width: 300px; }
@@ -53,7 +53,7 @@ def write_html(report: dict, path: str | Path, preprocess: PreprocessConfig | No
 
 def render_html(report: dict, preprocess: PreprocessConfig | None, gallery: int = 24) -> str:
     """The page as a string; the first ``gallery`` scored images get a card each."""
-    title = (f"sat-eval: {report['b']} vs {report['a']}" if "a" in report else
+    title = (f"sat-eval --compare: A = {report['a']}, B = {report['b']}" if "a" in report else
              f"sat-eval: {report['predictions']} vs {report['references']}"
              + (f" ({report['split']} split)" if report.get("split") else ""))
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)}</title>"
@@ -63,7 +63,7 @@ def render_html(report: dict, preprocess: PreprocessConfig | None, gallery: int 
         if report.get(key):
             parts.append(_named_list(heading, report[key]))
     if report.get("differ"):
-        rows = "".join(f"<tr><td class='src'>{escape(d['image'])}</td><td>{escape(d['a'])}</td><td>{escape(d['b'])}</td></tr>"
+        rows = "".join(f"<tr><td class='src nowrap'>{escape(d['image'])}</td><td>{escape(d['a'])}</td><td>{escape(d['b'])}</td></tr>"
                        for d in report["differ"])
         parts.append(f"<h2>Captions that differ ({len(report['differ'])})</h2><table class='metrics'>"
                      f"<tr><th>image</th><th>A</th><th>B</th></tr>{rows}</table>")
@@ -78,7 +78,8 @@ def render_html(report: dict, preprocess: PreprocessConfig | None, gallery: int 
 
 
 def _metrics_table(report: dict) -> str:
-    sections = [("Caption quality", [(LABELS[k], f"{v:.4f}") for k, v in report.get("metrics", {}).items()], "")]
+    heading = "Agreement of B with A (A's captions as references)" if "a" in report else "Caption quality"
+    sections = [(heading, [(LABELS[k], f"{v:.4f}") for k, v in report.get("metrics", {}).items()], "")]
     if report.get("grounding"):
         rows = [(LABELS[k], "—" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v))
                 for k, v in report["grounding"].items()]

@@ -147,6 +147,9 @@ def test_compare_scores_b_against_a(tmp_path):
     assert report["metrics"]["bleu1"] == corpus_bleu([[["a", "red", "circle"]], [["a", "blue", "square"]]],
                                                      [["a", "red", "circle"], ["a", "blue", "circle"]])["bleu1"]
     assert report["errors"] == [{"image": "3.jpg", "error": "a: truncated"}]
+    assert report["only_in_a"] == ["4.jpg"] and report["only_in_b"] == [{"image": "5.jpg", "reason": "not in A"}]
+    page = render_html(report, None)
+    assert "A = " in page and "Agreement of B with A" in page and "a blue circle" in page
 
 
 def test_html_report_embeds_overlays_and_escapes_text(tmp_path, shapes):
