@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from sat_export.console import console, user_errors
+from sat_export.contract import DEFAULT_OPSET
 from training.checkpoint import load_checkpoint
 
 app = typer.Typer(
@@ -33,3 +34,75 @@ def info(ckpt: Path = typer.Argument(..., help="Checkpoint (.pth) to describe.")
     summary = {"file": str(ckpt), "params": n_params, "vocab_size": len(ck.vocab),
                "config": ck.config.to_dict(), "train": {k: v for k, v in ck.train.items() if not isinstance(v, dict)}}
     console.print_json(json.dumps(summary, default=str))
+
+
+@app.command()
+@user_errors
+def build(
+    ckpt: Path = typer.Option(..., "--ckpt", help="Checkpoint (.pth) to export."),
+    out: Path = typer.Option(Path("bundle"), "--out", help="Bundle folder to write."),
+    opset: int = typer.Option(DEFAULT_OPSET, "--opset", help="ONNX opset of both graphs."),
+    fp16: bool = typer.Option(False, "--fp16", help="Also write an fp16 ONNX pair (float32 I/O), with its own parity report."),
+    int8_encoder: bool = typer.Option(False, "--int8-encoder", help="Also write a static int8 (QDQ) encoder; needs --calib."),
+    calib: Path | None = typer.Option(None, "--calib", help="Folder of your images to calibrate --int8-encoder on."),
+    trt: bool = typer.Option(False, "--trt", help="Also build TensorRT engines (needs the [trt] extra and a GPU)."),
+    trt_profile: str = typer.Option("1,16,64", "--trt-profile", help="TensorRT min,opt,max batch."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Parity gate against PyTorch eager."),
+):
+    """Export a checkpoint to a verified bundle: encoder.onnx, decoder_step.onnx, manifest.json.
+
+    Example:  sat-export build --ckpt small.pth --out small_bundle --fp16
+    """
+    from sat_export.build import BuildOptions, build_bundle
+    from sat_export.tensorrt_build import check_profile
+
+    if int8_encoder != (calib is not None):
+        raise typer.BadParameter("--int8-encoder and --calib DIR go together")
+    try:
+        profile = tuple(int(b) for b in trt_profile.split(","))
+        options = BuildOptions(opset, fp16, calib, trt, check_profile(profile), verify)
+    except ValueError as err:
+        raise typer.BadParameter(f"--trt-profile: {err}") from None
+    build_bundle(ckpt, out, options, console)
+    console.print(f"[green]✓[/] wrote {out} (check it with `sat-export check {out}`)", highlight=False)
+
+
+@app.command()
+@user_errors
+def check(bundle: Path = typer.Argument(..., help="Bundle folder written by `sat-export build`.")):
+    """Verify a bundle: checksums, manifest schema, graph I/O against the contract, a smoke inference.
+
+    Example:  sat-export check small_bundle
+    """
+    from sat_export.bundle import check_bundle
+
+    summary = check_bundle(bundle)
+    trt = f"; TensorRT engines {summary['tensorrt']}" if "tensorrt" in summary else ""
+    console.print(f"[green]✓[/] {bundle}: {len(summary['files'])} files verified, smoke inference passed for "
+                  f"{', '.join(summary['precisions'])}{trt}", highlight=False)
+
+
+@app.command("import")
+@user_errors
+def import_(
+    src: Path = typer.Argument(..., help="Foreign checkpoint: the seed's state_dict or sgrvinod's BEST_checkpoint_*.pth.tar."),
+    out: Path = typer.Option(..., "--out", help="sat-export checkpoint (.pth) to write."),
+    captions: Path | None = typer.Option(None, "--captions", help="Seed layout: captions file its vocabulary was built from."),
+    freq_threshold: int | None = typer.Option(None, "--freq-threshold", help="Seed layout: word frequency threshold (default: inferred)."),
+    wordmap: Path | None = typer.Option(None, "--wordmap", help="sgrvinod layout: its WORDMAP_*.json."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="sgrvinod layout: allow unpickling (runs code from the file)."),
+):
+    """Convert a foreign checkpoint into this project's format (layout chosen by --captions or --wordmap).
+
+    Examples:  sat-export import resnet101-small.pth --captions Flickr8k.token.txt --out seed.pth
+               sat-export import BEST_checkpoint_coco.pth.tar --wordmap WORDMAP_coco.json --trust-pickle --out coco.pth
+    """
+    from sat_export.importers import import_seed, import_sgrvinod
+
+    if (captions is None) == (wordmap is None):
+        raise typer.BadParameter("give --captions (seed layout) or --wordmap (sgrvinod layout), not both or neither")
+    if captions is not None:
+        path = import_seed(src, captions, out, freq_threshold)
+    else:
+        path = import_sgrvinod(src, wordmap, out, trust_pickle)
+    console.print(f"[green]✓[/] wrote {path} (inspect it with `sat-export info {path}`)", highlight=False)

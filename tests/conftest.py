@@ -35,6 +35,14 @@ def tiny_ckpt(tmp_path_factory, vocab):
     return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pth", tiny_model(), vocab, {"epoch": 0})
 
 
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, tiny_ckpt):
+    """A verified fp32 bundle of the tiny checkpoint, exported once per session (treat as read-only)."""
+    from sat_export.build import build_bundle
+
+    return build_bundle(tiny_ckpt, tmp_path_factory.mktemp("bundle") / "tiny")
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if "requires_cuda" in item.keywords and not torch.cuda.is_available():

@@ -1,0 +1,101 @@
+"""``sat-export build``: checkpoint -> verified bundle, one step after another.
+
+fp32 graphs are exported and held to the parity gate; the manifest (with the report) is written
+before any failure is raised, so a failed build keeps its report. Optional steps then add an
+fp16 pair, an int8 encoder and TensorRT engines, each registered in the manifest.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from sat_export.bundle import new_manifest, write_manifest
+from sat_export.contract import DECODER_STEP, DEFAULT_OPSET, ENCODER
+from sat_export.export import export_onnx
+from sat_export.parity import print_report, raise_if_failed, verify
+from sat_export.tensorrt_build import DEFAULT_PROFILE
+from training.checkpoint import load_checkpoint
+from training.model import ShowAttendTell
+from training.vocab import Vocab
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """What to build besides the fp32 pair; ``verify=False`` records the parity gate as skipped."""
+
+    opset: int = DEFAULT_OPSET
+    fp16: bool = False
+    int8_calib: Path | None = None
+    trt: bool = False
+    trt_profile: tuple[int, int, int] = DEFAULT_PROFILE
+    verify: bool = True
+
+
+def build_bundle(ckpt_path: str | Path, out_dir: str | Path, options: BuildOptions = BuildOptions(),
+                 console: Console | None = None) -> Path:
+    """Export, verify and write a bundle for the checkpoint at ``ckpt_path``; returns ``out_dir``.
+
+    Raises ``CheckpointError`` for an unreadable checkpoint, ``ParityError`` when an exported
+    graph is out of tolerance (after writing the manifest with its report), ``BackendUnavailable``
+    when ``--trt`` cannot run here.
+    """
+    console = console or Console(stderr=True)
+    if options.trt:  # fail in one line before minutes of export when TensorRT cannot run here
+        from engines.trt import import_tensorrt
+
+        import_tensorrt()
+    ckpt = load_checkpoint(ckpt_path)
+    model, out_dir = ckpt.build_model(), Path(out_dir)
+    manifest = new_manifest(ckpt.config, ckpt.vocab, options.opset)
+    for precision in ("fp32", "fp16") if options.fp16 else ("fp32",):
+        paths = _export(model, out_dir, precision, options.opset, console)
+        manifest["precisions"][precision] = {name: p.name for name, p in paths.items()}
+        _gate(model, ckpt.vocab, out_dir, manifest, precision, options.verify, console)
+    if options.int8_calib is not None:
+        from sat_export.quantize import quantize_encoder
+
+        start = time.perf_counter()
+        int8 = quantize_encoder(out_dir, options.int8_calib)
+        console.print(f"quantised {int8.name} ({_mb(int8)}) in {time.perf_counter() - start:.1f} s", highlight=False)
+        manifest["precisions"]["int8"] = {ENCODER.name: int8.name, DECODER_STEP.name: paths[DECODER_STEP.name].name}
+        _gate(model, ckpt.vocab, out_dir, manifest, "int8", options.verify, console)
+    if options.trt:
+        from sat_export.tensorrt_build import build_engines
+
+        start = time.perf_counter()
+        manifest["tensorrt"] = build_engines(out_dir, fp16=options.fp16, profile=options.trt_profile)
+        console.print(f"built TensorRT engines in {time.perf_counter() - start:.1f} s", highlight=False)
+        write_manifest(out_dir, manifest)
+    return out_dir
+
+
+def _export(model: ShowAttendTell, out_dir: Path, precision: str, opset: int, console: Console) -> dict[str, Path]:
+    start = time.perf_counter()
+    paths = export_onnx(model, out_dir, precision, opset)
+    sizes = ", ".join(f"{p.name} {_mb(p)}" for p in paths.values())
+    console.print(f"exported {sizes} in {time.perf_counter() - start:.1f} s", highlight=False)
+    return paths
+
+
+def _gate(model: ShowAttendTell, vocab: Vocab, out_dir: Path, manifest: dict, precision: str, enabled: bool,
+          console: Console) -> None:
+    """Parity of ``precision``'s graphs, recorded in the manifest (written now); raise if out of tolerance."""
+    if not enabled:
+        manifest["parity"][precision] = {"precision": precision, "skipped": "--no-verify", "passed": None}
+        write_manifest(out_dir, manifest)
+        return
+    graphs = manifest["precisions"][precision]
+    report = verify(model, vocab, out_dir / graphs[ENCODER.name], out_dir / graphs[DECODER_STEP.name], precision,
+                    graphs=(ENCODER,) if precision == "int8" else (ENCODER, DECODER_STEP))
+    manifest["parity"][precision] = report.to_dict()
+    write_manifest(out_dir, manifest)
+    print_report(report, console)
+    raise_if_failed(report, str(out_dir))
+
+
+def _mb(path: Path) -> str:
+    return f"{path.stat().st_size / 1e6:.1f} MB"
+

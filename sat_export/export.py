@@ -1,0 +1,138 @@
+"""ONNX export of the two graphs of the contract: the model's own ``encode`` and ``step``.
+
+Each graph is a thin wrapper module that calls the model's method (nothing is re-implemented),
+traced with ``torch.onnx.export(dynamo=True)`` from an example batch of 2 with a dynamic
+``batch`` axis on every input (a batch-1 example would bake a static batch). Weights are stored
+inside the ``.onnx`` files. ``fp16`` graphs come from a half-precision copy of the model; their
+inputs and outputs stay float32 (cast at the graph boundary), so every runtime feeds them alike.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import Tensor, nn
+
+from sat_export.contract import BATCH, DECODER_STEP, DEFAULT_OPSET, ENCODER, GraphSpec
+from sat_export.errors import BundleError
+from training.model import ShowAttendTell
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
+EXAMPLE_BATCH = 2
+
+
+class EncoderGraph(nn.Module):
+    """``images -> features, features_proj, h0, c0``: ``model.encode`` with float32 I/O."""
+
+    def __init__(self, model: ShowAttendTell, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.model, self.dtype = model, dtype
+
+    def forward(self, images: Tensor) -> tuple[Tensor, ...]:
+        return tuple(t.float() for t in self.model.encode(images.to(self.dtype)))
+
+
+class DecoderStepGraph(nn.Module):
+    """``tokens, h, c, features, features_proj -> logprobs, alpha, h_next, c_next``: ``model.step``."""
+
+    def __init__(self, model: ShowAttendTell, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.model, self.dtype = model, dtype
+
+    def forward(self, tokens: Tensor, h: Tensor, c: Tensor, features: Tensor, features_proj: Tensor):
+        h, c, features, features_proj = (t.to(self.dtype) for t in (h, c, features, features_proj))
+        return tuple(t.float() for t in self.model.step(tokens, h, c, features, features_proj))
+
+
+def graph_file(spec: GraphSpec, precision: str = "fp32", suffix: str = ".onnx") -> str:
+    """File name of a graph in the bundle: ``encoder.onnx``, ``encoder.fp16.onnx``, ``encoder.plan``."""
+    stem = Path(spec.file).stem
+    return f"{stem}{suffix}" if precision == "fp32" else f"{stem}.{precision}{suffix}"
+
+
+def random_images(model: ShowAttendTell, n_img: int, seed: int = 0) -> Tensor:
+    """``(n_img, 3, crop, crop)`` standard-normal images, the size the model's preprocessing gives."""
+    crop = model.config.preprocess.crop
+    return torch.randn(n_img, 3, crop, crop, generator=torch.Generator().manual_seed(seed))
+
+
+def step_inputs(model: ShowAttendTell, images: Tensor, seed: int = 0) -> dict[str, Tensor]:
+    """Inputs of ``decoder_step`` for ``images``: the eager encoder's outputs and random tokens."""
+    with torch.no_grad():
+        features, features_proj, h, c = model.encode(images)
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, model.config.vocab_size, (images.size(0),), generator=gen)
+    return {"tokens": tokens, "h": h, "c": c, "features": features, "features_proj": features_proj}
+
+
+def export_graph(module: nn.Module, spec: GraphSpec, example: dict[str, Tensor], path: Path,
+                 dims: dict[str, int], opset: int = DEFAULT_OPSET) -> Path:
+    """Trace ``module`` on ``example`` (batch >= 2) into ``path`` and check it against ``spec``."""
+    args = tuple(example[name] for name in spec.input_names)
+    if args[0].shape[0] < 2:
+        raise ValueError(f"{spec.name}: export needs an example batch of at least 2 (batch 1 bakes a static batch)")
+    batch = torch.export.Dim(BATCH, min=1)
+    dynamic = tuple({i: batch for i, axis in enumerate(t.axes) if axis == BATCH} for t in spec.inputs)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*axis name.*will not be used")  # all batch axes are one Dim
+        torch.onnx.export(module.eval(), args, str(path), dynamo=True, verbose=False, external_data=False,
+                          input_names=spec.input_names, output_names=spec.output_names,
+                          dynamic_shapes=dynamic, opset_version=opset)
+    check_graph_io(path, spec, dims)
+    return path
+
+
+def export_onnx(model: ShowAttendTell, out_dir: str | Path, precision: str = "fp32",
+                opset: int = DEFAULT_OPSET) -> dict[str, Path]:
+    """Export ``encoder`` and ``decoder_step`` of ``model`` into ``out_dir``; returns graph name -> path."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    dtype = PRECISIONS[precision]
+    traced = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
+    images = random_images(model, EXAMPLE_BATCH)
+    dims = model.config.dims()
+    examples = {ENCODER.name: {"images": images}, DECODER_STEP.name: step_inputs(model, images)}
+    wrappers = {ENCODER.name: EncoderGraph, DECODER_STEP.name: DecoderStepGraph}
+    return {spec.name: export_graph(wrappers[spec.name](traced, dtype), spec, examples[spec.name],
+                                    out_dir / graph_file(spec, precision), dims, opset)
+            for spec in (ENCODER, DECODER_STEP)}
+
+
+def check_graph_io(path: Path, spec: GraphSpec, dims: dict[str, int]) -> None:
+    """``onnx.checker`` passes and inputs/outputs match ``spec``: names, dtypes, shapes, symbolic batch.
+
+    Raises ``BundleError`` naming the file and the first tensor that differs.
+    """
+    try:
+        onnx.checker.check_model(str(path))
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except (onnx.checker.ValidationError, onnx.onnx_cpp2py_export.shape_inference.InferenceError,
+            OSError, ValueError) as err:  # protobuf's DecodeError is a ValueError
+        raise BundleError(f"{path}: not a valid ONNX model ({str(err).splitlines()[0][:160]})") from None
+    for kind, tensors, specs in (("input", graph.input, spec.inputs), ("output", graph.output, spec.outputs)):
+        names = [t.name for t in tensors]
+        if names != [s.name for s in specs]:
+            raise BundleError(f"{path}: {kind}s {names} != graph contract {[s.name for s in specs]}")
+        for tensor, want in zip(tensors, specs):
+            _check_tensor(path, kind, tensor, want, dims)
+
+
+def _check_tensor(path: Path, kind: str, tensor: onnx.ValueInfoProto, spec, dims: dict[str, int]) -> None:
+    ttype = tensor.type.tensor_type
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)).name
+    shape = tuple(d.dim_param or d.dim_value for d in ttype.shape.dim)
+    want = spec.shape(dims)
+    if dtype != spec.dtype:
+        raise BundleError(f"{path}: {kind} '{tensor.name}' has dtype {dtype}, contract says {spec.dtype}")
+    symbolic_ok = len(shape) == len(want) and all(
+        (isinstance(s, str) and s != "") if w == BATCH else s == w for s, w in zip(shape, want))
+    if not symbolic_ok:
+        raise BundleError(f"{path}: {kind} '{tensor.name}' has shape {shape}, contract says {want} "
+                          "(batch must be a symbolic axis)")

@@ -1,0 +1,102 @@
+"""Static int8 quantisation of a bundle's encoder (QDQ, per-channel weights) with onnxruntime.
+
+Calibration runs the user's own images through the model's preprocessing (``load_image`` with
+the bundle's ``PreprocessConfig``), so activation ranges match what inference will see. The
+decoder step stays fp32: it is a small share of the time and sensitive to rounding.
+"""
+from __future__ import annotations
+
+import itertools
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from sat_export.bundle import load_bundle
+from sat_export.contract import ENCODER
+from sat_export.errors import BundleError
+from sat_export.export import graph_file
+from sat_export.images import ImageDecodeError, load_image
+from training.config import PreprocessConfig
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+METHODS = ("minmax", "entropy", "percentile")
+
+
+def calibration_files(source: str | Path | Sequence[str | Path], limit: int | None = None) -> list[Path]:
+    """Image paths from a folder (recursively, by suffix) or an explicit list, sorted, at most ``limit``."""
+    if isinstance(source, (str, Path)):
+        folder = Path(source)
+        if not folder.is_dir():
+            raise BundleError(f"{folder}: calibration folder not found")
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    else:
+        files = [Path(p) for p in source]
+    return files[:limit]
+
+
+class ImageCalibrationReader:
+    """onnxruntime ``CalibrationDataReader``: batches of preprocessed images as ``{"images": array}``."""
+
+    def __init__(self, files: Sequence[Path], preprocess: PreprocessConfig, batch: int = 8):
+        self.files, self.preprocess, self.batch = list(files), preprocess, batch
+        self.skipped: list[str] = []
+        batches = self._iter()
+        first = next(batches, None)  # decode the first batch now: no readable image is an error up front
+        self.empty = first is None
+        self._batches = itertools.chain([first], batches) if first is not None else batches
+
+    def _iter(self) -> Iterator[dict[str, np.ndarray]]:
+        buf = []
+        for path in self.files:
+            try:
+                buf.append(load_image(path, self.preprocess))
+            except ImageDecodeError as err:
+                self.skipped.append(f"{path}: {err}")
+                continue
+            if len(buf) == self.batch:
+                yield {ENCODER.input_names[0]: np.stack(buf)}
+                buf = []
+        if buf:
+            yield {ENCODER.input_names[0]: np.stack(buf)}
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._batches, None)
+
+
+def quantize_encoder(bundle_dir: str | Path, calib_images: str | Path | Sequence[str | Path],
+                     method: str = "minmax", limit: int | None = 256, out: str | Path | None = None) -> Path:
+    """Write a static-QDQ int8 copy of the bundle's fp32 encoder; returns its path.
+
+    Parameters
+    ----------
+    bundle_dir : a built bundle (its manifest gives the preprocessing).
+    calib_images : a folder of images (searched recursively) or a list of image paths.
+    method : calibration method, ``minmax``, ``entropy`` or ``percentile``.
+    limit : use at most this many images (sorted by path) for calibration.
+    out : output path; ``encoder.int8.onnx`` in the bundle by default.
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
+    bundle = load_bundle(bundle_dir)
+    encoder, _ = bundle.graph_paths("fp32")
+    files = calibration_files(calib_images, limit)
+    if not files:
+        raise BundleError(f"{calib_images}: no images to calibrate the int8 encoder with")
+    reader = ImageCalibrationReader(files, bundle.config.preprocess)
+    if reader.empty:
+        raise BundleError(f"{calib_images}: none of the {len(files)} calibration images could be read "
+                          f"({reader.skipped[0]})")
+    out = Path(out) if out else bundle.dir / graph_file(ENCODER, "int8")
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "encoder.pre.onnx"
+        quant_pre_process(str(encoder), str(prepared))
+        quantize_static(str(prepared), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=getattr(CalibrationMethod, {"minmax": "MinMax", "entropy": "Entropy",
+                                                                     "percentile": "Percentile"}[method]))
+    return out

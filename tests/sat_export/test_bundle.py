@@ -1,0 +1,117 @@
+"""Bundles: the manifest's content, load_bundle, and `sat-export check` refusing any changed byte."""
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from sat_export.bundle import DIGEST_KEY, _digest, _render, io_table, load_bundle, write_manifest
+from sat_export.cli import app
+from sat_export.contract import DECODER_STEP, ENCODER, MANIFEST_FILE
+from sat_export.errors import BundleError
+from training.config import ModelConfig
+
+
+@pytest.fixture
+def bundle(tmp_path, tiny_bundle):
+    """A private copy of the session bundle, free to damage."""
+    return shutil.copytree(tiny_bundle, tmp_path / "bundle")
+
+
+def _reseal_as_is(bundle, manifest):
+    """Write a manifest with a valid digest but without re-hashing files (a hand-edited bundle)."""
+    manifest[DIGEST_KEY] = _digest(manifest)
+    (bundle / MANIFEST_FILE).write_bytes(_render(manifest))
+
+
+def _check(path):
+    result = CliRunner().invoke(app, ["check", str(path)])
+    assert "Traceback" not in result.output
+    return result
+
+
+def test_manifest_records_everything_needed_to_run_the_bundle(tiny_bundle, vocab):
+    manifest = json.loads((tiny_bundle / MANIFEST_FILE).read_text())
+    assert manifest["format"] == "sat-bundle" and manifest["version"] == 1
+    assert manifest["vocab"]["itos"] == vocab.itos and manifest["special_ids"] == vocab.special_ids()
+    assert manifest["preprocess"] == {"resize": 72, "crop": 64, "mean": [0.485, 0.456, 0.406],
+                                      "std": [0.229, 0.224, 0.225], "interpolation": "bilinear"}
+    assert manifest["graphs"]["decoder_step"]["inputs"][0] == {"name": "tokens", "dtype": "int64", "shape": ["batch"]}
+    assert manifest["graphs"]["encoder"]["outputs"][1]["shape"] == ["batch", 16, 16]  # features_proj
+    assert manifest["precisions"] == {"fp32": {"encoder": "encoder.onnx", "decoder_step": "decoder_step.onnx"}}
+    assert set(manifest["files"]) == {"encoder.onnx", "decoder_step.onnx"}
+    assert all(len(f["sha256"]) == 64 for f in manifest["files"].values())
+    assert {"torch", "onnx", "onnxruntime", "sat_export"} <= set(manifest["tools"])
+    assert manifest["opset"] == 18 and manifest["parity"]["fp32"]["passed"] is True
+
+
+def test_load_bundle_gives_config_vocab_and_graph_paths(tiny_bundle, vocab):
+    b = load_bundle(tiny_bundle)
+    assert b.config.dec_dim == 32 and b.vocab.itos == vocab.itos
+    assert b.graph_paths() == (tiny_bundle / ENCODER.file, tiny_bundle / DECODER_STEP.file)
+    with pytest.raises(BundleError, match="no fp16 graphs.*--fp16"):
+        b.graph_paths("fp16")
+    with pytest.raises(BundleError, match="no TensorRT engines"):
+        b.engine_paths()
+
+
+def test_check_passes_on_a_fresh_bundle(tiny_bundle):
+    result = _check(tiny_bundle)
+    assert result.exit_code == 0, result.output
+    assert "2 files verified" in result.output and "fp32" in result.output
+
+
+@pytest.mark.parametrize("name", [ENCODER.file, DECODER_STEP.file, MANIFEST_FILE])
+@pytest.mark.parametrize("where", [0.0, 0.5, 0.999])
+def test_check_refuses_a_single_changed_byte_naming_the_file(bundle, name, where):
+    path = bundle / name
+    data = bytearray(path.read_bytes())
+    data[int(where * (len(data) - 1))] ^= 0x01
+    path.write_bytes(bytes(data))
+    result = _check(bundle)
+    assert result.exit_code == 1
+    assert f"{path}:" in result.output.replace("\n", "")
+
+
+def test_check_refuses_truncated_and_missing_files(bundle):
+    (bundle / DECODER_STEP.file).write_bytes((bundle / DECODER_STEP.file).read_bytes()[:1000])
+    assert "decoder_step.onnx: 1000 bytes" in _check(bundle).output.replace("\n", "")
+    (bundle / DECODER_STEP.file).unlink()
+    assert "decoder_step.onnx: missing" in _check(bundle).output.replace("\n", "")
+    (bundle / MANIFEST_FILE).unlink()
+    result = _check(bundle)
+    assert result.exit_code == 1 and "manifest.json: not found" in result.output.replace("\n", "")
+
+
+def test_check_refuses_a_resealed_bundle_whose_graphs_do_not_match(bundle):
+    manifest = json.loads((bundle / MANIFEST_FILE).read_text())
+    shutil.copy(bundle / ENCODER.file, bundle / DECODER_STEP.file)  # consistent checksums, wrong graph
+    write_manifest(bundle, manifest)
+    result = _check(bundle)
+    assert result.exit_code == 1 and "decoder_step.onnx: inputs ['images']" in result.output.replace("\n", "")
+
+
+def test_check_refuses_a_manifest_for_another_model(bundle):
+    manifest = json.loads((bundle / MANIFEST_FILE).read_text())
+    manifest["model"]["att_dim"] = 24
+    manifest["graphs"] = io_table(ModelConfig.from_dict(manifest["model"]))
+    write_manifest(bundle, manifest)
+    result = _check(bundle)
+    assert result.exit_code == 1 and "encoder.onnx: output 'features_proj' has shape" in result.output.replace("\n", "")
+
+
+@pytest.mark.parametrize("field", ["vocab", "files", "graphs", "opset"])
+def test_load_bundle_refuses_a_manifest_missing_a_field(bundle, field):
+    manifest = json.loads((bundle / MANIFEST_FILE).read_text())
+    del manifest[field]
+    _reseal_as_is(bundle, manifest)
+    with pytest.raises(BundleError, match=f"manifest.json: manifest field '{field}' is missing"):
+        load_bundle(bundle)
+
+
+def test_load_bundle_refuses_files_outside_the_bundle(bundle):
+    manifest = json.loads((bundle / MANIFEST_FILE).read_text())
+    manifest["files"]["../escape.onnx"] = {"bytes": 1, "sha256": "0" * 64}
+    _reseal_as_is(bundle, manifest)
+    with pytest.raises(BundleError, match="points outside the bundle"):
+        load_bundle(bundle)
