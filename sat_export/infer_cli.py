@@ -1,0 +1,71 @@
+"""``sat-infer``: caption folders, lists or files of images into a JSONL file (resumable)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.text import Text
+
+from engines import BACKEND_NAMES
+from engines.decode import DecodeOptions
+from sat_export.console import console, user_errors
+from sat_export.errors import SatError
+from sat_export.images import DEFAULT_MAX_PIXELS
+from sat_export.infer import InferOptions, Summary, open_engine, plan, run
+
+app = typer.Typer(add_completion=False)
+
+
+class ImagesPerSecond(ProgressColumn):
+    """The progress bar's rate column."""
+
+    def render(self, task) -> Text:
+        return Text(f"{task.speed or 0:.1f} images/s", style="progress.data.speed")
+
+
+@app.command()
+@user_errors
+def main(
+    paths: list[Path] = typer.Argument(..., help="Folders (recursive), .txt/.lst files listing images, or images."),
+    out: Path = typer.Option(Path("captions.jsonl"), "--out", "-o", help="JSONL output; rerunning resumes it."),
+    model: str = typer.Option(None, help="Checkpoint (.pth) or bundle folder [default: the embedded demo model]."),
+    backend: str = typer.Option("auto", help=f"One of {', '.join(BACKEND_NAMES)}."),
+    batch_size: int = typer.Option(16, min=1, help="Images per model call."),
+    beam: int = typer.Option(1, min=1, help="Beam width (1 is greedy)."),
+    max_len: int = typer.Option(20, min=1, help="Most words per caption."),
+    workers: int = typer.Option(min(4, os.cpu_count() or 1), min=1, help="Threads decoding images ahead of the model."),
+    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, min=1, help="Larger images are error rows (decompression bombs)."),
+    threads: int = typer.Option(None, min=1, help="Inference threads [default: cores left by --workers, at least 1]."),
+    alphas: Path = typer.Option(None, help="Write each image's attention (T, grid, grid) to DIR/<image>.npz."),
+    overlays: Path = typer.Option(None, help="Write one attention overlay PNG per word and DIR/index.html."),
+    strict: bool = typer.Option(False, help="Exit 1 when any file could not be captioned."),
+    overwrite: bool = typer.Option(False, help="Start over instead of resuming --out."),
+):
+    """Caption every image under PATHS into one JSON row per file, written batch by batch.
+
+    Bad files become rows with an "error" and never stop the run. Rerunning resumes.
+
+    Example:  sat-infer examples/images --out captions.jsonl --alphas alphas --overlays overlays
+    """
+    work = plan(paths, out, overwrite)
+    options = InferOptions(batch_size, DecodeOptions(beam, max_len), workers, max_pixels, alphas, overlays)
+    if work.todo:
+        with open_engine(model, backend, workers, threads) as engine, Progress(
+                TextColumn("captioning"), BarColumn(), MofNCompleteColumn(), ImagesPerSecond(), TimeRemainingColumn(),
+                console=console, transient=True) as progress:
+            task = progress.add_task("captioning", total=len(work.todo))
+            summary = run(engine, work, options, on_rows=lambda n: progress.advance(task, n))
+    else:
+        summary = Summary(skipped=work.done)
+    console.print(f"{out}: captioned {summary.captioned}, errors {summary.errors}, already done {summary.skipped} "
+                  f"in {summary.seconds:.1f} s ({summary.images_per_s:.1f} images/s)",
+                  highlight=False, soft_wrap=True)
+    errors = summary.errors + work.done_errors
+    if strict and errors:
+        raise SatError(f"{errors} file(s) could not be captioned (--strict): see the rows with \"error\" in {out}")
+
+
+if __name__ == "__main__":
+    app()
