@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from sat_export.console import console, user_errors
 from sat_export.contract import DEFAULT_OPSET
@@ -64,7 +65,7 @@ def build(
     except ValueError as err:
         raise typer.BadParameter(f"--trt-profile: {err}") from None
     build_bundle(ckpt, out, options, console)
-    console.print(f"[green]✓[/] wrote {out} (check it with `sat-export check {out}`)", highlight=False)
+    console.print("[green]✓[/] " + escape(f"wrote {out} (check it with `sat-export check {out}`)"), highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -78,8 +79,8 @@ def check(bundle: Path = typer.Argument(..., help="Bundle folder written by `sat
 
     summary = check_bundle(bundle)
     trt = f"; TensorRT engines {summary['tensorrt']}" if "tensorrt" in summary else ""
-    console.print(f"[green]✓[/] {bundle}: {len(summary['files'])} files verified, smoke inference passed for "
-                  f"{', '.join(summary['precisions'])}{trt}", highlight=False)
+    console.print("[green]✓[/] " + escape(f"{bundle}: {len(summary['files'])} files verified, smoke inference passed "
+                                          f"for {', '.join(summary['precisions'])}{trt}"), highlight=False, soft_wrap=True)
 
 
 @app.command("import")
@@ -105,4 +106,4 @@ def import_(
         path = import_seed(src, captions, out, freq_threshold)
     else:
         path = import_sgrvinod(src, wordmap, out, trust_pickle)
-    console.print(f"[green]✓[/] wrote {path} (inspect it with `sat-export info {path}`)", highlight=False)
+    console.print("[green]✓[/] " + escape(f"wrote {path} (inspect it with `sat-export info {path}`)"), highlight=False, soft_wrap=True)

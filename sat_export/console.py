@@ -5,6 +5,7 @@ import functools
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from sat_export.errors import SatError
 
@@ -19,7 +20,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except SatError as err:
-            console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper

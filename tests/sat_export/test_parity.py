@@ -1,13 +1,11 @@
 """The parity gate: reports, the ✓/✗ lines, ParityError messages, and a failing build keeping its report."""
 import json
-import shutil
 
 import pytest
 import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
-import sat_export.build
 from sat_export.cli import app
 from sat_export.contract import DECODER_STEP, ENCODER, MANIFEST_FILE
 from sat_export.errors import ParityError
@@ -54,16 +52,6 @@ def test_synthetic_images_are_preprocessed_and_deterministic():
     assert a.shape == (3, 3, 64, 64) and a.dtype == torch.float32
     torch.testing.assert_close(a, b)
     assert a.std() > 0.3 and not torch.equal(a[0], a[1])
-
-
-@pytest.fixture
-def copy_instead_of_export(monkeypatch, tiny_bundle):
-    """Build steps after export run for real; the export itself copies the session bundle's graphs."""
-    def fake_export(model, out_dir, precision="fp32", opset=18):
-        out_dir.mkdir(parents=True, exist_ok=True)
-        return {spec.name: shutil.copy(tiny_bundle / spec.file, out_dir / spec.file) for spec in (ENCODER, DECODER_STEP)}
-
-    monkeypatch.setattr(sat_export.build, "export_onnx", fake_export)
 
 
 def test_build_out_of_tolerance_exits_non_zero_and_keeps_the_report(tmp_path, vocab, copy_instead_of_export):

@@ -1,0 +1,83 @@
+"""int8 encoder: static QDQ quantisation calibrated on the user's images, within the int8 tolerance."""
+import json
+import shutil
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from sat_export.cli import app
+from sat_export.contract import DECODER_STEP, ENCODER, MANIFEST_FILE
+from sat_export.errors import BundleError
+from sat_export.export import check_graph_io
+from sat_export.parity import verify
+from sat_export.quantize import ImageCalibrationReader, calibration_files, quantize_encoder
+from tests.conftest import tiny_model
+
+
+@pytest.fixture(scope="module")
+def calib_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("calib")
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        arr = (np.linspace(0, 255, 96)[None, :, None] * rng.uniform(0.2, 1, 3) + rng.integers(0, 60, (80, 96, 3)))
+        Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(folder / f"img{i}.{'png' if i % 2 else 'jpg'}")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_quantize_encoder_writes_per_channel_qdq_graph_within_int8_tolerance(tmp_path, tiny_bundle, calib_dir, vocab):
+    bundle = shutil.copytree(tiny_bundle, tmp_path / "b")
+    int8 = quantize_encoder(bundle, calib_dir)
+    assert int8 == bundle / "encoder.int8.onnx"
+    model = tiny_model()
+    check_graph_io(int8, ENCODER, model.config.dims())
+    graph = onnx.load(str(int8)).graph
+    ops = Counter(n.op_type for n in graph.node)
+    assert ops["QuantizeLinear"] > 10 and ops["DequantizeLinear"] > 10
+    inits = {t.name: t for t in graph.initializer}
+    weight_scales = [n.input[1] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+                     and inits[n.input[0]].data_type == onnx.TensorProto.INT8 and len(inits[n.input[0]].dims) == 4]
+    assert weight_scales and all(len(inits[s].dims) == 1 and inits[s].dims[0] > 1 for s in weight_scales)  # per channel
+    report = verify(model, vocab, int8, bundle / DECODER_STEP.file, "int8", graphs=(ENCODER,), n_captions=2)
+    assert report.passed, report.to_dict()
+    assert 1e-4 < max(d.rel_l2 for d in report.diffs) <= 0.5  # really quantised
+
+
+def test_calibration_reader_preprocesses_images_and_skips_unreadable(tmp_path, calib_dir):
+    files = calibration_files(calib_dir)
+    assert len(files) == 10 and files == sorted(files)
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    reader = ImageCalibrationReader([tmp_path / "broken.jpg", *files[:5]], tiny_model().config.preprocess, batch=4)
+    batches = iter(reader.get_next, None)
+    assert [b["images"].shape for b in batches] == [(4, 3, 64, 64), (1, 3, 64, 64)]
+    assert len(reader.skipped) == 1 and "broken.jpg" in reader.skipped[0]
+
+
+def test_quantize_refuses_an_empty_or_unreadable_calibration_set(tmp_path, tiny_bundle):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BundleError, match="empty: no images"):
+        quantize_encoder(tiny_bundle, tmp_path / "empty")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "a.png").write_bytes(b"garbage")
+    with pytest.raises(BundleError, match="none of the 1 calibration images could be read"):
+        quantize_encoder(tiny_bundle, tmp_path / "bad")
+    with pytest.raises(BundleError, match="nowhere: calibration folder not found"):
+        quantize_encoder(tiny_bundle, tmp_path / "nowhere")
+
+
+def test_build_with_int8_encoder_registers_it_and_check_runs_it(tmp_path, tiny_ckpt, calib_dir, copy_instead_of_export):
+    out = tmp_path / "bundle"
+    result = CliRunner().invoke(app, ["build", "--ckpt", str(tiny_ckpt), "--out", str(out), "--int8-encoder",
+                                      "--calib", str(calib_dir)])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert manifest["precisions"]["int8"] == {"encoder": "encoder.int8.onnx", "decoder_step": "decoder_step.onnx"}
+    assert manifest["parity"]["int8"]["passed"] and "encoder.int8.onnx" in manifest["files"]
+    result = CliRunner().invoke(app, ["check", str(out)])
+    assert result.exit_code == 0 and "int8" in result.output, result.output
+    result = CliRunner().invoke(app, ["build", "--ckpt", str(tiny_ckpt), "--out", str(out), "--int8-encoder"])
+    assert result.exit_code == 2 and "--calib" in result.output
