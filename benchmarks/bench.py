@@ -1,0 +1,304 @@
+"""Measurement: every configuration on the same images and model, in one process.
+
+Per configuration (``benchmarks.configs``), as nanoGPT's ``bench.py`` measures:
+
+1. open it; the time and the resident memory it adds are recorded, and a failure becomes the
+   row's status while the other rows go on;
+2. caption pass: every bench image once, at the largest batch size; its captions are compared
+   with PyTorch eager fp32 (agreement; BLEU-4 where references exist). It is also the first
+   warm-up (lazy initialisation, ``torch.compile``);
+3. ``warmup`` untimed batches per batch size;
+4. ``repeats`` rounds, interleaved: in each round every batch size runs once on every
+   configuration (the order alternates between rounds), so drift in machine load is shared.
+
+A batch is timed end to end, from preprocessed images to captions (``time.perf_counter``, after a
+CUDA synchronise where there is one), split into encoder and decode loop. Image decoding and
+preprocessing is the same for every configuration: it is done once, before timing, and its own
+cost per image is reported beside the figures. Peak RSS is the process's high-water mark during
+the batch (Linux ``VmHWM``, reset before each batch), so it includes every loaded configuration.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from benchmarks.configs import BASELINE, CONFIGS, BenchConfig, open_config
+from benchmarks.prepare import BenchModel
+from engines.base import Backend
+from engines.decode import Caption, DecodeOptions, decode
+from sat_export.errors import BackendUnavailable
+from sat_export.images import ImageDecodeError, load_image
+from sat_export.metrics import corpus_bleu
+from sat_export.quantize_search import caption_agreement
+from training.checkpoint import load_checkpoint
+from training.config import PreprocessConfig
+from training.vocab import Vocab
+
+PAUSE_S = 0.05  # between timed batches: lets the previous runtime's spinning threads go idle
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What to measure; ``keys`` limits the configurations (empty: all)."""
+
+    batch_sizes: tuple[int, ...] = (1, 8, 32)
+    beam: int = 1
+    max_len: int = 20
+    warmup: int = 1
+    repeats: int = 5
+    keys: tuple[str, ...] = ()
+    quick: bool = False
+
+    def __post_init__(self):
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise ValueError(f"batch sizes must be positive integers, got {self.batch_sizes}")
+        if self.repeats < 1 or self.warmup < 0:
+            raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {self.repeats} and {self.warmup}")
+        known = {c.key for c in CONFIGS}
+        if set(self.keys) - known:
+            raise ValueError(f"unknown configurations {sorted(set(self.keys) - known)}; choose from {', '.join(known)}")
+
+
+@dataclass
+class Timing:
+    """One timed batch, in seconds, and the process's peak RSS during it (MB)."""
+
+    total: float
+    encoder: float
+    decode: float
+    peak_rss_mb: float
+
+
+@dataclass
+class Row:
+    """One configuration: its status, setup cost, captions and timings per batch size."""
+
+    config: BenchConfig
+    status: str = "ok"
+    backend: Backend | None = None
+    description: str = ""
+    setup_s: float | None = None
+    first_batch_s: float | None = None
+    load_rss_mb: float | None = None
+    captions: list[list[int]] | None = None
+    agreement: float | None = None
+    bleu4: float | None = None
+    timings: dict[int, list[Timing]] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def fail(self, status: str) -> None:
+        self.status = status
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None
+
+
+@dataclass
+class BenchResult:
+    """Everything one run measured, with the context needed to read it."""
+
+    rows: list[Row]
+    options: BenchOptions
+    model: BenchModel
+    images: dict
+    environment: dict
+    seconds: float
+
+
+def rss_mb() -> float:
+    """Current resident set size of this process, MB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+
+
+def _peak_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def load_images(paths: list[Path], preprocess: PreprocessConfig) -> tuple[torch.Tensor, list[Path], dict]:
+    """Decode and preprocess the bench images once: ``(images, kept paths, info)``."""
+    arrays, kept, skipped = [], [], []
+    start = time.perf_counter()
+    for path in paths:
+        try:
+            arrays.append(load_image(path, preprocess))
+            kept.append(path)
+        except ImageDecodeError as err:
+            skipped.append(f"{path}: {err}")
+    seconds = time.perf_counter() - start
+    if not arrays:
+        raise ValueError(f"none of the {len(paths)} bench images could be read ({skipped[:1]})")
+    info = {"n": len(kept), "files": [str(p) for p in kept], "skipped": skipped,
+            "decode_preprocess_ms_per_image": round(1000 * seconds / len(paths), 2),
+            "size": [preprocess.crop, preprocess.crop]}
+    return torch.from_numpy(np.stack(arrays)), kept, info
+
+
+def _run_batch(backend: Backend, images: torch.Tensor, special_ids: dict, options: DecodeOptions,
+               ) -> tuple[list[Caption], Timing]:
+    cuda = backend.device.type == "cuda"
+    _reset_peak()
+    start = time.perf_counter()
+    enc = backend.encode(images)
+    if cuda:
+        torch.cuda.synchronize(backend.device)
+    mid = time.perf_counter()
+    captions = decode(backend.step, enc, special_ids, options)
+    if cuda:
+        torch.cuda.synchronize(backend.device)
+    end = time.perf_counter()
+    return captions, Timing(end - start, mid - start, end - mid, _peak_mb())
+
+
+def _batch(images: torch.Tensor, size: int, round_: int) -> torch.Tensor:
+    """The ``size`` images of round ``round_``: consecutive, wrapping around the set."""
+    index = (torch.arange(size) + round_ * size) % images.size(0)
+    return images[index].contiguous()
+
+
+def _guard(row: Row, what: str, fn):
+    """Run ``fn``; any failure marks the row as failed (with what it was doing) and returns None."""
+    try:
+        return fn()
+    except BackendUnavailable as err:
+        row.fail(f"unavailable: {err}")
+    except Exception as err:  # noqa: BLE001 - a failing configuration must not stop the others
+        row.fail(f"error while {what}: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}")
+    return None
+
+
+def _open(row: Row, model: BenchModel, options: BenchOptions) -> None:
+    if options.quick and not row.config.quick:
+        row.status = "skipped: --quick (its setup takes minutes)"
+        return
+    before, start = rss_mb(), time.perf_counter()
+    row.backend = _guard(row, "opening", lambda: open_config(row.config, model.ckpt, model.bundle))
+    if row.backend is not None:
+        row.setup_s, row.load_rss_mb = time.perf_counter() - start, rss_mb() - before
+        row.description = row.backend.describe()
+
+
+def _caption_all(row: Row, images: torch.Tensor, batch: int, special_ids: dict, options: DecodeOptions) -> None:
+    tokens = []
+    for i in range(0, images.size(0), batch):
+        captions, timing = _run_batch(row.backend, images[i:i + batch], special_ids, options)
+        row.first_batch_s = row.first_batch_s or timing.total
+        tokens += [c.tokens for c in captions]
+    row.captions = tokens
+
+
+def _score(rows: list[Row], model: BenchModel, kept: list[Path], vocab: Vocab) -> None:
+    """Agreement with the baseline's captions; BLEU-4 against the references, where there are some."""
+    base = next((r for r in rows if r.config is BASELINE and r.ok), None)
+    for row in rows:
+        if not row.ok:
+            continue
+        if base is not None:
+            row.agreement = caption_agreement(base.captions, row.captions)
+        if model.references:
+            refs = [model.references[p.name] for p in kept]
+            row.bleu4 = corpus_bleu(refs, [vocab.decode(t) for t in row.captions])["bleu4"]
+
+
+def run_bench(model: BenchModel, options: BenchOptions = BenchOptions(), console: Console | None = None,
+              ) -> BenchResult:
+    """Measure every configuration of ``CONFIGS`` (or ``options.keys``) on ``model``'s bench images."""
+    console = console or Console(stderr=True)
+    start = time.perf_counter()
+    environment = collect_environment()
+    ckpt = load_checkpoint(model.ckpt)
+    images, kept, image_info = load_images(model.images, ckpt.config.preprocess)
+    special_ids = ckpt.vocab.special_ids()
+    decode_options = DecodeOptions(beam=options.beam, max_len=options.max_len)
+    rows = [Row(c) for c in CONFIGS if not options.keys or c.key in options.keys or c.baseline]
+    for row in rows:
+        _open(row, model, options)
+        if row.ok:
+            _guard(row, "captioning the bench images",
+                   lambda: _caption_all(row, images, max(options.batch_sizes), special_ids, decode_options))
+        console.print(f"{row.config.label}: {row.status}" + (f" ({row.description}, first batch "
+                      f"{row.first_batch_s:.2f} s)" if row.ok else ""), highlight=False, soft_wrap=True)
+    _score(rows, model, kept, ckpt.vocab)
+    live = [r for r in rows if r.ok]
+    for row in live:
+        for size in options.batch_sizes:
+            for w in range(options.warmup):
+                _guard(row, "warming up", lambda: _run_batch(row.backend, _batch(images, size, w), special_ids,
+                                                             decode_options))
+    for round_ in range(options.repeats):
+        for size in options.batch_sizes:
+            batch = _batch(images, size, round_)
+            for row in live if round_ % 2 == 0 else live[::-1]:
+                if row.ok:
+                    time.sleep(PAUSE_S)
+                    out = _guard(row, "timing", lambda: _run_batch(row.backend, batch, special_ids, decode_options))
+                    if out is not None:
+                        row.timings.setdefault(size, []).append(out[1])
+        console.print(f"round {round_ + 1}/{options.repeats} done", highlight=False)
+    for row in rows:
+        if row.backend is not None:
+            row.backend.close()
+            row.backend = None
+    environment["loadavg_end"] = list(os.getloadavg())
+    return BenchResult(rows, options, model, image_info, environment, round(time.perf_counter() - start, 2))
+
+
+def collect_environment() -> dict:
+    """Machine, library versions and thread settings, for the JSON."""
+    import onnx
+    import onnxruntime
+    import torchvision
+
+    cpu = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "flags") and key.strip() not in cpu:
+                    cpu[key.strip()] = value.strip()
+    except OSError:
+        pass
+    flags = set(cpu.get("flags", "").split())
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+    return {
+        "machine": {"cpu": cpu.get("model name", platform.processor()), "usable_cores": len(os.sched_getaffinity(0)),
+                    "cpu_flags": [f for f in wanted if f in flags], "platform": platform.platform(),
+                    "memory_gb": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30, 1),
+                    "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+        "libraries": {"python": platform.python_version(), "torch": torch.__version__,
+                      "torchvision": torchvision.__version__, "onnxruntime": onnxruntime.__version__,
+                      "onnx": onnx.__version__, "numpy": np.__version__},
+        "threads": {"torch_intra_op": torch.get_num_threads(), "torch_inter_op": torch.get_num_interop_threads()},
+        "git_commit": _git_commit(),
+        "loadavg_start": list(os.getloadavg()),
+    }
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None

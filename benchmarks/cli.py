@@ -1,0 +1,86 @@
+"""``sat-bench``: latency and throughput of every configuration against PyTorch eager, in one process."""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from benchmarks.bench import BenchOptions, run_bench
+from benchmarks.prepare import QUICK_RECIPE, Int8Options, Recipe, default_cache, from_checkpoint, reference_model
+from benchmarks.report import document, print_table, write_json, write_plot
+from sat_export.console import console, user_errors
+from sat_export.quantize import METHODS, calibration_files
+from sat_export.quantize_search import DEFAULT_TARGET
+
+app = typer.Typer(add_completion=False, help="Benchmark every backend against PyTorch eager fp32.")
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated integers like 1,8,32, got {text!r}") from None
+
+
+@app.command()
+@user_errors
+def main(
+    ckpt: Path = typer.Option(None, help="Checkpoint to measure (needs --images). Without it a reference model "
+                              "with a trained backbone is prepared once and cached."),
+    preset: str = typer.Option("small", help="Decoder preset of the prepared reference model."),
+    backbone: str = typer.Option(None, help="Backbone of the prepared reference model "
+                                 "[default: resnet101; mobilenet_v3_small_s16 with --quick]."),
+    images: Path = typer.Option(None, help="Folder of images to caption [default: the reference model's "
+                                "held-out images]."),
+    calib: Path = typer.Option(None, help="Calibration images of the int8 encoder [default: --images with --ckpt]."),
+    calib_method: str = typer.Option("percentile", help=f"int8 calibration: {', '.join(METHODS)}."),
+    int8_target: float = typer.Option(DEFAULT_TARGET, help="Caption agreement the int8 encoder must keep."),
+    batch_sizes: str = typer.Option(None, help="Comma-separated batch sizes [default: 1,8,32; --quick: 1,4]."),
+    beam: int = typer.Option(1, help="Beam size (1: greedy)."),
+    repeats: int = typer.Option(None, help="Timed rounds [default: 5; --quick: 2]."),
+    configs: str = typer.Option("", help="Comma-separated configuration keys to run [default: all]."),
+    json_path: Path = typer.Option(Path("sat-bench.json"), "--json", help="Where to write every measurement."),
+    plot: Path = typer.Option(Path("sat-bench.png"), help="Where to write the PNG plot (needs matplotlib)."),
+    cache: Path = typer.Option(None, help="Cache of prepared models and bundles [default: $SAT_BENCH_CACHE or "
+                               "~/.cache/sat-export/bench]."),
+    quick: bool = typer.Option(False, "--quick", help="A smoke test: tiny model, few images, 2 rounds."),
+):
+    """Run every configuration on the same images and model; print a table, write JSON and a plot.
+
+    Example:  sat-bench --json bench.json --plot bench.png
+    """
+    if calib_method not in METHODS:
+        raise typer.BadParameter(f"--calib-method must be one of {', '.join(METHODS)}, not {calib_method!r}")
+    if ckpt is not None and images is None:
+        raise typer.BadParameter("--ckpt needs --images DIR: the images to caption")
+    start = time.perf_counter()
+    cache = cache or default_cache()
+    int8 = Int8Options(calib_method, int8_target)
+    if ckpt is not None:
+        model = from_checkpoint(ckpt, images, calib, int8, cache, console)
+    else:
+        base = QUICK_RECIPE if quick else Recipe()
+        recipe = replace(base, preset=preset, backbone=backbone or base.backbone)
+        model = reference_model(recipe, int8, cache, console)
+        if images is not None:
+            model = replace(model, images=calibration_files(images), references=None,
+                            info={**model.info, "images": str(images)})
+    prepared = time.perf_counter() - start
+    try:
+        options = BenchOptions(batch_sizes=_sizes(batch_sizes or ("1,4" if quick else "1,8,32")), beam=beam,
+                               repeats=repeats or (2 if quick else 5), keys=tuple(k for k in configs.split(",") if k),
+                               quick=quick)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    result = run_bench(model, options, console)
+    seconds = {"prepare": round(prepared, 1), "bench": result.seconds, "total": round(time.perf_counter() - start, 1)}
+    doc = document(result, seconds)
+    print_table(doc, Console(width=None if sys.stdout.isatty() else 150))
+    write_json(doc, json_path)
+    console.print(f"measurements written to {json_path}; {write_plot(doc, plot)}; "
+                  f"{seconds['total']:.0f} s in all ({seconds['prepare']:.0f} s preparing)", highlight=False,
+                  soft_wrap=True)

@@ -1,0 +1,187 @@
+"""The model and images a bench run measures: the user's checkpoint, or a prepared reference model.
+
+Caption agreement only means something on a model whose captions mean something, and int8
+error depends on the activation statistics of a *trained* backbone. Without ``--ckpt`` the bench
+therefore prepares a reference model whose backbone was itself trained: a synthetic shapes set
+(``training.shapes``) is generated and a Show-Attend-Tell model is trained on it end to end, the
+encoder fine-tuned from random initialisation (``training.train``), first at half resolution
+and then at full resolution (the same preprocessing the bench measures). Its BLEU-4 on held-out
+images is reported beside every agreement, so a collapsed model shows.
+
+Everything is reproducible from the ``Recipe`` (seeded data and training) and cached under
+``<cache>/reference-<hash of the recipe>/``; ``prepared.json`` is written last, so an
+interrupted preparation is redone. Bundles (fp32 graphs and the accuracy-aware int8 encoder;
+TensorRT engines too where there is a GPU) are built with ``sat-export build``'s library and
+cached beside the checkpoint they come from.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from sat_export.bundle import sha256
+from sat_export.errors import SatError
+from sat_export.quantize import calibration_files
+from training.checkpoint import save_checkpoint
+
+CACHE_VERSION = 1  # bump when preparation changes what it produces
+PREPARED = "prepared.json"
+
+
+def default_cache() -> Path:
+    """``$SAT_BENCH_CACHE``, else ``$XDG_CACHE_HOME/sat-export/bench`` (``~/.cache/...``)."""
+    if os.environ.get("SAT_BENCH_CACHE"):
+        return Path(os.environ["SAT_BENCH_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sat-export" / "bench"
+
+
+@dataclass(frozen=True)
+class Int8Options:
+    """How the int8 encoder of a bench bundle is calibrated and how close to fp32 it must stay."""
+
+    method: str = "percentile"
+    target: float = 0.97
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How the reference model is made: data sizes, model, the two training phases, int8."""
+
+    backbone: str = "resnet101"
+    preset: str = "small"
+    image_size: int = 128  # side of the generated shapes images
+    n_train: int = 960
+    n_calib: int = 96  # a quarter is held back by the int8 search
+    n_test: int = 64  # the bench images; held out from training and calibration
+    grid: int = 14
+    phases: tuple[tuple[int, int, int], ...] = ((128, 112, 4), (256, 224, 2))  # (resize, crop, epochs)
+    batch_size: int = 32
+    lr: float = 2e-3
+    encoder_lr: float = 1e-3
+    seed: int = 0
+
+    def key(self) -> str:
+        blob = json.dumps({"v": CACHE_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+QUICK_RECIPE = Recipe(backbone="mobilenet_v3_small_s16", image_size=64, n_train=48, n_calib=8, n_test=8, grid=4,
+                      phases=((72, 64, 1),), batch_size=16)
+
+
+@dataclass
+class BenchModel:
+    """A checkpoint, its bundle, the bench images (with references where known) and where they came from."""
+
+    ckpt: Path
+    bundle: Path
+    images: list[Path]
+    references: dict[str, list[list[str]]] | None = None  # image file name -> tokenised references
+    info: dict = field(default_factory=dict)
+
+
+def bench_bundle(ckpt: Path, calib: Path, int8: Int8Options, cache: Path, console: Console) -> tuple[Path, dict]:
+    """The cached bundle of ``ckpt`` (fp32 + int8 encoder calibrated on ``calib``); built on first use."""
+    files = calibration_files(calib)
+    h = hashlib.sha256(f"{CACHE_VERSION}|{sha256(ckpt)}|{int8.method}|{int8.target}".encode())
+    for f in files:
+        h.update(f"{f.resolve()}|{f.stat().st_size}|{f.stat().st_mtime_ns}\n".encode())
+    out = cache / "bundles" / h.hexdigest()[:16]
+    if (out / "manifest.json").is_file():
+        console.print(f"using the cached bundle {out}", highlight=False, soft_wrap=True)
+        return out, {"bundle": str(out), "bundle_built_s": None}
+    from sat_export.build import BuildOptions, build_bundle
+
+    gpu = torch.cuda.is_available()
+    start = time.perf_counter()
+    console.print(f"building the bench bundle in {out} (fp32, int8 encoder{', TensorRT fp16' if gpu else ''})",
+                  highlight=False, soft_wrap=True)
+    shutil.rmtree(out, ignore_errors=True)
+    options = BuildOptions(int8_calib=calib, fp16=gpu,
+                           trt=gpu and _has_tensorrt())
+    build_bundle(ckpt, out, options, console)
+    return out, {"bundle": str(out), "bundle_built_s": round(time.perf_counter() - start, 1)}
+
+
+def _has_tensorrt() -> bool:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def from_checkpoint(ckpt: Path, images: Path, calib: Path | None, int8: Int8Options, cache: Path,
+                    console: Console) -> BenchModel:
+    """The user's checkpoint and images; the int8 encoder is calibrated on ``calib`` (default: ``images``)."""
+    files = calibration_files(images)
+    if not files:
+        raise SatError(f"{images}: no images to benchmark with")
+    bundle, info = bench_bundle(ckpt, calib or images, int8, cache, console)
+    info.update(source="--ckpt", checkpoint=str(ckpt), checkpoint_sha256=sha256(ckpt), images=str(images),
+                calibration_images=str(calib or images),
+                note=None if calib else "the int8 encoder was calibrated on the bench images themselves")
+    return BenchModel(ckpt, bundle, files, None, info)
+
+
+def reference_model(recipe: Recipe, int8: Int8Options, cache: Path, console: Console) -> BenchModel:
+    """The prepared reference model (cached by recipe), its bundle, and its held-out test images."""
+    root = cache / f"reference-{recipe.key()}"
+    if not (root / PREPARED).is_file():
+        start = time.perf_counter()
+        console.print(f"preparing the reference model (first run only, cached in {root})", highlight=False,
+                      soft_wrap=True)
+        shutil.rmtree(root, ignore_errors=True)
+        record = _prepare(recipe, root, console)
+        record["prepare_s"] = round(time.perf_counter() - start, 1)
+        (root / PREPARED).write_text(json.dumps(record, indent=1) + "\n")
+    else:
+        console.print(f"using the cached reference model in {root}", highlight=False, soft_wrap=True)
+    record = json.loads((root / PREPARED).read_text())
+    ckpt = root / "model.pth"
+    bundle, info = bench_bundle(ckpt, root / "calib" / "images", int8, cache, console)
+    from training.data import load_captions
+
+    test = load_captions(root / "test", val_frac=0.0, test_frac=0.0)
+    info.update(source="prepared reference model (no --ckpt)", cache=str(root), checkpoint=str(ckpt),
+                checkpoint_sha256=sha256(ckpt), recipe=asdict(recipe), training=record,
+                images=f"{len(test)} held-out synthetic shapes images ({root / 'test'})",
+                calibration_images=f"{recipe.n_calib} other synthetic shapes images ({root / 'calib'})")
+    return BenchModel(ckpt, bundle, [it.path for it in test], {it.path.name: it.captions for it in test}, info)
+
+
+def _prepare(recipe: Recipe, root: Path, console: Console) -> dict:
+    """Generate the three image sets, train in phases, keep the final checkpoint as ``model.pth``."""
+    from training.shapes import make_shapes
+    from training.train import Trainer, TrainConfig
+
+    start = time.perf_counter()
+    for name, n, offset in (("train", recipe.n_train, 0), ("calib", recipe.n_calib, 1), ("test", recipe.n_test, 2)):
+        make_shapes(root / name, n, seed=recipe.seed + offset, size=recipe.image_size)
+    record = {"generated_s": round(time.perf_counter() - start, 1), "phases": []}
+    vocab, state_dict = None, None
+    for i, (resize, crop, epochs) in enumerate(recipe.phases):
+        cfg = TrainConfig(data=str(root / "train"), out=str(root / f"phase{i}"), backbone=recipe.backbone,
+                          preset=recipe.preset, grid=recipe.grid, resize=resize, crop=crop, finetune_encoder=True,
+                          cache=False, epochs=epochs, batch_size=recipe.batch_size, lr=recipe.lr,
+                          encoder_lr=recipe.encoder_lr, amp=True, val_frac=0.05, test_frac=0.0, patience=epochs,
+                          seed=recipe.seed)
+        console.print(f"training phase {i + 1}/{len(recipe.phases)}: {recipe.backbone} end to end at {crop} px, "
+                      f"{epochs} epochs of {recipe.n_train} images", highlight=False, soft_wrap=True)
+        start = time.perf_counter()
+        trainer = Trainer(cfg, vocab=vocab, state_dict=state_dict)
+        last = trainer.fit()
+        vocab, state_dict = trainer.data.vocab, trainer.model.state_dict()
+        record["phases"].append({"resize": resize, "crop": crop, "epochs": epochs, "steps": trainer.step,
+                                 "seconds": round(time.perf_counter() - start, 1),
+                                 "val_bleu4": last.get("bleu4"), "val_loss": last.get("val_loss")})
+    save_checkpoint(root / "model.pth", trainer.model.eval(), vocab, {"prepared_by": "sat-bench", **record})
+    return record

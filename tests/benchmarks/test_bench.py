@@ -1,0 +1,97 @@
+"""sat-bench: every configuration gets a row with a status; the verdict compares the right rows."""
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+import benchmarks.configs
+import sat_export.build
+from benchmarks.cli import app
+from benchmarks.configs import CONFIGS
+from benchmarks.prepare import Int8Options, Recipe, reference_model
+from benchmarks.report import verdict
+from sat_export.console import console
+from training.shapes import make_shapes
+
+
+@pytest.fixture
+def shapes(tmp_path_factory):
+    return make_shapes(tmp_path_factory.mktemp("shapes"), 8, size=64) / "images"
+
+
+def test_quick_bench_has_a_row_with_a_status_for_every_configuration(tmp_path, tiny_ckpt, tiny_bundle, shapes,
+                                                                        monkeypatch):
+    def copy_graphs(model, out_dir, precision="fp32", opset=18):  # the tiny bundle's graphs: same model
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return {g: shutil.copy(tiny_bundle / f"{g}.onnx", out_dir / f"{g}.onnx") for g in ("encoder", "decoder_step")}
+
+    def broken(config, ckpt, bundle):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(sat_export.build, "export_onnx", copy_graphs)
+    monkeypatch.setitem(benchmarks.configs.LOADERS, "tensorrt", broken)
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, ["--quick", "--ckpt", str(tiny_ckpt), "--images", str(shapes), "--cache",
+                                      str(tmp_path / "cache"), "--json", str(out), "--plot", str(tmp_path / "b.png")])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    rows = {r["key"]: r for r in doc["rows"]}
+    assert list(rows) == [c.key for c in CONFIGS]
+    assert all(r["status"] for r in rows.values())
+    for key in ("torch-fp32", "torch-channels-last", "torch-bf16", "ort-fp32", "ort-int8"):
+        assert rows[key]["status"] == "ok", rows[key]
+        assert set(rows[key]["batches"]) == {"1", "4"}
+        assert len(rows[key]["batches"]["4"]["runs_ms"]) == 2
+        assert rows[key]["agreement_images"] == 8
+    assert rows["torch-fp32"]["agreement"] == 1.0 and rows["ort-fp32"]["agreement"] == 1.0
+    assert rows["torch-compile"]["status"].startswith("skipped: --quick")
+    if not doc["machine"]["gpu"]:
+        assert rows["trt-fp16"]["status"].startswith("unavailable")
+    assert doc["summary"]["batch"] == 4 and doc["images"]["n"] == 8
+    assert doc["libraries"]["onnxruntime"] and doc["model"]["source"] == "--ckpt"
+
+
+def test_a_configuration_that_fails_gets_its_error_and_the_others_go_on(tmp_path, tiny_ckpt, tiny_bundle, shapes,
+                                                                         monkeypatch):
+    from benchmarks.bench import BenchOptions, run_bench
+    from benchmarks.prepare import BenchModel
+
+    def broken(config, ckpt, bundle):
+        raise RuntimeError("boom")
+
+    monkeypatch.setitem(benchmarks.configs.LOADERS, "onnxruntime", broken)
+    model = BenchModel(tiny_ckpt, tiny_bundle, sorted(shapes.glob("*.jpg")))
+    result = run_bench(model, BenchOptions(batch_sizes=(2,), repeats=1, keys=("ort-fp32", "torch-channels-last")),
+                       console)
+    status = {r.config.key: r.status for r in result.rows}
+    assert status == {"torch-fp32": "ok", "torch-channels-last": "ok",
+                      "ort-fp32": "error while opening: RuntimeError: boom"}
+    assert all(len(r.timings[2]) == 1 for r in result.rows if r.ok)
+
+
+def _row(key, runtime, median, agreement):
+    return {"key": key, "runtime": runtime, "device": "cpu", "agreement": agreement, "bleu4": 0.5,
+            "batches": {"32": {"latency_ms": {"median": median}}}}
+
+
+def test_verdict_takes_the_fastest_faithful_configuration_and_the_fastest_torch_option():
+    rows = [_row("torch-fp32", "torch", 1000, 1.0), _row("torch-bf16", "torch", 400, 0.9),
+            _row("ort-fp32", "onnxruntime", 600, 1.0), _row("ort-int8", "onnxruntime", 200, 0.97),
+            _row("fast-but-wrong", "onnxruntime", 50, 0.5)]
+    v = verdict(rows, 32)
+    assert v["fastest_faithful"] == "ort-int8" and v["speedup_vs_eager"] == 5.0
+    assert v["best_torch"] == "torch-bf16" and v["speedup_vs_best_torch"] == 2.0
+    assert v["ort_fp32_speedup_vs_eager"] == 1.67 and v["ort_fp32_identical"]
+
+
+@pytest.mark.slow
+def test_reference_model_is_prepared_once_then_read_from_the_cache(tmp_path):
+    recipe = Recipe(backbone="mobilenet_v3_small_s16", image_size=64, n_train=24, n_calib=8, n_test=4, grid=4,
+                    phases=((72, 64, 1),), batch_size=12)
+    first = reference_model(recipe, Int8Options("minmax"), tmp_path, console)
+    assert first.info["training"]["phases"][0]["steps"] >= 1 and first.info["bundle_built_s"] is not None
+    assert len(first.images) == 4 and set(first.references) == {p.name for p in first.images}
+    second = reference_model(recipe, Int8Options("minmax"), tmp_path, console)
+    assert second.info["bundle_built_s"] is None
+    assert second.info["checkpoint_sha256"] == first.info["checkpoint_sha256"]
