@@ -1,0 +1,318 @@
+"""The training loop: AdamW, warm-up + cosine schedule, gradient clipping, doubly stochastic
+attention loss, bf16 autocast, validation loss and corpus BLEU every epoch, best/last checkpoints,
+early stopping and exact resume.
+
+With a frozen encoder (the default) grid features come from the on-disk feature cache
+(``training.features``) and only the decoder runs per step; ``finetune_encoder`` trains the
+backbone end to end from images. Resume is exact: epoch ``e``'s batches depend only on
+``(seed, e)`` (``EpochBatches``), and the checkpoint's ``train["resume"]`` holds the optimiser,
+scheduler and torch RNG state, so a run stopped after any step ends with the same weights as one
+that was never stopped.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from engines.decode import Caption, DecodeOptions, decode
+from sat_export.console import console
+from sat_export.errors import CheckpointError
+from sat_export.metrics import corpus_bleu
+from training.backbones import backbone_spec
+from training.checkpoint import load_checkpoint, save_checkpoint
+from training.config import PRESETS, PreprocessConfig
+from training.data import MAX_LEN, CaptionDataset, DatasetError, EpochBatches, ImageCaptions, ImageInputs, \
+    check_images, collate, load_captions
+from training.features import build_feature_cache
+from training.model import ShowAttendTell, caption_loss, make_model
+from training.vocab import Vocab
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a run; stored in its checkpoints (``train["config"]``) so it can resume."""
+
+    data: str  # captions file or folder (see training.data.load_captions)
+    out: str = "runs/train"
+    images: str | None = None
+    format: str = "auto"
+    backbone: str = "resnet101"
+    preset: str = "small"
+    grid: int = 14
+    resize: int = 256
+    crop: int = 224
+    attention: str = "tanh"
+    gate: bool = True
+    dropout: float = 0.5
+    pretrained: bool = False
+    pretrained_weights: str | None = None
+    finetune_encoder: bool = False
+    cache: bool = True  # frozen encoder: train from cached grid features
+    cache_dir: str = ".cache/features"
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 4e-4
+    encoder_lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup: float = 0.05  # share of all steps with a linear learning-rate warm-up
+    grad_clip: float = 5.0
+    alpha_c: float = 1.0
+    amp: bool = False
+    max_len: int = MAX_LEN
+    min_freq: int = 1
+    val_frac: float = 0.05
+    test_frac: float = 0.05
+    val_images: int = 500  # at most this many validation images are captioned for BLEU
+    patience: int = 5
+    seed: int = 0
+    max_steps: int | None = None  # stop (and save last.pth) after this many optimiser steps in all
+    threads: int | None = None  # torch intra-op threads (None: torch's default, one per core)
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "patience", "val_images", "min_freq", "max_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"warmup must be in [0, 1), got {self.warmup}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        backbone_spec(self.backbone)  # raises for an unknown backbone
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class Data:
+    """Items with readable images, the vocabulary, and the indices of each split."""
+
+    items: list[ImageCaptions]
+    vocab: Vocab
+    train: list[int]
+    val: list[int]
+
+
+def load_data(cfg: TrainConfig, vocab: Vocab | None = None) -> Data:
+    """Read, check and split the captions; build the vocabulary from train captions unless given."""
+    items = load_captions(cfg.data, cfg.images, cfg.format, cfg.max_len, cfg.val_frac, cfg.test_frac)
+    items, skipped = check_images(items)
+    if skipped:
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        report = Path(cfg.out) / "skipped_images.txt"
+        report.write_text("".join(f"{p}\t{why}\n" for p, why in skipped))
+        console.print(f"[yellow]skipped {len(skipped)} missing or unreadable images[/] "
+                      f"(first: {skipped[0][0]}: {skipped[0][1]}; all listed in {report})", highlight=False)
+    train = [i for i, it in enumerate(items) if it.split == "train"]
+    val = [i for i, it in enumerate(items) if it.split == "val"]
+    if not train or not val:
+        raise DatasetError(f"{cfg.data}: need train and val images, got {len(train)} and {len(val)}")
+    if vocab is None:
+        vocab = Vocab.build((c for i in train for c in items[i].captions), cfg.min_freq)
+    return Data(items, vocab, train, val)
+
+
+def new_model(cfg: TrainConfig, vocab_size: int, load_pretrained: bool = True) -> ShowAttendTell:
+    """The model ``cfg`` describes; ImageNet backbone weights only if asked and ``load_pretrained``."""
+    pretrained = (cfg.pretrained_weights or cfg.pretrained) if load_pretrained else False
+    return make_model(vocab_size, cfg.backbone, cfg.preset, pretrained, grid=cfg.grid, attention=cfg.attention,
+                      gate=cfg.gate, dropout=cfg.dropout, preprocess=PreprocessConfig(cfg.resize, cfg.crop))
+
+
+def set_mode(model: ShowAttendTell, training: bool, finetune_encoder: bool) -> None:
+    """Decoder in train/eval mode; a frozen backbone always in eval mode (fixed batch-norm statistics)."""
+    model.train(training)
+    model.backbone.train(training and finetune_encoder)
+
+
+def grid_features(model: ShowAttendTell, inputs: torch.Tensor, cached: bool) -> torch.Tensor:
+    """A batch of inputs -> ``(n_img, n_pix, enc_dim)``: cached features as they are, images encoded."""
+    return inputs if cached else model.grid_features(inputs)
+
+
+def caption_images(model: ShowAttendTell, inputs: torch.Tensor, cached: bool, vocab: Vocab,
+                   options: DecodeOptions) -> list[Caption]:
+    """Decode a batch of images (or cached grid features) with ``engines.decode``."""
+    with torch.inference_mode():
+        return decode(model.step, model.init_state(grid_features(model, inputs, cached)), vocab.special_ids(), options)
+
+
+def _warmup_cosine(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+class Trainer:
+    """One run: data, model, optimiser, schedule and the record of epochs."""
+
+    def __init__(self, cfg: TrainConfig, resume: dict | None = None, vocab: Vocab | None = None,
+                 state_dict: dict | None = None):
+        self.cfg, self.out = cfg, Path(cfg.out)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        self.data = load_data(cfg, vocab)
+        self.model = new_model(cfg, len(self.data.vocab), load_pretrained=state_dict is None)
+        if state_dict is not None:
+            self.model.load_state_dict(state_dict)
+        self.model.backbone.requires_grad_(cfg.finetune_encoder)
+        self.cached = cfg.cache and not cfg.finetune_encoder
+        paths = [it.path for it in self.data.items]
+        inputs = (self._feature_cache(paths) if self.cached else ImageInputs(paths, self.model.config.preprocess))
+        self.dataset = CaptionDataset(self.data.items, self.data.vocab, inputs)
+        decoder = [p for n, p in self.model.named_parameters() if not n.startswith("backbone.")]
+        groups = [{"params": decoder, "lr": cfg.lr}]
+        if cfg.finetune_encoder:
+            groups.append({"params": list(self.model.backbone.parameters()), "lr": cfg.encoder_lr})
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        self.steps_per_epoch = len(EpochBatches(self.data.train, [], cfg.batch_size))
+        total = cfg.epochs * self.steps_per_epoch
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, functools.partial(_warmup_cosine, warmup=int(cfg.warmup * total), total=total))
+        self.epoch, self.step, self.step_in_epoch, self.history = 0, 0, 0, []
+        self.best, self.bad_epochs, self.running = None, 0, float("nan")  # running: smoothed train nll
+        if resume is not None:
+            self._restore(resume)
+
+    def _feature_cache(self, paths):
+        with _progress() as bar:
+            task = bar.add_task("features", total=len(paths), epoch="cache", loss=float("nan"), bleu4="")
+            return build_feature_cache(self.model, paths, self.cfg.cache_dir, self.cfg.batch_size,
+                                       lambda done: bar.update(task, completed=done))
+
+    def _restore(self, train: dict) -> None:
+        state = train["resume"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        self.epoch, self.step, self.step_in_epoch = train["epoch"], train["step"], train["step_in_epoch"]
+        self.history, self.best, self.bad_epochs = train["history"], train["best"], train["bad_epochs"]
+        self.running = train["running"]
+
+    def loader(self, images: list[int], shuffle: bool, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Collated batches of the current epoch; draws nothing from the global RNG (exact resume)."""
+        n_captions = [len(it.captions) for it in self.data.items]
+        for keys in EpochBatches(images, n_captions, self.cfg.batch_size, shuffle, self.cfg.seed, self.epoch, skip):
+            yield collate([self.dataset[k] for k in keys], self.data.vocab.pad)
+
+    def loss(self, inputs: torch.Tensor, captions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(total, nll)`` of one batch, bf16 autocast for the forward when ``amp``."""
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.amp):
+            logprobs, alphas = self.model.decode_teacher_forced(grid_features(self.model, inputs, self.cached), captions)
+        return caption_loss(logprobs.float(), alphas.float(), captions, self.data.vocab.pad, self.cfg.alpha_c)
+
+    def fit(self) -> dict:
+        """Train until ``epochs``, early stopping or ``max_steps``; returns the last epoch's record."""
+        cfg = self.cfg
+        with _progress() as bar:
+            task = bar.add_task("train", total=self.steps_per_epoch, epoch="", loss=float("nan"), bleu4="")
+            while self.epoch < cfg.epochs:
+                last_bleu = f"val BLEU-4 {self.history[-1]['bleu4']:.3f}" if self.history else ""
+                bar.reset(task, completed=self.step_in_epoch, epoch=f"{self.epoch + 1}/{cfg.epochs}",
+                          loss=self.running, bleu4=last_bleu)
+                if not self._train_epoch(bar, task):
+                    self.save("last.pth")
+                    return {"epoch": self.epoch, "step": self.step, "stopped": "max_steps"}
+                self._end_epoch()
+                if self.bad_epochs >= cfg.patience or (cfg.max_steps is not None and self.step >= cfg.max_steps):
+                    break
+        return self.history[-1]
+
+    def _train_epoch(self, bar: Progress, task) -> bool:
+        """Run the rest of the current epoch; False when ``max_steps`` interrupted it."""
+        set_mode(self.model, True, self.cfg.finetune_encoder)
+        for inputs, captions in self.loader(self.data.train, shuffle=True, skip=self.step_in_epoch):
+            total, nll = self.loss(inputs, captions)
+            self.optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.step, self.step_in_epoch = self.step + 1, self.step_in_epoch + 1
+            self.running = nll.item() if self.step_in_epoch == 1 else 0.95 * self.running + 0.05 * nll.item()
+            bar.update(task, completed=self.step_in_epoch, loss=self.running)
+            if self.cfg.max_steps is not None and self.step >= self.cfg.max_steps \
+                    and self.step_in_epoch < self.steps_per_epoch:
+                return False
+        return True
+
+    def _end_epoch(self) -> dict:
+        started = time.perf_counter()
+        metrics = self.validate()
+        self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        score = [round(metrics["bleu4"], 4), -metrics["val_loss"]]
+        improved = self.best is None or score > self.best["score"]
+        record = {"epoch": self.epoch, "step": self.step, "train_nll": self.running, **metrics,
+                  "lr": self.scheduler.get_last_lr()[0], "val_seconds": round(time.perf_counter() - started, 2)}
+        self.history.append(record)
+        if improved:
+            self.best, self.bad_epochs = {"epoch": self.epoch, "score": score, **metrics}, 0
+            self.save("best.pth")
+        else:
+            self.bad_epochs += 1
+        self.save("last.pth")
+        with open(self.out / "history.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        console.print(f"epoch {self.epoch}: train nll {self.running:.3f}  val loss {metrics['val_loss']:.3f}  "
+                      f"BLEU-1..4 {metrics['bleu1']:.3f} {metrics['bleu2']:.3f} {metrics['bleu3']:.3f} "
+                      f"{metrics['bleu4']:.3f}{'  (best)' if improved else ''}", highlight=False)
+        return record
+
+    def validate(self) -> dict:
+        """Teacher-forced validation loss (caption 0 of each image) and greedy corpus BLEU-1..4."""
+        set_mode(self.model, False, self.cfg.finetune_encoder)
+        losses, refs, hyps = [], [], []
+        bleu_images = set(self.data.val[: self.cfg.val_images])
+        options = DecodeOptions(beam=1, max_len=self.cfg.max_len + 1)
+        vocab, keys = self.data.vocab, iter(self.data.val)
+        with torch.inference_mode():
+            for inputs, captions in self.loader(self.data.val, shuffle=False):
+                losses.append((self.loss(inputs, captions)[0].item(), len(captions)))
+                batch = [next(keys) for _ in range(len(captions))]
+                rows = [k for k, i in enumerate(batch) if i in bleu_images]
+                if rows:
+                    for i, cap in zip([batch[k] for k in rows],
+                                      caption_images(self.model, inputs[rows], self.cached, vocab, options)):
+                        hyps.append(vocab.decode(cap.tokens))
+                        refs.append(self.data.items[i].captions)
+        val_loss = sum(loss * n for loss, n in losses) / sum(n for _, n in losses)
+        return {"val_loss": val_loss, **corpus_bleu(refs, hyps)}
+
+    def save(self, name: str) -> Path:
+        train = {"epoch": self.epoch, "step": self.step, "step_in_epoch": self.step_in_epoch,
+                 "history": self.history, "best": self.best, "bad_epochs": self.bad_epochs, "running": self.running,
+                 "config": asdict(self.cfg)}
+        if name == "last.pth":
+            train["resume"] = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                               "rng": torch.get_rng_state()}
+        return save_checkpoint(self.out / name, self.model, self.data.vocab, train)
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("[bold]{task.description} {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("nll {task.fields[loss]:.3f}"), TextColumn("{task.fields[bleu4]}"),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train a new model with ``cfg``; checkpoints go to ``cfg.out`` (``best.pth``, ``last.pth``)."""
+    return Trainer(cfg).fit()
+
+
+def resume(ckpt: str | Path, max_steps: int | None = None) -> dict:
+    """Continue the run saved in ``ckpt`` (a ``last.pth``) exactly where it stopped."""
+    ck = load_checkpoint(ckpt)
+    if "resume" not in ck.train or "config" not in ck.train:
+        raise CheckpointError(f"{ckpt}: no training state to resume from (resume from a run's last.pth)")
+    cfg = replace(TrainConfig.from_dict(ck.train["config"]), max_steps=max_steps)
+    return Trainer(cfg, ck.train, ck.vocab, ck.state_dict).fit()
