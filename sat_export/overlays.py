@@ -6,10 +6,8 @@ colour of zero attention. Used by ``sat-eval --html`` and ``sat-infer --overlays
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from sat_export.metrics import crop_window
 from training.config import PreprocessConfig
@@ -29,7 +27,8 @@ def overlay(image: Image.Image, alpha: np.ndarray, preprocess: PreprocessConfig,
 
     Parameters
     ----------
-    image : the original RGB image (any size; the crop window is computed from it).
+    image : the original RGB image, or a copy scaled with its aspect ratio kept (the crop window is
+        computed from its size).
     alpha : ``(g, g)`` or ``(g*g,)`` attention weights. The colour scale runs from 0 to the map's
         peak, but at least ``FLAT_PEAK`` times the uniform weight: a flat map stays cool, not red.
     preprocess : the model's resize/crop settings, to place the grid on the image.
@@ -45,7 +44,10 @@ def overlay(image: Image.Image, alpha: np.ndarray, preprocess: PreprocessConfig,
     if grid * grid != a.size:
         raise ValueError(f"alpha has {a.size} values, not a square grid")
     window = crop_window(image.size, preprocess)
-    image, scale = _fit(image, max_side)
+    scale = min(1.0, max_side / max(image.size)) if max_side else 1.0
+    if scale < 1.0:
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                             Image.Resampling.BILINEAR)
     x0, y0, x1, y1 = (v * scale for v in window)
     left, top = round(x0), round(y0)
     w, h = max(1, round(x1) - left), max(1, round(y1) - top)
@@ -56,34 +58,3 @@ def overlay(image: Image.Image, alpha: np.ndarray, preprocess: PreprocessConfig,
     rgb = np.asarray(image.convert("RGB"), np.float32) / 255.0  # (h, w, 3)
     blended = (1.0 - opacity) * rgb + opacity * heat_colours(heat)
     return Image.fromarray(np.rint(blended * 255.0).astype(np.uint8))
-
-
-def _fit(image: Image.Image, max_side: int | None) -> tuple[Image.Image, float]:
-    """Shrink so the longer side is at most ``max_side``; returns the image and the scale applied."""
-    scale = min(1.0, max_side / max(image.size)) if max_side else 1.0
-    if scale < 1.0:
-        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                             Image.Resampling.BILINEAR)
-    return image, scale
-
-
-def attention_strip(image: Image.Image, alphas: np.ndarray, words: Sequence[str],
-                    preprocess: PreprocessConfig, panel: int = 160) -> Image.Image:
-    """The image followed by one labelled overlay per word, side by side: one PNG per caption.
-
-    ``alphas`` is ``(T, g, g)`` or ``(T, g*g)`` for the ``T`` words; each panel's longer side is ``panel``.
-    """
-    if len(alphas) != len(words):
-        raise ValueError(f"alphas have {len(alphas)} steps for {len(words)} words")
-    font = ImageFont.load_default(size=max(10, panel // 10))
-    label_h = font.size + 8
-    first = _fit(image.convert("RGB"), panel)[0]
-    panels = [("(image)", first)] + [(word, overlay(image, a, preprocess, max_side=panel))
-                                     for word, a in zip(words, alphas)]
-    pw, ph = first.size
-    strip = Image.new("RGB", (len(panels) * (pw + 4), ph + label_h), "white")
-    draw = ImageDraw.Draw(strip)
-    for i, (word, img) in enumerate(panels):
-        strip.paste(img, (i * (pw + 4), 0))
-        draw.text((i * (pw + 4) + pw / 2, ph + 4), word, fill="black", font=font, anchor="ma")
-    return strip

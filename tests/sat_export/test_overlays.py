@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sat_export.overlays import attention_strip, heat_colours, overlay
+from sat_export.overlays import heat_colours, overlay
 from training.config import PreprocessConfig
 
 CFG = PreprocessConfig(resize=64, crop=64)
@@ -44,11 +44,3 @@ def test_overlay_accepts_flattened_alphas_and_shrinks():
     assert np.asarray(small).shape == np.asarray(overlay(img, a.reshape(4, 4), CFG, max_side=100)).shape
     with pytest.raises(ValueError, match="not a square grid"):
         overlay(img, np.ones(15), CFG)
-
-
-def test_attention_strip_has_one_panel_per_word_plus_the_image():
-    img = Image.new("RGB", (64, 64), "grey")
-    strip = attention_strip(img, np.full((3, 4, 4), 1 / 16), ["a", "red", "circle"], CFG, panel=50)
-    assert strip.width == 4 * (50 + 4) and strip.height > 50
-    with pytest.raises(ValueError, match="2 steps for 3 words"):
-        attention_strip(img, np.zeros((2, 16)), ["a", "red", "circle"], CFG)
