@@ -102,6 +102,15 @@ def mixed_folder(tmp_path, monkeypatch) -> Path:
     return root
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """As ``sat-infer`` runs beside its readers on 2 cores (``open_engine`` sets it); the session's comes back."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def backend(tiny_ckpt):
     with TorchBackend.from_checkpoint(tiny_ckpt) as engine:
@@ -244,7 +253,7 @@ def test_kill_9_mid_run_then_rerun_gives_exactly_one_valid_row_per_image(tmp_pat
     names = write_images(tmp_path / "in", 300)
     out = tmp_path / "c.jsonl"
     cmd = [sys.executable, "-m", "sat_export.infer_cli", str(tmp_path / "in"), "--out", str(out),
-           "--model", str(tiny_ckpt), "--backend", "torch", "--batch-size", "2", "--beam", "2",
+           "--model", str(tiny_ckpt), "--backend", "torch", "--batch-size", "4",
            "--alphas", str(tmp_path / "alphas")]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
