@@ -157,15 +157,15 @@ def read_item(item: InputItem, cfg: PreprocessConfig, max_pixels: int = DEFAULT_
     if item.error is not None:
         return Loaded(item, None, item.error)
     try:
-        mode = item.path.stat().st_mode
-        if stat.S_ISDIR(mode):
+        info = item.path.stat()
+        if stat.S_ISDIR(info.st_mode):
             raise ImageDecodeError("is a directory, not an image file")
-        if not stat.S_ISREG(mode):  # a FIFO or device would block or never end
+        if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block or never end
             raise ImageDecodeError("not a regular file")
-        data = item.path.read_bytes()
-        if not data:
+        if info.st_size == 0:
             raise ImageDecodeError("empty file (0 bytes)")
-        image = load_rgb(data, max_pixels)
+        with item.path.open("rb") as f:  # opened here so a permission error reads as one; Pillow reads lazily
+            image = load_rgb(f, max_pixels)
         pixels = preprocess(image, cfg)
         if thumbnail is None:
             return Loaded(item, pixels, None)

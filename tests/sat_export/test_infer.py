@@ -40,6 +40,7 @@ BAD = {  # file name -> its row's error (a regular expression)
     "bomb.png": r"image has 400x400 = 160000 pixels, over the limit of 40000",
     "locked.jpg": r"cannot read file: Permission denied",
     "folder.jpg": r"is a directory, not an image file",
+    "pipe.jpg": r"not a regular file",  # reading a FIFO would block the run forever
 }
 
 
@@ -74,14 +75,14 @@ def deny_reading(path: Path, monkeypatch) -> None:
     """chmod 000; as root (CI) permission bits do not apply, so the kernel's answer is simulated."""
     path.chmod(0)
     if os.geteuid() == 0:
-        real = Path.read_bytes
+        real = Path.open
 
-        def read_bytes(self):
+        def open_(self, *args, **kwargs):
             if self == path:
                 raise PermissionError(13, "Permission denied", str(path))
-            return real(self)
+            return real(self, *args, **kwargs)
 
-        monkeypatch.setattr(Path, "read_bytes", read_bytes)
+        monkeypatch.setattr(Path, "open", open_)
 
 
 @pytest.fixture
@@ -98,6 +99,7 @@ def mixed_folder(tmp_path, monkeypatch) -> Path:
     (root / "locked.jpg").write_bytes(encoded(image(), "JPEG"))
     deny_reading(root / "locked.jpg", monkeypatch)
     (root / "folder.jpg").mkdir()
+    os.mkfifo(root / "pipe.jpg")
     (root / "readme.md").write_text("not listed: not named like an image")
     return root
 
