@@ -54,7 +54,7 @@ def main(
     if work.todo:
         with open_engine(model, backend, workers, threads) as engine, Progress(
                 TextColumn("captioning"), BarColumn(), MofNCompleteColumn(), ImagesPerSecond(), TimeRemainingColumn(),
-                console=console, transient=True) as progress:
+                console=console, transient=True, disable=not console.is_terminal) as progress:
             task = progress.add_task("captioning", total=len(work.todo))
             summary = run(engine, work, options, on_rows=lambda n: progress.advance(task, n))
     else:
