@@ -1,7 +1,6 @@
 """``sat-infer``: caption folders, lists or files of images into a JSONL file (resumable)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import typer
@@ -10,6 +9,7 @@ from rich.text import Text
 
 from engines import BACKEND_NAMES
 from engines.decode import DecodeOptions
+from engines.ort import usable_cores
 from sat_export.console import console, user_errors
 from sat_export.errors import SatError
 from sat_export.images import DEFAULT_MAX_PIXELS
@@ -35,7 +35,7 @@ def main(
     batch_size: int = typer.Option(16, min=1, help="Images per model call."),
     beam: int = typer.Option(1, min=1, help="Beam width (1 is greedy)."),
     max_len: int = typer.Option(20, min=1, help="Most words per caption."),
-    workers: int = typer.Option(min(4, os.cpu_count() or 1), min=1, help="Threads decoding images ahead of the model."),
+    workers: int = typer.Option(min(4, usable_cores()), min=1, help="Threads decoding images ahead of the model."),
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, min=1, help="Larger images are error rows (decompression bombs)."),
     threads: int = typer.Option(None, min=1, help="Inference threads [default: cores left by --workers, at least 1]."),
     alphas: Path = typer.Option(None, help="Write each image's attention (T, grid, grid) to DIR/<image>.npz."),
