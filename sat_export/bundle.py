@@ -20,7 +20,7 @@ import torch
 
 import sat_export
 from sat_export.contract import BUNDLE_FORMAT, BUNDLE_VERSION, DECODER_STEP, ENCODER, GRAPHS, MANIFEST_FILE
-from sat_export.errors import BundleError, CheckpointError, ShapeError
+from sat_export.errors import BackendUnavailable, BundleError, CheckpointError, ShapeError
 from sat_export.export import check_graph_io
 from training.config import ModelConfig
 from training.vocab import Vocab
@@ -48,15 +48,17 @@ class Bundle:
         """``(encoder, decoder_step)`` ONNX paths of ``precision`` (fp32, fp16 or int8)."""
         graphs = self.manifest["precisions"].get(precision)
         if graphs is None:
-            raise BundleError(f"{self.dir}: no {precision} graphs in this bundle (it has {', '.join(self.precisions)}); "
-                              f"rebuild with `sat-export build --{'int8-encoder' if precision == 'int8' else precision}`")
+            flag = "int8-encoder --calib DIR" if precision == "int8" else precision
+            raise BundleError(f"{self.dir}: no {precision} graphs in this bundle (it has "
+                              f"{', '.join(self.precisions)}); rebuild with `sat-export build --{flag}`")
         return self.dir / graphs[ENCODER.name], self.dir / graphs[DECODER_STEP.name]
 
     def engine_paths(self) -> tuple[Path, Path, dict]:
         """``(encoder.plan, decoder_step.plan, built_with)``; ``built_with`` has ``tensorrt`` and ``gpu``."""
         trt = self.manifest.get("tensorrt")
         if not trt:
-            raise BundleError(f"{self.dir}: no TensorRT engines in this bundle; build them with `sat-export build --trt`")
+            raise BundleError(f"{self.dir}: no TensorRT engines in this bundle; build them with "
+                              "`sat-export build --trt`")
         return self.dir / trt["files"][ENCODER.name], self.dir / trt["files"][DECODER_STEP.name], trt
 
 
@@ -88,10 +90,11 @@ def io_table(config: ModelConfig) -> dict:
 def new_manifest(config: ModelConfig, vocab: Vocab, opset: int) -> dict:
     """A manifest body for a model; ``precisions``, ``parity`` and ``files`` are filled by the build."""
     cfg = config.to_dict()
-    return {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "model": cfg, "vocab": {"itos": list(vocab.itos)}, "special_ids": vocab.special_ids(),
-            "preprocess": cfg["preprocess"], "opset": opset, "graphs": io_table(config), "precisions": {},
-            "parity": {}, "tools": tool_versions(), "files": {}, DIGEST_KEY: ""}
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "created": created, "model": cfg,
+            "vocab": {"itos": list(vocab.itos)}, "special_ids": vocab.special_ids(), "preprocess": cfg["preprocess"],
+            "opset": opset, "graphs": io_table(config), "precisions": {}, "parity": {}, "tools": tool_versions(),
+            "files": {}, DIGEST_KEY: ""}
 
 
 def referenced_files(manifest: dict) -> list[str]:
@@ -141,7 +144,8 @@ def read_manifest(bundle_dir: str | Path) -> dict:
         if not isinstance(manifest.get(key), kind):
             raise BundleError(f"{path}: manifest field {key!r} is missing or not a {kind.__name__}")
     if manifest["version"] > BUNDLE_VERSION:
-        raise BundleError(f"{path}: bundle version {manifest['version']} is newer than this tool reads ({BUNDLE_VERSION})")
+        raise BundleError(f"{path}: bundle version {manifest['version']} is newer than this tool reads "
+                          f"({BUNDLE_VERSION})")
     if manifest[DIGEST_KEY] != _digest(manifest) or _render(manifest) != raw:
         raise BundleError(f"{path}: manifest was modified after it was written (its sha256 or layout does not match)")
     return manifest
@@ -235,7 +239,6 @@ def _smoke(ort, images, bundle: Bundle, encoder: Path, decoder: Path) -> None:
 
 
 def _check_engines(bundle: Bundle) -> str:
-    from sat_export.errors import BackendUnavailable
     from sat_export.tensorrt_build import check_engines
 
     try:

@@ -88,7 +88,8 @@ def build_model(config: ModelConfig, sd: dict[str, Tensor], source: Path) -> Sho
         model.load_state_dict(sd, strict=True)
     except RuntimeError as err:
         first = next((ln.strip() for ln in str(err).splitlines()[1:] if ln.strip()), str(err))
-        raise CheckpointError(f"{source}: weights do not fit the inferred {config.backbone} model ({first[:300]})") from None
+        raise CheckpointError(
+            f"{source}: weights do not fit the inferred {config.backbone} model ({first[:300]})") from None
     return model.eval()
 
 
@@ -140,7 +141,8 @@ def import_seed(src: str | Path, captions: str | Path, out: str | Path, freq_thr
     if itos is None:
         sizes = ", ".join(f"{t}: {len(seed_vocab(texts, t))}" for t in list(thresholds)[:5])
         raise CheckpointError(f"{captions}: vocabulary sizes by --freq-threshold ({sizes}...) never match the "
-                              f"checkpoint's {config.vocab_size} embedding rows: is this the captions file it was trained on?")
+                              f"checkpoint's {config.vocab_size} embedding rows: is this the captions file it was "
+                              "trained on?")
     model = build_model(config, sd, src)
     return save_checkpoint(out, model, Vocab(itos), {"imported_from": "seed", "source": str(src)})
 
@@ -177,7 +179,8 @@ def load_sgrvinod(src: str | Path, trust_pickle: bool = False) -> dict:
     except Exception as err:  # noqa: BLE001 - unpickling garbage raises arbitrary types
         raise CheckpointError(f"{src}: cannot unpickle ({type(err).__name__}: {str(err)[:160]})") from None
     if not isinstance(ckpt, dict) or not all(isinstance(ckpt.get(k), nn.Module) for k in ("encoder", "decoder")):
-        raise CheckpointError(f"{src}: not an sgrvinod checkpoint (expected a dict with 'encoder' and 'decoder' modules)")
+        raise CheckpointError(
+            f"{src}: not an sgrvinod checkpoint (expected a dict with 'encoder' and 'decoder' modules)")
     return ckpt
 
 
@@ -189,7 +192,8 @@ def sgrvinod_vocab(wordmap: str | Path, vocab_size: int) -> tuple[list[str], lis
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{wordmap}: cannot read the word map ({err})") from None
     if not isinstance(word_map, dict) or sorted(word_map.values()) != list(range(vocab_size)):
-        raise CheckpointError(f"{wordmap}: word ids are not 0..{vocab_size - 1} (the checkpoint has {vocab_size} words)")
+        raise CheckpointError(
+            f"{wordmap}: word ids are not 0..{vocab_size - 1} (the checkpoint has {vocab_size} words)")
     missing = [s for s in SPECIALS if s not in word_map]
     if missing:
         raise CheckpointError(f"{wordmap}: word map lacks {missing}")

@@ -171,8 +171,9 @@ def sgrvinod_files(tmp_path_factory):
     (tmp / "WORDMAP_tiny.json").write_text(json.dumps(word_map))
     torch.manual_seed(0)
     encoder, decoder = Encoder(), _perturb(DecoderWithAttention(20, 24, 28, len(word_map)))
-    sys.modules["models"] = types.ModuleType("models")  # importable while saving only, like sgrvinod's repo
-    sys.modules["models"].__dict__.update(Encoder=Encoder, Attention=Attention, DecoderWithAttention=DecoderWithAttention)
+    models = types.ModuleType("models")  # importable while saving only, as in sgrvinod's repository
+    models.Encoder, models.Attention, models.DecoderWithAttention = Encoder, Attention, DecoderWithAttention
+    sys.modules["models"] = models
     try:
         torch.save({"epoch": 7, "bleu-4": 0.21, "encoder": encoder.eval(), "decoder": decoder,
                     "encoder_optimizer": None, "decoder_optimizer": torch.optim.Adam(decoder.parameters())},
@@ -246,7 +247,8 @@ def test_sgrvinod_checkpoint_needs_trust_pickle_and_cli_says_so_in_one_line(tmp_
 
 def test_seed_import_via_cli_and_wrong_layout_is_refused(tmp_path, seed_files, sgrvinod_files):
     _, pth, captions = seed_files
-    result = CliRunner().invoke(app, ["import", str(pth), "--captions", str(captions), "--out", str(tmp_path / "s.pth")])
+    out = tmp_path / "s.pth"
+    result = CliRunner().invoke(app, ["import", str(pth), "--captions", str(captions), "--out", str(out)])
     assert result.exit_code == 0, result.output
     result = CliRunner().invoke(app, ["import", str(sgrvinod_files[2]), "--captions", str(captions),
                                       "--out", str(tmp_path / "t.pth")])

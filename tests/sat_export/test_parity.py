@@ -14,7 +14,7 @@ from tests.conftest import tiny_model
 from training.checkpoint import save_checkpoint
 
 
-def test_compare_eager_vs_onnxruntime_report_in_manifest_is_within_fp32_tolerance(tiny_bundle):
+def test_compare_eager_vs_onnxruntime_manifest_report_within_fp32_tolerance(tiny_bundle):
     report = json.loads((tiny_bundle / MANIFEST_FILE).read_text())["parity"]["fp32"]
     assert report["passed"] and report["batches"] == [1, 8] and report["inputs"] == ["image-like", "random"]
     assert {(o["graph"], o["output"]) for o in report["outputs"]} == {

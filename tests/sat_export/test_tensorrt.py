@@ -59,7 +59,8 @@ def bundle_with_engines(tmp_path, tiny_bundle):
     ("10.13.1", "NVIDIA H100 80GB HBM3", "encoder.plan: engine built with TensorRT 10.9.0, this is TensorRT 10.13.1"),
     ("10.9.0", "NVIDIA L4", "encoder.plan: engine built on NVIDIA H100 80GB HBM3, this GPU is NVIDIA L4"),
 ])
-def test_engines_from_another_tensorrt_version_or_gpu_are_refused(monkeypatch, bundle_with_engines, version, gpu, error):
+def test_engines_from_another_tensorrt_version_or_gpu_are_refused(monkeypatch, bundle_with_engines, version, gpu,
+                                                                  error):
     monkeypatch.setattr(tb, "import_tensorrt", lambda: types.SimpleNamespace(__version__=version))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: gpu)
