@@ -16,6 +16,7 @@ from sat_export.bundle import new_manifest, write_manifest
 from sat_export.contract import DECODER_STEP, DEFAULT_OPSET, ENCODER
 from sat_export.export import export_onnx
 from sat_export.parity import print_report, raise_if_failed, verify
+from sat_export.quantize_search import DEFAULT_TARGET
 from sat_export.tensorrt_build import DEFAULT_PROFILE
 from training.checkpoint import load_checkpoint
 from training.model import ShowAttendTell
@@ -32,6 +33,8 @@ class BuildOptions:
     trt: bool = False
     trt_profile: tuple[int, int, int] = DEFAULT_PROFILE
     verify: bool = True
+    int8_method: str = "minmax"  # calibration: minmax, percentile or entropy
+    int8_target: float = DEFAULT_TARGET  # held-back caption agreement the int8 encoder must keep
 
 
 def build_bundle(ckpt_path: str | Path, out_dir: str | Path, options: BuildOptions = BuildOptions(),
@@ -55,10 +58,12 @@ def build_bundle(ckpt_path: str | Path, out_dir: str | Path, options: BuildOptio
         manifest["precisions"][precision] = {name: p.name for name, p in paths.items()}
         _gate(model, ckpt.vocab, out_dir, manifest, precision, options.verify, console)
     if options.int8_calib is not None:
-        from sat_export.quantize import quantize_encoder
+        from sat_export.quantize_search import search_int8_encoder
 
         start = time.perf_counter()
-        int8 = quantize_encoder(out_dir, options.int8_calib)
+        search = search_int8_encoder(out_dir, options.int8_calib, options.int8_method, options.int8_target,
+                                     console=console)
+        int8, manifest["int8"] = search.path, search.to_dict()
         console.print(f"quantised {int8.name} ({_mb(int8)}) in {time.perf_counter() - start:.1f} s", highlight=False)
         manifest["precisions"]["int8"] = {ENCODER.name: int8.name, DECODER_STEP.name: paths[DECODER_STEP.name].name}
         _gate(model, ckpt.vocab, out_dir, manifest, "int8", options.verify, console)

@@ -77,7 +77,6 @@ def quantize_encoder(bundle_dir: str | Path, calib_images: str | Path | Sequence
     limit : use at most this many images (sorted by path) for calibration.
     out : output path; ``encoder.int8.onnx`` in the bundle by default.
     """
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if method not in METHODS:
@@ -95,8 +94,27 @@ def quantize_encoder(bundle_dir: str | Path, calib_images: str | Path | Sequence
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "encoder.pre.onnx"
         quant_pre_process(str(encoder), str(prepared))
-        quantize_static(str(prepared), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=getattr(CalibrationMethod, {"minmax": "MinMax", "entropy": "Entropy",
-                                                                     "percentile": "Percentile"}[method]))
+        quantize_prepared(prepared, out, reader, method)
     return out
+
+
+def quantize_prepared(prepared: Path, out: Path, reader, method: str, nodes_to_exclude: Sequence[str] = (),
+                      ranges: Path | None = None) -> None:
+    """Static QDQ quantisation of a pre-processed graph: per-channel int8 weights, uint8 activations.
+
+    uint8 activations with int8 weights is onnxruntime's choice for x86 CPUs with VNNI (their
+    product is one VPDPBUSD); int8 activations measured 2x slower there. ``ranges``: a
+    calibration cache file, written on the first call and reused (``reader`` unused) afterwards.
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    calibrate = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                 "percentile": CalibrationMethod.Percentile}[method]
+    cached = ranges is not None and ranges.is_file()
+    try:
+        quantize_static(str(prepared), str(out), None if cached else reader, quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=list(nodes_to_exclude), calibrate_method=calibrate,
+                        calibration_cache_path=None if ranges is None else str(ranges))
+    except ValueError as err:  # onnxruntime's histogram collector cannot bin a near-constant tensor
+        raise BundleError(f"int8 calibration ({method}) failed: {err}; try another calibration method") from None

@@ -35,12 +35,11 @@ from sat_export.contract import ENCODER
 from sat_export.errors import BundleError
 from sat_export.export import graph_file
 from sat_export.images import ImageDecodeError, load_image
-from sat_export.quantize import METHODS, ImageCalibrationReader, calibration_files
+from sat_export.quantize import METHODS, ImageCalibrationReader, calibration_files, quantize_prepared
 
 DEFAULT_TARGET = 0.97
 HOLD_BACK = 4  # every 4th calibration image is held back to measure agreement
 MAX_EXCLUDED = 16  # groups; the search stops there even below the target
-WEIGHT_OPS = {"Conv", "MatMul", "Gemm"}  # a group without one of these has nothing worth excluding
 N_ERROR_IMAGES = 8  # held-back images used to rank groups by error (intermediate tensors are large)
 
 
@@ -200,17 +199,12 @@ def _run_with_outputs(model: onnx.ModelProto, names: list[str], feeds: dict) -> 
     return session.run(names, feeds)
 
 
-def _quantize(prepared: Path, out: Path, reader, method: str, ranges: Path, exclude: list[str]) -> None:
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    calibrate = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                 "percentile": CalibrationMethod.Percentile}[method]
-    try:
-        quantize_static(str(prepared), str(out), None if ranges.is_file() else reader, quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        nodes_to_exclude=exclude, calibrate_method=calibrate, calibration_cache_path=str(ranges))
-    except ValueError as err:  # onnxruntime's histogram collector cannot bin a near-constant tensor
-        raise BundleError(f"int8 calibration ({method}) failed: {err}; try another --calib-method") from None
+def _name_nodes(path: Path, model: onnx.ModelProto) -> onnx.ModelProto:
+    """Name the nodes pre-processing left unnamed (so they can be excluded) and save ``model`` to ``path``."""
+    for i, node in enumerate(model.graph.node):
+        node.name = node.name or f"{node.op_type}_pre_{i}"
+    onnx.save(model, str(path))
+    return model
 
 
 def search_int8_encoder(bundle_dir: str | Path, calib_images: str | Path | Sequence[str | Path],
@@ -250,20 +244,17 @@ def search_int8_encoder(bundle_dir: str | Path, calib_images: str | Path | Seque
     with tempfile.TemporaryDirectory() as tmp:
         prepared, ranges = Path(tmp) / "encoder.pre.onnx", Path(tmp) / "ranges.json"
         quant_pre_process(str(held.encoder), str(prepared))
-        prepared_model = onnx.load(str(prepared))
-        groups = node_groups(onnx.load(str(held.encoder)), prepared_model)
-        op_type = {n.name: n.op_type for n in prepared_model.graph.node}
-        candidates = [g for g, nodes in groups.items() if any(op_type[n] in WEIGHT_OPS for n in nodes)]
+        groups = node_groups(onnx.load(str(held.encoder)), _name_nodes(prepared, onnx.load(str(prepared))))
         excluded: list[str] = []
         steps: list[SearchStep] = []
         while True:
-            _quantize(prepared, out, reader, method, ranges, [n for g in excluded for n in groups[g]])
+            quantize_prepared(prepared, out, reader, method, [n for g in excluded for n in groups[g]], ranges)
             agreement, rel = held.score(out)
             steps.append(SearchStep(excluded[-1] if excluded else None, agreement, rel))
             console.print(f"int8 ({method}) {'all quantised' if not excluded else 'fp32: ' + ', '.join(excluded)}: "
                           f"agreement {agreement:.1%} on {len(held.captions)} held-back images, "
                           f"features rel L2 {rel:.3f}", highlight=False, soft_wrap=True)
-            left = [g for g in candidates if g not in excluded]
+            left = [g for g in groups if g not in excluded]
             if agreement >= target or len(excluded) >= MAX_EXCLUDED or not left:
                 break
             errors = group_errors(prepared, out, groups, held.images[:N_ERROR_IMAGES])
@@ -271,7 +262,7 @@ def search_int8_encoder(bundle_dir: str | Path, calib_images: str | Path | Seque
         best = max(range(len(steps)), key=lambda i: (steps[i].agreement, -i))
         if best != len(steps) - 1:  # the last step was not the best: quantise the best again
             excluded = excluded[:best]
-            _quantize(prepared, out, reader, method, ranges, [n for g in excluded for n in groups[g]])
+            quantize_prepared(prepared, out, reader, method, [n for g in excluded for n in groups[g]], ranges)
     return Int8Search(out, method, target, len(calib), len(held.captions), steps[best].agreement, excluded,
                       [n for g in excluded for n in groups[g]], steps, round(time.perf_counter() - start, 2))
 

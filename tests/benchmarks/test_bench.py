@@ -32,7 +32,8 @@ def test_quick_bench_has_a_row_with_a_status_for_every_configuration(tmp_path, t
     monkeypatch.setattr(sat_export.build, "export_onnx", copy_graphs)
     monkeypatch.setitem(benchmarks.configs.LOADERS, "tensorrt", broken)
     out = tmp_path / "bench.json"
-    result = CliRunner().invoke(app, ["--quick", "--ckpt", str(tiny_ckpt), "--images", str(shapes), "--cache",
+    result = CliRunner().invoke(app, ["--quick", "--ckpt", str(tiny_ckpt), "--images", str(shapes), "--calib-method",
+                                      "minmax", "--cache",
                                       str(tmp_path / "cache"), "--json", str(out), "--plot", str(tmp_path / "b.png")])
     assert result.exit_code == 0, result.output
     doc = json.loads(out.read_text())
