@@ -118,7 +118,10 @@ def _module_group(node: onnx.NodeProto) -> str | None:
     if not modules:
         return None
     parts = max(modules, key=len).split(".")[1:]  # drop the export wrapper's "model"
-    return ".".join(parts[: 3 if parts[0] == "backbone" else 2])
+    if parts[0] != "backbone":
+        return ".".join(parts[:2])  # a head: attention.enc_att, init_h, ...
+    depth = next((i for i, p in enumerate(parts[1:3], 1) if not p.isdigit()), min(3, len(parts)))
+    return ".".join(parts[:depth])  # a numbered block: backbone.6.3 (ResNet), backbone.4 (MobileNet)
 
 
 class HeldBack:
