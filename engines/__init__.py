@@ -67,7 +67,7 @@ def _resolve_model(model: str | Path | None) -> Path:
 def _has_engines(bundle_dir: Path) -> bool:
     from sat_export.bundle import load_bundle
 
-    return load_bundle(bundle_dir).has_engines
+    return bool(load_bundle(bundle_dir).manifest.get("tensorrt"))
 
 
 def _cached_bundle(ckpt: Path) -> Path:

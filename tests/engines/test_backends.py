@@ -47,3 +47,40 @@ def test_cuda_request_without_gpu_is_a_clear_error(tiny_ckpt):
         pytest.skip("this machine has CUDA; the error path is for CPU-only machines")
     with pytest.raises(BackendUnavailable, match="CUDA"):
         open_backend(tiny_ckpt, "torch", "cuda")
+
+
+def test_auto_on_a_checkpoint_builds_the_bundle_once_and_matches_torch(tiny_ckpt, vocab, tmp_path, monkeypatch):
+    from sat_export import bundle_cache
+
+    monkeypatch.setenv(bundle_cache.CACHE_ENV, str(tmp_path / "cache"))
+    images = torch.randn(4, 3, 64, 64)
+    with open_backend(tiny_ckpt, "auto", "cpu") as ort, open_backend(tiny_ckpt, "torch", "cpu") as eager:
+        assert ort.name == "onnxruntime"
+        enc = ort.encode(images)
+        ref = eager.encode(images)
+        for a, b in zip(enc, ref):
+            assert ((a - b).norm() / b.norm()) < 1e-5
+        opts = DecodeOptions(beam=2, max_len=6)
+        caps = decode(ort.step, enc, vocab.special_ids(), opts)
+        ref_caps = decode(eager.step, ref, vocab.special_ids(), opts)
+        assert [c.tokens for c in caps] == [c.tokens for c in ref_caps]
+    built = list((tmp_path / "cache" / "bundles").iterdir())
+    assert len(built) == 1 and (built[0] / "manifest.json").is_file()
+    mtime = (built[0] / "manifest.json").stat().st_mtime_ns
+    open_backend(tiny_ckpt, "auto", "cpu").close()  # reused, not rebuilt
+    assert (built[0] / "manifest.json").stat().st_mtime_ns == mtime
+    (built[0] / "decoder_step.onnx").write_bytes(b"damaged")  # a damaged cache entry is rebuilt
+    with open_backend(tiny_ckpt, "auto", "cpu") as again:
+        assert again.encode(images)[0].shape == ref[0].shape
+
+
+def test_tensorrt_backend_is_refused_in_one_line_without_tensorrt_or_cuda(tiny_bundle):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") and torch.cuda.is_available():
+        pytest.skip("TensorRT and CUDA present: engines are covered by tests/sat_export/test_tensorrt.py")
+    with pytest.raises(BackendUnavailable, match="TensorRT is not installed|needs a CUDA GPU") as info:
+        open_backend(tiny_bundle, "tensorrt", "cpu")
+    assert "\n" not in str(info.value)
+    with open_backend(tiny_bundle, "auto", "cpu") as backend:  # auto never picks it here
+        assert backend.name == "onnxruntime"
