@@ -97,6 +97,7 @@ class TensorRTBackend(Backend):
     def from_bundle(cls, bundle_dir: str | Path, device: torch.device | str = "cuda") -> TensorRTBackend:
         from sat_export.bundle import load_bundle
 
+        import_tensorrt()  # say what is missing before looking for engines
         bundle = load_bundle(bundle_dir)
         encoder, decoder, built_with = bundle.engine_paths()
         return cls(encoder, decoder, built_with, bundle.config, bundle.vocab, device)
