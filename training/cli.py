@@ -71,6 +71,9 @@ def train_cmd(
     lr: float = typer.Option(4e-4, help="AdamW learning rate of the decoder."),
     encoder_lr: float = typer.Option(1e-4, help="Learning rate of the backbone with --finetune-encoder."),
     alpha_c: float = typer.Option(1.0, help="Weight of the doubly stochastic attention loss."),
+    box_loss: float = typer.Option(0.0, help="Weight of attention supervision: -log attention mass inside the "
+                                   "box of each boxed word (needs boxes.json, e.g. from make-shapes)."),
+    boxes: Optional[Path] = typer.Option(None, help="boxes.json for --box-loss (default: next to DATA)."),
     dropout: float = typer.Option(0.5),
     grad_clip: float = typer.Option(5.0, help="Clip the gradient norm to this."),
     amp: bool = typer.Option(False, "--amp", help="bfloat16 autocast on CPU."),
@@ -100,7 +103,8 @@ def train_cmd(
                 preset=preset, grid=grid, resize=resize, crop=crop, dropout=dropout, pretrained=pretrained,
                 pretrained_weights=str(pretrained_weights) if pretrained_weights else None,
                 finetune_encoder=finetune_encoder, cache=cache, cache_dir=str(cache_dir), epochs=epochs,
-                batch_size=batch_size, lr=lr, encoder_lr=encoder_lr, grad_clip=grad_clip, alpha_c=alpha_c, amp=amp,
+                batch_size=batch_size, lr=lr, encoder_lr=encoder_lr, grad_clip=grad_clip, alpha_c=alpha_c,
+                box_loss=box_loss, boxes=str(boxes) if boxes else None, amp=amp,
                 min_freq=min_freq, val_frac=val_frac, test_frac=test_frac, patience=patience, seed=seed, max_steps=max_steps)
         except ValueError as err:
             raise UsageError(str(err)) from None

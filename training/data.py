@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
@@ -210,31 +211,61 @@ class ImageInputs:
         return torch.from_numpy(load_image(self.paths[i], self.preprocess))
 
 
+def boxes_next_to(data: str | Path) -> Path | None:
+    """The ``boxes.json`` beside a captions file (or in a captions folder), if there is one."""
+    path = (Path(data) if Path(data).is_dir() else Path(data).parent) / "boxes.json"
+    return path if path.is_file() else None
+
+
 class CaptionDataset(Dataset):
-    """``dataset[(i, j)]`` -> ``(inputs[i], ids of caption j of image i)``.
+    """``dataset[(i, j)]`` -> ``(inputs[i], ids of caption j of image i, attention target or None)``.
 
     ``inputs`` is anything indexable by image: ``ImageInputs`` (images) or a
-    ``training.features.FeatureCache`` (grid features).
+    ``training.features.FeatureCache`` (grid features). With ``targets``
+    (``training.train.attention_targets``),
+    the third element is ``(len(ids), n_pix)``: row t is the box coverage of word t, zero for
+    words without boxes.
     """
 
-    def __init__(self, items: Sequence[ImageCaptions], vocab: Vocab, inputs):
-        if len(items) != len(inputs):
+    def __init__(self, items: Sequence[ImageCaptions], vocab: Vocab, inputs,
+                 targets: Sequence[dict[str, np.ndarray]] | None = None):
+        if len(items) != len(inputs) or (targets is not None and len(targets) != len(items)):
             raise ValueError(f"{len(items)} images but {len(inputs)} inputs")
-        self.items, self.vocab, self.inputs = items, vocab, inputs
+        self.items, self.vocab, self.inputs, self.targets = items, vocab, inputs, targets
+        if targets is not None:
+            self.n_pix = next((len(v) for t in targets for v in t.values()), None)
+            if self.n_pix is None:
+                raise DatasetError("no image of the captions file has an entry in the boxes file")
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor | None]:
         i, j = key
-        return self.inputs[i], torch.tensor(self.vocab.encode(self.items[i].captions[j]))
+        words = self.items[i].captions[j]
+        ids = torch.tensor(self.vocab.encode(words))
+        if self.targets is None:
+            return self.inputs[i], ids, None
+        target = torch.zeros(len(ids), self.n_pix)  # (T+2, n_pix): rows of <start>, words, <end>
+        for t, word in enumerate(words, start=1):
+            if word in self.targets[i]:
+                target[t] = torch.from_numpy(self.targets[i][word])
+        return self.inputs[i], ids, target
 
 
-def collate(batch: Sequence[tuple[Tensor, Tensor]], pad_id: int = 0) -> tuple[Tensor, Tensor]:
-    """Stack inputs and right-pad captions: ``(n_img, ...)``, ``(n_img, max_len + 2)`` int64."""
-    inputs = torch.stack([x for x, _ in batch])  # (n_img, ...)
-    captions = torch.nn.utils.rnn.pad_sequence([c for _, c in batch], batch_first=True, padding_value=pad_id)
-    return inputs, captions  # captions: (n_img, T+1) with <start> .. <end>
+def collate(batch: Sequence[tuple[Tensor, Tensor, Tensor | None]], pad_id: int = 0
+            ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Stack inputs, right-pad captions (and attention targets with zero rows).
+
+    Returns ``(n_img, ...)``, ``(n_img, T+1)`` int64 ``<start> .. <end> <pad>..``, and
+    ``(n_img, T+1, n_pix)`` or None.
+    """
+    inputs = torch.stack([x for x, _, _ in batch])  # (n_img, ...)
+    captions = torch.nn.utils.rnn.pad_sequence([c for _, c, _ in batch], batch_first=True, padding_value=pad_id)
+    if batch[0][2] is None:
+        return inputs, captions, None
+    targets = torch.nn.utils.rnn.pad_sequence([t for _, _, t in batch], batch_first=True)  # (n_img, T+1, n_pix)
+    return inputs, captions, targets
 
 
 class EpochBatches(Sampler):

@@ -13,18 +13,18 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from engines.decode import DecodeOptions
 from sat_export.assets import demo_checkpoint_path
+from sat_export.evaluate import load_boxes, upright_size
 from sat_export.metrics import attention_grounding, corpus_bleu, summarize_grounding
 from training.checkpoint import load_checkpoint
-from training.data import SPLITS, DatasetError, ImageInputs, check_images, load_captions
+from training.data import SPLITS, DatasetError, ImageInputs, boxes_next_to, check_images, load_captions
 from training.shapes import make_shapes
 from training.train import TrainConfig, caption_images, train
 
 DEMO_CONFIG = dict(backbone="mobilenet_v3_small_s16", preset="small", grid=8, resize=128, crop=128,
-                   finetune_encoder=True, epochs=30, batch_size=64, lr=2e-3, encoder_lr=2e-3, alpha_c=1.0,
+                   finetune_encoder=True, epochs=30, batch_size=64, lr=2e-3, encoder_lr=2e-3, alpha_c=1.0, box_loss=1.0,
                    dropout=0.1, val_frac=0.05, test_frac=0.0, val_images=300, patience=30, seed=0)
 DEMO_TRAIN_IMAGES, DEMO_TEST_IMAGES = 6000, 500
 TRAIN_SEED, TEST_SEED = 1, 2  # the shipped examples (examples/) use seed 3
@@ -53,8 +53,8 @@ def evaluate(ckpt: str | Path, data: str | Path, images: str | Path | None = Non
     if not items:
         raise DatasetError(f"{data}: no images in split {split!r} (splits: all, {', '.join(SPLITS)})")
     items, skipped = check_images(items)
-    boxes_path = Path(boxes) if boxes else _default_boxes(Path(data))
-    all_boxes = json.loads(boxes_path.read_text()) if boxes_path else {}
+    boxes_path = boxes or boxes_next_to(data)
+    all_boxes = load_boxes(boxes_path) if boxes_path else {}
     inputs = ImageInputs([it.path for it in items], ck.config.preprocess)
     options = DecodeOptions(beam=beam, max_len=max_len)
     refs, hyps, grounding = [], [], []
@@ -66,18 +66,11 @@ def evaluate(ckpt: str | Path, data: str | Path, images: str | Path | None = Non
             hyps.append(words)
             refs.append(items[i].captions)
             if items[i].name in all_boxes:
-                with Image.open(items[i].path) as img:
-                    size = img.size
-                grounding += attention_grounding(cap.alphas, words, all_boxes[items[i].name], size,
-                                                 ck.config.preprocess)
+                grounding += attention_grounding(cap.alphas, words, all_boxes[items[i].name],
+                                                 upright_size(items[i].path), ck.config.preprocess)
     return {"images": len(items), "skipped": len(skipped), **corpus_bleu(refs, hyps),
             "grounding": summarize_grounding(grounding) if all_boxes else None,
             "seconds": round(time.perf_counter() - started, 1)}
-
-
-def _default_boxes(data: Path) -> Path | None:
-    path = (data if data.is_dir() else data.parent) / "boxes.json"
-    return path if path.is_file() else None
 
 
 def demo(out: str | Path = "runs/demo", asset: str | Path | None = None, n_train: int = DEMO_TRAIN_IMAGES,

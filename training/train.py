@@ -19,18 +19,21 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+import numpy as np
 import torch
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from engines.decode import Caption, DecodeOptions, decode
 from sat_export.console import console
 from sat_export.errors import CheckpointError
-from sat_export.metrics import corpus_bleu
+from sat_export.evaluate import load_boxes, upright_size
+from sat_export.metrics import box_coverage, corpus_bleu, crop_window
 from training.backbones import backbone_spec
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import PRESETS, PreprocessConfig
 from training.data import MAX_LEN, CaptionDataset, DatasetError, EpochBatches, ImageCaptions, ImageInputs, \
-    check_images, collate, load_captions
+    boxes_next_to, check_images, collate, load_captions
 from training.features import build_feature_cache
 from training.model import ShowAttendTell, caption_loss, make_model
 from training.vocab import Vocab
@@ -65,6 +68,8 @@ class TrainConfig:
     warmup: float = 0.05  # share of all steps with a linear learning-rate warm-up
     grad_clip: float = 5.0
     alpha_c: float = 1.0
+    box_loss: float = 0.0  # weight of the attention supervision from boxes.json (ground-truth attention)
+    boxes: str | None = None  # boxes.json for box_loss; default: the one next to the captions
     amp: bool = False
     max_len: int = MAX_LEN
     min_freq: int = 1
@@ -110,8 +115,8 @@ def load_data(cfg: TrainConfig, vocab: Vocab | None = None) -> Data:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         report = Path(cfg.out) / "skipped_images.txt"
         report.write_text("".join(f"{p}\t{why}\n" for p, why in skipped))
-        console.print(f"[yellow]skipped {len(skipped)} missing or unreadable images[/] "
-                      f"(first: {skipped[0][0]}: {skipped[0][1]}; all listed in {report})", highlight=False)
+        console.print(f"[yellow]skipped {len(skipped)} missing or unreadable images[/] " + escape(
+            f"(first: {skipped[0][0]}: {skipped[0][1]}; all listed in {report})"), highlight=False)
     train = [i for i, it in enumerate(items) if it.split == "train"]
     val = [i for i, it in enumerate(items) if it.split == "val"]
     if not train or not val:
@@ -126,6 +131,22 @@ def new_model(cfg: TrainConfig, vocab_size: int, load_pretrained: bool = True) -
     pretrained = (cfg.pretrained_weights or cfg.pretrained) if load_pretrained else False
     return make_model(vocab_size, cfg.backbone, cfg.preset, pretrained, grid=cfg.grid, attention=cfg.attention,
                       gate=cfg.gate, dropout=cfg.dropout, preprocess=PreprocessConfig(cfg.resize, cfg.crop))
+
+
+def attention_targets(items: list[ImageCaptions], boxes: dict, preprocess: PreprocessConfig,
+                      grid: int) -> list[dict[str, np.ndarray]]:
+    """Per image, object word -> ``(grid*grid,)`` share of each attention cell inside its boxes.
+
+    ``boxes`` is a ``boxes.json`` (image name -> {word: [[x0, y0, x1, y1], ...]}). The cells are
+    those of the model's centre crop (``sat_export.metrics.box_coverage``), so a target is exactly
+    what ``attention_grounding`` scores.
+    """
+    targets = []
+    for item in items:
+        words = boxes.get(item.name, {})
+        window = crop_window(upright_size(item.path), preprocess) if words else None
+        targets.append({w: box_coverage(b, window, grid).reshape(-1).astype(np.float32) for w, b in words.items()})
+    return targets
 
 
 def set_mode(model: ShowAttendTell, training: bool, finetune_encoder: bool) -> None:
@@ -169,7 +190,7 @@ class Trainer:
         self.cached = cfg.cache and not cfg.finetune_encoder
         paths = [it.path for it in self.data.items]
         inputs = (self._feature_cache(paths) if self.cached else ImageInputs(paths, self.model.config.preprocess))
-        self.dataset = CaptionDataset(self.data.items, self.data.vocab, inputs)
+        self.dataset = CaptionDataset(self.data.items, self.data.vocab, inputs, self._targets())
         decoder = [p for n, p in self.model.named_parameters() if not n.startswith("backbone.")]
         groups = [{"params": decoder, "lr": cfg.lr}]
         if cfg.finetune_encoder:
@@ -183,6 +204,14 @@ class Trainer:
         self.best, self.bad_epochs, self.running = None, 0, float("nan")  # running: smoothed train nll
         if resume is not None:
             self._restore(resume)
+
+    def _targets(self) -> list | None:
+        if not self.cfg.box_loss:
+            return None
+        path = self.cfg.boxes or boxes_next_to(self.cfg.data)
+        if path is None:
+            raise DatasetError(f"{self.cfg.data}: box_loss needs a boxes.json (none next to the captions; pass boxes)")
+        return attention_targets(self.data.items, load_boxes(path), self.model.config.preprocess, self.cfg.grid)
 
     def _feature_cache(self, paths):
         with _progress() as bar:
@@ -199,40 +228,45 @@ class Trainer:
         self.history, self.best, self.bad_epochs = train["history"], train["best"], train["bad_epochs"]
         self.running = train["running"]
 
-    def loader(self, images: list[int], shuffle: bool, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def loader(self, images: list[int], shuffle: bool, skip: int = 0) -> Iterator[tuple]:
         """Collated batches of the current epoch; draws nothing from the global RNG (exact resume)."""
         n_captions = [len(it.captions) for it in self.data.items]
         for keys in EpochBatches(images, n_captions, self.cfg.batch_size, shuffle, self.cfg.seed, self.epoch, skip):
             yield collate([self.dataset[k] for k in keys], self.data.vocab.pad)
 
-    def loss(self, inputs: torch.Tensor, captions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(total, nll)`` of one batch, bf16 autocast for the forward when ``amp``."""
+    def loss(self, inputs: torch.Tensor, captions: torch.Tensor, targets: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(total, nll)`` of one batch (a ``loader`` tuple), bf16 autocast for the forward when ``amp``."""
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.amp):
             logprobs, alphas = self.model.decode_teacher_forced(grid_features(self.model, inputs, self.cached), captions)
-        return caption_loss(logprobs.float(), alphas.float(), captions, self.data.vocab.pad, self.cfg.alpha_c)
+        total, nll = caption_loss(logprobs.float(), alphas.float(), captions, self.data.vocab.pad, self.cfg.alpha_c)
+        if targets is not None:
+            total = total + self.cfg.box_loss * box_attention_loss(alphas.float(), targets[:, 1:])
+        return total, nll
 
     def fit(self) -> dict:
         """Train until ``epochs``, early stopping or ``max_steps``; returns the last epoch's record."""
         cfg = self.cfg
         with _progress() as bar:
             task = bar.add_task("train", total=self.steps_per_epoch, epoch="", loss=float("nan"), bleu4="")
-            while self.epoch < cfg.epochs:
+            while self.epoch < cfg.epochs and self.bad_epochs < cfg.patience:
                 last_bleu = f"val BLEU-4 {self.history[-1]['bleu4']:.3f}" if self.history else ""
                 bar.reset(task, completed=self.step_in_epoch, epoch=f"{self.epoch + 1}/{cfg.epochs}",
                           loss=self.running, bleu4=last_bleu)
+                started = time.perf_counter()
                 if not self._train_epoch(bar, task):
                     self.save("last.pth")
                     return {"epoch": self.epoch, "step": self.step, "stopped": "max_steps"}
-                self._end_epoch()
-                if self.bad_epochs >= cfg.patience or (cfg.max_steps is not None and self.step >= cfg.max_steps):
+                self._end_epoch(train_seconds=time.perf_counter() - started)
+                if cfg.max_steps is not None and self.step >= cfg.max_steps:
                     break
         return self.history[-1]
 
     def _train_epoch(self, bar: Progress, task) -> bool:
         """Run the rest of the current epoch; False when ``max_steps`` interrupted it."""
         set_mode(self.model, True, self.cfg.finetune_encoder)
-        for inputs, captions in self.loader(self.data.train, shuffle=True, skip=self.step_in_epoch):
-            total, nll = self.loss(inputs, captions)
+        for batch in self.loader(self.data.train, shuffle=True, skip=self.step_in_epoch):
+            total, nll = self.loss(*batch)
             self.optimizer.zero_grad(set_to_none=True)
             total.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
@@ -246,14 +280,17 @@ class Trainer:
                 return False
         return True
 
-    def _end_epoch(self) -> dict:
+    def _end_epoch(self, train_seconds: float) -> dict:
         started = time.perf_counter()
+        if self.cfg.finetune_encoder:
+            self.recalibrate_batchnorm()
         metrics = self.validate()
         self.epoch, self.step_in_epoch = self.epoch + 1, 0
         score = [round(metrics["bleu4"], 4), -metrics["val_loss"]]
         improved = self.best is None or score > self.best["score"]
         record = {"epoch": self.epoch, "step": self.step, "train_nll": self.running, **metrics,
-                  "lr": self.scheduler.get_last_lr()[0], "val_seconds": round(time.perf_counter() - started, 2)}
+                  "lr": self.scheduler.get_last_lr()[0], "train_seconds": round(train_seconds, 1),
+                  "val_seconds": round(time.perf_counter() - started, 1)}
         self.history.append(record)
         if improved:
             self.best, self.bad_epochs = {"epoch": self.epoch, "score": score, **metrics}, 0
@@ -268,6 +305,25 @@ class Trainer:
                       f"{metrics['bleu4']:.3f}{'  (best)' if improved else ''}", highlight=False)
         return record
 
+    @torch.no_grad()
+    def recalibrate_batchnorm(self, n_images: int = 512) -> None:
+        """Re-estimate the backbone's batch-norm statistics at the current weights.
+
+        The running averages lag behind a backbone trained from scratch at a high learning rate,
+        and eval-mode outputs then differ badly from training; an exact average over ``n_images``
+        training images (forward passes only, in a fixed order) removes the lag.
+        """
+        norms = [m for m in self.model.backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        momenta = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+        self.model.backbone.train()
+        for images, *_ in self.loader(self.data.train[:n_images], shuffle=False):
+            self.model.grid_features(images)
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+
     def validate(self) -> dict:
         """Teacher-forced validation loss (caption 0 of each image) and greedy corpus BLEU-1..4."""
         set_mode(self.model, False, self.cfg.finetune_encoder)
@@ -276,8 +332,8 @@ class Trainer:
         options = DecodeOptions(beam=1, max_len=self.cfg.max_len + 1)
         vocab, keys = self.data.vocab, iter(self.data.val)
         with torch.inference_mode():
-            for inputs, captions in self.loader(self.data.val, shuffle=False):
-                losses.append((self.loss(inputs, captions)[0].item(), len(captions)))
+            for inputs, captions, targets in self.loader(self.data.val, shuffle=False):
+                losses.append((self.loss(inputs, captions, targets)[0].item(), len(captions)))
                 batch = [next(keys) for _ in range(len(captions))]
                 rows = [k for k, i in enumerate(batch) if i in bleu_images]
                 if rows:
@@ -298,10 +354,23 @@ class Trainer:
         return save_checkpoint(self.out / name, self.model, self.data.vocab, train)
 
 
+def box_attention_loss(alphas: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean ``-log`` attention mass inside the boxes, over the steps that emit a boxed word.
+
+    ``alphas`` ``(n_img, T, n_pix)``; ``targets`` ``(n_img, T, n_pix)`` box coverage of each cell
+    (all zero for steps without boxes), aligned with the words the steps emit.
+    """
+    mass = (alphas * targets).sum(dim=2)  # (n_img, T)
+    boxed = targets.sum(dim=2) > 0  # (n_img, T)
+    if not bool(boxed.any()):
+        return alphas.new_zeros(())
+    return -torch.log(mass[boxed].clamp_min(1e-6)).mean()
+
+
 def _progress() -> Progress:
     return Progress(TextColumn("[bold]{task.description} {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("nll {task.fields[loss]:.3f}"), TextColumn("{task.fields[bleu4]}"),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not console.is_terminal)
 
 
 def train(cfg: TrainConfig) -> dict:

@@ -5,9 +5,13 @@ import pytest
 import torch
 from PIL import Image
 
-from training.data import (CaptionDataset, DatasetError, EpochBatches, ImageInputs, assign_splits, check_images,
-                           collate, load_captions)
+from sat_export.evaluate import load_boxes
+from sat_export.metrics import box_coverage
 from training.config import PreprocessConfig
+from training.data import (CaptionDataset, DatasetError, EpochBatches, ImageInputs, assign_splits, boxes_next_to,
+                           check_images, collate, load_captions)
+from training.shapes import make_shapes
+from training.train import attention_targets
 from training.vocab import Vocab
 
 
@@ -135,6 +139,27 @@ def test_dataset_and_collate_pad_captions_and_stack_images(tmp_path, image_dir):
     items = load_captions(f)
     vocab = Vocab.build(c for it in items for c in it.captions)
     inputs = ImageInputs([it.path for it in items], PreprocessConfig(resize=16, crop=16))
-    images, captions = collate([CaptionDataset(items, vocab, inputs)[(i, 0)] for i in range(2)], pad_id=vocab.pad)
-    assert images.shape == (2, 3, 16, 16) and images.dtype == torch.float32
+    images, captions, targets = collate([CaptionDataset(items, vocab, inputs)[(i, 0)] for i in range(2)],
+                                        pad_id=vocab.pad)
+    assert images.shape == (2, 3, 16, 16) and images.dtype == torch.float32 and targets is None
     assert captions.tolist() == [vocab.encode(["a", "red", "circle"]), vocab.encode(["blue"]) + [vocab.pad] * 2]
+
+
+def test_attention_targets_put_each_boxed_words_coverage_on_its_row(tmp_path):
+    out = make_shapes(tmp_path / "s", 6, seed=2, size=64)
+    items = load_captions(out)
+    boxes = load_boxes(boxes_next_to(out / "captions.txt"))
+    cfg = PreprocessConfig(resize=64, crop=64)
+    targets = attention_targets(items, boxes, cfg, grid=4)
+    vocab = Vocab.build(c for it in items for c in it.captions)
+    dataset = CaptionDataset(items, vocab, ImageInputs([it.path for it in items], cfg), targets)
+    for i, it in enumerate(items):
+        _, ids, target = dataset[(i, 1)]
+        assert target.shape == (len(ids), 16)
+        for t, word in enumerate(it.captions[1], start=1):
+            if word in boxes[it.name]:
+                expected = box_coverage(boxes[it.name][word], (0, 0, 64, 64), 4).reshape(-1)
+                np.testing.assert_allclose(target[t].numpy(), expected, rtol=1e-6)
+            else:
+                assert not target[t].any()
+        assert not target[0].any() and not target[-1].any()  # <start>, <end>
