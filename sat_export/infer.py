@@ -19,6 +19,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import torch
@@ -79,6 +80,12 @@ class Summary:
     def images_per_s(self) -> float:
         return (self.captioned + self.errors) / self.seconds if self.seconds > 0 else 0.0
 
+    def add(self, rows: list[dict]) -> None:
+        """Count rows just written."""
+        n_err = sum("error" in row for row in rows)
+        self.errors += n_err
+        self.captioned += len(rows) - n_err
+
 
 @dataclass
 class Loaded:
@@ -132,12 +139,8 @@ def run(backend: Backend, plan: Plan, options: InferOptions = InferOptions(),
             loaded = prefetch(pool, reader, plan.todo, options.prefetch)
             for batch in batches(loaded, options.batch_size):
                 rows = caption_batch(backend, batch, options, plan.out.parent)
-                sink.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-                sink.flush()
-                os.fsync(sink.fileno())
-                n_err = sum("error" in row for row in rows)
-                summary.errors += n_err
-                summary.captioned += len(rows) - n_err
+                append_rows(sink, rows)
+                summary.add(rows)
                 if on_rows is not None:
                     on_rows(len(rows))
     finally:
@@ -205,31 +208,55 @@ def batches(loaded: Iterable[Loaded], batch_size: int) -> Iterator[list[Loaded]]
 
 
 def caption_batch(backend: Backend, batch: list[Loaded], options: InferOptions, out_dir: Path) -> list[dict]:
-    """Encode and decode the batch's images; one row per entry, in order (alphas files written first)."""
+    """``caption_rows``, with each image's alphas file and overlays written before its row is returned."""
+    rows = []
+    for entry, (row, alphas) in zip(batch, caption_rows(backend, batch, options.decode)):
+        if alphas is not None and options.alphas_dir is not None:
+            save_alphas(row, alphas, options.alphas_dir, out_dir)
+        if alphas is not None and options.overlays_dir is not None:
+            write_overlays(overlay_folder(row["image"], options.overlays_dir), entry.thumbnail, alphas,
+                           [backend.vocab.itos[t] for t in row["tokens"]], backend.config.preprocess)
+        rows.append(row)
+    return rows
+
+
+def caption_rows(backend: Backend, batch: list[Loaded], options: DecodeOptions) -> list[tuple[dict, np.ndarray | None]]:
+    """Encode and decode the batch's images: per entry, in order, its row and its alphas.
+
+    Returns
+    -------
+    list of (row, alphas)
+        ``alphas`` is ``(T, grid, grid)`` float32 for the row's T tokens, or None for an error row.
+    """
     good = [entry for entry in batch if entry.pixels is not None]
     captions: Iterator[Caption] = iter(())
     if good:
         images = torch.from_numpy(np.stack([entry.pixels for entry in good])).to(backend.device)  # (n_img, 3, H, W)
-        captions = iter(decode(backend.step, backend.encode(images), backend.vocab.special_ids(), options.decode))
-    rows = []
+        captions = iter(decode(backend.step, backend.encode(images), backend.vocab.special_ids(), options))
+    grid = backend.config.grid
+    out: list[tuple[dict, np.ndarray | None]] = []
     for entry in batch:
         if entry.pixels is None:
-            rows.append({"image": entry.item.key, "error": entry.error})
+            out.append(({"image": entry.item.key, "error": entry.error}, None))
             continue
         caption = next(captions)
-        words = backend.vocab.decode(caption.tokens)
-        row = {"image": entry.item.key, "caption": " ".join(words), "tokens": caption.tokens,
-               "score": round(caption.score, 4)}
-        grid = backend.config.grid
-        alphas = caption.alphas.reshape(len(caption.tokens), grid, grid)  # (T, grid, grid)
-        if options.alphas_dir is not None:
-            npz = write_alphas(sidecar_path(entry.item.key, options.alphas_dir, ".npz"), alphas, caption.tokens)
-            row["alphas"] = Path(os.path.relpath(npz, out_dir)).as_posix()
-        if options.overlays_dir is not None:
-            write_overlays(overlay_folder(entry.item.key, options.overlays_dir), entry.thumbnail, alphas,
-                           [backend.vocab.itos[t] for t in caption.tokens], backend.config.preprocess)
-        rows.append(row)
-    return rows
+        row = {"image": entry.item.key, "caption": " ".join(backend.vocab.decode(caption.tokens)),
+               "tokens": caption.tokens, "score": round(caption.score, 4)}
+        out.append((row, caption.alphas.reshape(len(caption.tokens), grid, grid)))  # (T, grid, grid)
+    return out
+
+
+def save_alphas(row: dict, alphas: np.ndarray, alphas_dir: Path, out_dir: Path) -> None:
+    """Write ``row``'s alphas file under ``alphas_dir`` and set ``row["alphas"]`` to it, relative to ``out_dir``."""
+    npz = write_alphas(sidecar_path(row["image"], alphas_dir, ".npz"), alphas, row["tokens"])
+    row["alphas"] = Path(os.path.relpath(npz, out_dir)).as_posix()
+
+
+def append_rows(sink: TextIO, rows: list[dict]) -> None:
+    """Append ``rows`` as JSON lines to ``sink``, flushed and fsynced: on disk when this returns."""
+    sink.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    sink.flush()
+    os.fsync(sink.fileno())
 
 
 def write_alphas(path: Path, alphas: np.ndarray, tokens: list[int]) -> Path:
