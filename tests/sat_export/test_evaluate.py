@@ -5,11 +5,10 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from sat_export.eval_cli import app
-from PIL import Image
-
 from sat_export.evaluate import EvalError, compare, evaluate, match_names, read_predictions, upright_size
 from sat_export.images import load_rgb
 from sat_export.metrics import box_coverage, cider_d, corpus_bleu, crop_window
