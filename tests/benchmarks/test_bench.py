@@ -89,7 +89,7 @@ def test_verdict_takes_the_fastest_faithful_configuration_and_the_fastest_torch_
 @pytest.mark.slow
 def test_reference_model_is_prepared_once_then_read_from_the_cache(tmp_path):
     recipe = Recipe(backbone="mobilenet_v3_small_s16", image_size=64, n_train=24, n_calib=8, n_test=4, grid=4,
-                    phases=((72, 64, 1),), batch_size=12)
+                    phases=((72, 64, 1, True),), batch_size=12)
     first = reference_model(recipe, Int8Options("minmax"), tmp_path, console)
     assert first.info["training"]["phases"][0]["steps"] >= 1 and first.info["bundle_built_s"] is not None
     assert len(first.images) == 4 and set(first.references) == {p.name for p in first.images}
