@@ -1,6 +1,8 @@
 """``sat-infer``: caption folders, lists or files of images into a JSONL file (resumable)."""
 from __future__ import annotations
 
+from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import typer
@@ -14,6 +16,7 @@ from sat_export.console import console, user_errors
 from sat_export.errors import SatError
 from sat_export.images import DEFAULT_MAX_PIXELS
 from sat_export.infer import InferOptions, Summary, open_engine, plan, run
+from sat_export.ray_infer import RayOptions, run_ray
 
 app = typer.Typer(add_completion=False)
 
@@ -42,21 +45,33 @@ def main(
     overlays: Path = typer.Option(None, help="Write one attention overlay PNG per word and DIR/index.html."),
     strict: bool = typer.Option(False, help="Exit 1 when any file could not be captioned."),
     overwrite: bool = typer.Option(False, help="Start over instead of resuming --out."),
+    ray: bool = typer.Option(False, "--ray", help="Caption on a Ray cluster (extra [ray]); only this process writes."),
+    ray_address: str = typer.Option(None, help="Cluster to join: auto, HOST:PORT [default: $RAY_ADDRESS, else local]."),
+    ray_actors: int = typer.Option(1, min=1, help="Captioning actors, each loading the model once."),
+    ray_cpus_per_actor: float = typer.Option(1.0, min=0.01, help="CPUs per actor; its inference threads too."),
+    ray_gpus_per_actor: float = typer.Option(0.0, min=0, help="GPUs per actor (fractions share one)."),
 ):
     """Caption every image under PATHS into one JSON row per file, written batch by batch.
 
     Bad files become rows with an "error" and never stop the run. Rerunning resumes.
 
     Example:  sat-infer examples/images --out captions.jsonl --alphas alphas --overlays overlays
+
+    On a Ray cluster:  sat-infer /shared/photos --out /shared/captions.jsonl --ray --ray-address auto --ray-actors 8
     """
     work = plan(paths, out, overwrite)
     options = InferOptions(batch_size, DecodeOptions(beam, max_len), workers, max_pixels, alphas, overlays)
     if work.todo:
-        with open_engine(model, backend, workers, threads) as engine, Progress(
+        with (nullcontext() if ray else open_engine(model, backend, workers, threads)) as engine, Progress(
                 TextColumn("captioning"), BarColumn(), MofNCompleteColumn(), ImagesPerSecond(), TimeRemainingColumn(),
                 console=console, transient=True, disable=not console.is_terminal) as progress:
             task = progress.add_task("captioning", total=len(work.todo))
-            summary = run(engine, work, options, on_rows=lambda n: progress.advance(task, n))
+            advance = partial(progress.advance, task)
+            if ray:
+                cluster = RayOptions(ray_address, ray_actors, ray_cpus_per_actor, ray_gpus_per_actor)
+                summary = run_ray(model, work, options, cluster, backend, threads, on_rows=advance)
+            else:
+                summary = run(engine, work, options, on_rows=advance)
     else:
         summary = Summary(skipped=work.done)
     console.print(f"{out}: captioned {summary.captioned}, errors {summary.errors}, already done {summary.skipped} "

@@ -251,25 +251,36 @@ def test_cli_input_errors_are_one_line(tmp_path):
     assert "Traceback" not in result.output
 
 
+def kill_9_mid_run(cmd: list[str], out: Path, min_rows: int, n_images: int) -> int:
+    """Start ``cmd``, SIGKILL it once ``out`` holds ``min_rows`` lines; how many lines it left."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while (not out.exists() or out.read_bytes().count(b"\n") < min_rows) and proc.poll() is None:
+        assert time.monotonic() < deadline, "sat-infer wrote nothing in 2 minutes"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    n_before = out.read_bytes().count(b"\n")
+    assert proc.returncode == -signal.SIGKILL and min_rows <= n_before < n_images, "the kill did not land mid-run"
+    return n_before
+
+
+def assert_one_captioned_row_per_image(out: Path, names: list[str]) -> None:
+    """``out`` holds one caption row per image of ``names``, each with its alphas file."""
+    rows = read_rows(out)
+    assert sorted(rows) == names
+    for row in rows.values():
+        assert "error" not in row and row["tokens"] and (out.parent / row["alphas"]).is_file()
+
+
 def test_kill_9_mid_run_then_rerun_gives_exactly_one_valid_row_per_image(tmp_path, tiny_ckpt):
     names = write_images(tmp_path / "in", 300)
     out = tmp_path / "c.jsonl"
     cmd = [sys.executable, "-m", "sat_export.infer_cli", str(tmp_path / "in"), "--out", str(out),
            "--model", str(tiny_ckpt), "--backend", "torch", "--batch-size", "4",
            "--alphas", str(tmp_path / "alphas")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while (not out.exists() or out.read_bytes().count(b"\n") < 20) and proc.poll() is None:
-        assert time.monotonic() < deadline, "sat-infer wrote nothing in 2 minutes"
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    n_before = out.read_bytes().count(b"\n")
-    assert proc.returncode == -signal.SIGKILL and 20 <= n_before < len(names), "the kill did not land mid-run"
+    n_before = kill_9_mid_run(cmd, out, 20, len(names))
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert f"already done {n_before}" in done.stderr
-    rows = read_rows(out)
-    assert sorted(rows) == names
-    for row in rows.values():
-        assert "error" not in row and row["tokens"] and (tmp_path / row["alphas"]).is_file()
+    assert_one_captioned_row_per_image(out, names)

@@ -1,0 +1,187 @@
+"""``sat-infer --ray``: the same rows as ``sat_export.infer.run``, computed on a Ray cluster.
+
+The driver plans as the single-machine path does (``infer.plan``: inputs, resume) and turns
+the files still to caption into a Ray Dataset. Decoding and preprocessing run as CPU tasks
+(``read_batch``, ``infer.read_item`` on each file); captioning runs in a pool of actors
+(``Captioner``), each opening the model once. Finished rows stream back to the driver, which
+alone writes: each batch's alphas files first, then its rows, appended, flushed and fsynced,
+so a killed driver leaves whole rows and a rerun resumes. Rows arrive in completion order.
+
+Inputs, and the model unless it is the embedded demo model, are read by the workers: on a
+cluster they must be at the same absolute path on every node (shared storage). The output
+and alphas folder are written by the driver only.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from engines import BACKEND_NAMES
+from engines.decode import DecodeOptions
+from sat_export.assets import demo_checkpoint_path
+from sat_export.bundle import load_bundle
+from sat_export.bundle_cache import cached_bundle
+from sat_export.errors import BackendUnavailable, SatError
+from sat_export.infer import (InferOptions, Loaded, Plan, Summary, append_rows, caption_rows, open_engine,
+                              read_item, save_alphas)
+from sat_export.inputs import InputItem
+from training.checkpoint import load_checkpoint
+from training.config import ModelConfig, PreprocessConfig
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Which cluster (None: ``RAY_ADDRESS``, else a new local Ray) and the captioning actor pool."""
+
+    address: str | None = None
+    actors: int = 1
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+
+    def __post_init__(self):
+        if self.actors < 1:
+            raise ValueError(f"actors must be at least 1, got {self.actors}")
+        if self.cpus_per_actor <= 0:
+            raise ValueError(f"cpus_per_actor must be positive, got {self.cpus_per_actor}")
+        if self.gpus_per_actor < 0:
+            raise ValueError(f"gpus_per_actor must not be negative, got {self.gpus_per_actor}")
+
+
+def import_ray():
+    """The ``ray`` module with Ray Data, or ``BackendUnavailable`` saying how to install it."""
+    try:
+        import ray
+        import ray.data  # noqa: F401 - ray without the [data] extra lacks its dependencies
+    except ImportError as err:
+        raise BackendUnavailable(f"--ray needs Ray Data ({err}): pip install 'sat-export[ray]' "
+                                 "(or pip install 'ray[data]>=2.9')") from None
+    return ray
+
+
+def model_config(model: str | Path | None, backend: str) -> ModelConfig:
+    """Check the model on the driver, before any worker starts, and return its config.
+
+    A checkpoint for a bundle backend has its bundle built here, once, into this machine's
+    cache (``sat_export.bundle_cache``), where actors on this machine then find it.
+    """
+    if backend not in BACKEND_NAMES:
+        raise SatError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_NAMES)}")
+    path = Path(model) if model is not None else demo_checkpoint_path()
+    if not path.exists():
+        raise SatError(f"{path}: no such checkpoint or bundle")
+    if path.is_dir():
+        return load_bundle(path).config
+    if backend == "torch":
+        return load_checkpoint(path).config
+    return load_bundle(cached_bundle(path)).config
+
+
+def read_batch(batch: dict[str, np.ndarray], cfg: PreprocessConfig, max_pixels: int) -> dict[str, np.ndarray]:
+    """CPU task: read, decode and preprocess each file of ``batch`` (columns ``path``, ``key``, ``error``).
+
+    Adds ``pixels (n, 3, crop, crop)`` float32 (zeros for a bad file) and sets ``error`` ("" when none).
+    """
+    loaded = [read_item(InputItem(Path(path), key, error or None), cfg, max_pixels)
+              for path, key, error in zip(batch["path"], batch["key"], batch["error"])]
+    blank = np.zeros((3, cfg.crop, cfg.crop), np.float32)
+    return {"path": batch["path"], "key": batch["key"],
+            "pixels": np.stack([entry.pixels if entry.pixels is not None else blank for entry in loaded]),
+            "error": np.array([entry.error or "" for entry in loaded], dtype=object)}
+
+
+class Captioner:
+    """Actor: opens the model once, then captions ``read_batch`` outputs into JSON rows.
+
+    Returns columns ``row`` (the row as JSON, without ``alphas``) and ``alphas`` (the row's
+    ``(T, grid, grid)`` attention as float16 bytes; empty for error rows or when not kept).
+    """
+
+    def __init__(self, model: str | None, backend: str, threads: int, decode: DecodeOptions, keep_alphas: bool):
+        self.engine = open_engine(model, backend, workers=0, threads=threads)
+        self.decode, self.keep_alphas = decode, keep_alphas
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        loaded = [Loaded(InputItem(Path(path), key), None if error else pixels, error or None)
+                  for path, key, pixels, error in zip(batch["path"], batch["key"], batch["pixels"], batch["error"])]
+        pairs = caption_rows(self.engine, loaded, self.decode)
+        return {"row": np.array([json.dumps(row, ensure_ascii=False) for row, _ in pairs], dtype=object),
+                "alphas": np.array([alphas.astype(np.float16).tobytes() if alphas is not None and self.keep_alphas
+                                    else b"" for _, alphas in pairs], dtype=object)}
+
+
+def run_ray(model: str | Path | None, plan: Plan, options: InferOptions = InferOptions(),
+            ray_options: RayOptions = RayOptions(), backend: str = "auto", threads: int | None = None,
+            on_rows: Callable[[int], None] | None = None) -> Summary:
+    """Caption ``plan.todo`` on Ray, appending one row per item to ``plan.out`` as rows arrive.
+
+    Joins the running Ray if ``ray.is_initialized()``, else ``ray.init(ray_options.address)``
+    (and shuts down what it started). Each actor gets ``threads`` inference threads
+    (default: its CPUs, at least 1). ``options.workers`` is unused: Ray schedules the readers.
+    ``on_rows(n)`` is called after each batch's ``n`` rows are on disk.
+
+    Raises
+    ------
+    BackendUnavailable
+        Ray Data is not installed.
+    SatError
+        The model cannot be read, or ``options`` asks for overlays.
+    """
+    if options.overlays_dir is not None:
+        raise SatError("--overlays is not supported with --ray: caption with --alphas, then draw the "
+                       "overlays with `sat-eval --html` or without --ray for the images you want")
+    ray = import_ray()
+    config = model_config(model, backend)
+    summary = Summary(skipped=plan.done)
+    start = time.perf_counter()
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=ray_options.address)
+    try:
+        if plan.todo:
+            rows = _caption_dataset(ray, plan, model, backend, config, options, ray_options, threads)
+            with plan.out.open("a", encoding="utf-8") as sink:
+                for batch in rows.iter_batches(batch_size=None, batch_format="numpy"):
+                    written = _finish_rows(batch, config.grid, options.alphas_dir, plan.out.parent)
+                    append_rows(sink, written)
+                    summary.add(written)
+                    if on_rows is not None:
+                        on_rows(len(written))
+    finally:
+        if started:
+            ray.shutdown()
+        summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _caption_dataset(ray, plan: Plan, model: str | Path | None, backend: str, config: ModelConfig,
+                     options: InferOptions, ray_options: RayOptions, threads: int | None):
+    """The lazy Dataset: files -> ``read_batch`` CPU tasks -> ``Captioner`` actor pool -> rows."""
+    files = ray.data.from_items([{"path": os.path.abspath(item.path), "key": item.key, "error": item.error or ""}
+                                 for item in plan.todo])
+    # memory: a reader holds one decoded RGB image of up to max_pixels; asking for it (actors ask for
+    # none) also keeps Ray from fusing reading into the actors, where it would not overlap inference
+    pixels = files.map_batches(read_batch, batch_size=options.batch_size, num_cpus=1, memory=3 * options.max_pixels,
+                               fn_kwargs={"cfg": config.preprocess, "max_pixels": options.max_pixels})
+    actor_args = dict(model=None if model is None else os.path.abspath(model), backend=backend,
+                      threads=threads or max(1, int(ray_options.cpus_per_actor)), decode=options.decode,
+                      keep_alphas=options.alphas_dir is not None)
+    return pixels.map_batches(Captioner, batch_size=options.batch_size, fn_constructor_kwargs=actor_args,
+                              compute=ray.data.ActorPoolStrategy(size=ray_options.actors),
+                              num_cpus=ray_options.cpus_per_actor, num_gpus=ray_options.gpus_per_actor or None)
+
+
+def _finish_rows(batch: dict[str, np.ndarray], grid: int, alphas_dir: Path | None, out_dir: Path) -> list[dict]:
+    """The driver's part of a batch: parse its rows and write their alphas files (before the rows)."""
+    rows = [json.loads(row) for row in batch["row"]]
+    if alphas_dir is not None:
+        for row, raw in zip(rows, batch["alphas"]):
+            if "error" not in row:
+                alphas = np.frombuffer(raw, np.float16).reshape(len(row["tokens"]), grid, grid)  # (T, grid, grid)
+                save_alphas(row, alphas, alphas_dir, out_dir)
+    return rows
