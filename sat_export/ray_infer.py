@@ -130,7 +130,8 @@ def run_ray(model: str | Path | None, plan: Plan, options: InferOptions = InferO
     BackendUnavailable
         Ray Data is not installed.
     SatError
-        The model cannot be read, or ``options`` asks for overlays.
+        The model cannot be read, ``options`` asks for overlays, or the actor pool would leave the
+        cluster (its resources at the start) no CPU to read images with.
     """
     if options.overlays_dir is not None:
         raise SatError("--overlays is not supported with --ray: caption with --alphas, then draw the "
@@ -144,6 +145,7 @@ def run_ray(model: str | Path | None, plan: Plan, options: InferOptions = InferO
         ray.init(address=ray_options.address)
     try:
         if plan.todo:
+            _check_fits(ray.cluster_resources(), ray_options)
             rows = _caption_dataset(ray, plan, model, backend, config, options, ray_options, threads)
             with plan.out.open("a", encoding="utf-8") as sink:
                 for batch in rows.iter_batches(batch_size=None, batch_format="numpy"):
@@ -157,6 +159,18 @@ def run_ray(model: str | Path | None, plan: Plan, options: InferOptions = InferO
             ray.shutdown()
         summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _check_fits(resources: dict[str, float], ray_options: RayOptions) -> None:
+    """Refuse an actor pool the cluster cannot hold with a CPU left for the readers: it would hang."""
+    cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
+    need_cpus = ray_options.actors * ray_options.cpus_per_actor
+    if need_cpus > cpus - 1:
+        raise SatError(f"{ray_options.actors} actor(s) x {ray_options.cpus_per_actor:g} CPU leave no CPU of the "
+                       f"cluster's {cpus:g} to read images: lower --ray-actors or --ray-cpus-per-actor")
+    if ray_options.actors * ray_options.gpus_per_actor > gpus:
+        raise SatError(f"{ray_options.actors} actor(s) x {ray_options.gpus_per_actor:g} GPU need more than the "
+                       f"cluster's {gpus:g} GPU(s): lower --ray-actors or --ray-gpus-per-actor")
 
 
 def _caption_dataset(ray, plan: Plan, model: str | Path | None, backend: str, config: ModelConfig,

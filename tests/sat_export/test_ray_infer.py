@@ -87,3 +87,12 @@ def test_options_and_overlays_are_refused_up_front(tmp_path, small_folder):
         RayOptions(actors=0)
     with pytest.raises(SatError, match="--overlays is not supported with --ray"):
         run_ray(None, plan([small_folder], tmp_path / "c.jsonl"), InferOptions(overlays_dir=tmp_path / "o"))
+
+
+def test_an_actor_pool_that_leaves_no_cpu_for_the_readers_is_refused_instead_of_hanging(ray_address, tmp_path,
+                                                                                         small_folder, tiny_ckpt):
+    work = plan([small_folder], tmp_path / "c.jsonl")
+    with pytest.raises(SatError, match=r"2 actor\(s\) x 1 CPU leave no CPU of the cluster's 2 to read images"):
+        run_ray(tiny_ckpt, work, ray_options=RayOptions(actors=2), backend="torch")
+    with pytest.raises(SatError, match=r"1 actor\(s\) x 0.5 GPU need more than the cluster's 0 GPU"):
+        run_ray(tiny_ckpt, work, ray_options=RayOptions(gpus_per_actor=0.5), backend="torch")
