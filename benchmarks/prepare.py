@@ -71,6 +71,7 @@ class Recipe:
     lr: float = 2e-3
     encoder_lr: float = 2e-3
     box_loss: float = 1.0  # attention supervision from the shapes' boxes (training.train)
+    dropout: float = 0.1
     seed: int = 0
 
     def key(self) -> str:
@@ -187,14 +188,15 @@ def _prepare(recipe: Recipe, root: Path, console: Console) -> dict:
                           preset=recipe.preset, grid=recipe.grid, resize=resize, crop=crop, finetune_encoder=finetune,
                           cache=not finetune, cache_dir=str(root / "features"), epochs=epochs,
                           batch_size=recipe.batch_size, lr=recipe.lr, encoder_lr=recipe.encoder_lr, amp=True,
-                          box_loss=recipe.box_loss, val_frac=0.05, test_frac=0.0, patience=epochs, seed=recipe.seed)
+                          box_loss=recipe.box_loss, dropout=recipe.dropout, val_frac=0.05, test_frac=0.0,
+                          patience=epochs, seed=recipe.seed)
         what = "end to end" if finetune else "decoder on the frozen backbone"
         console.print(f"training phase {i + 1}/{len(recipe.phases)}: {recipe.backbone} {what} at {crop} px, "
                       f"{epochs} epochs of {recipe.n_train} images", highlight=False, soft_wrap=True)
         start = time.perf_counter()
         if state_dict is not None and not finetune:  # batch-norm statistics at this phase's resolution
             calibrate = Trainer(replace(cfg, finetune_encoder=True, cache=False), vocab=vocab, state_dict=state_dict)
-            calibrate.recalibrate_batchnorm()
+            calibrate.recalibrate_batchnorm(256)
             state_dict = calibrate.model.state_dict()
         trainer = Trainer(cfg, vocab=vocab, state_dict=state_dict)
         last = trainer.fit()
