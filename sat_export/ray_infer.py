@@ -130,8 +130,8 @@ def run_ray(model: str | Path | None, plan: Plan, options: InferOptions = InferO
     BackendUnavailable
         Ray Data is not installed.
     SatError
-        The model cannot be read, ``options`` asks for overlays, or the actor pool would leave the
-        cluster (its resources at the start) no CPU to read images with.
+        The model cannot be read, ``options`` asks for overlays, the cluster cannot be joined, or
+        the actor pool would leave it (its resources at the start) no CPU to read images with.
     """
     if options.overlays_dir is not None:
         raise SatError("--overlays is not supported with --ray: caption with --alphas, then draw the "
@@ -139,21 +139,26 @@ def run_ray(model: str | Path | None, plan: Plan, options: InferOptions = InferO
     ray = import_ray()
     config = model_config(model, backend)
     summary = Summary(skipped=plan.done)
+    if not plan.todo:
+        return summary
     start = time.perf_counter()
     started = not ray.is_initialized()
     if started:
-        ray.init(address=ray_options.address)
+        try:
+            ray.init(address=ray_options.address)
+        except ConnectionError as err:
+            where = ray_options.address or os.environ.get("RAY_ADDRESS")
+            raise SatError(f"cannot join the Ray cluster at {where}: {err}") from None
     try:
-        if plan.todo:
-            _check_fits(ray.cluster_resources(), ray_options)
-            rows = _caption_dataset(ray, plan, model, backend, config, options, ray_options, threads)
-            with plan.out.open("a", encoding="utf-8") as sink:
-                for batch in rows.iter_batches(batch_size=None, batch_format="numpy"):
-                    written = _finish_rows(batch, config.grid, options.alphas_dir, plan.out.parent)
-                    append_rows(sink, written)
-                    summary.add(written)
-                    if on_rows is not None:
-                        on_rows(len(written))
+        _check_fits(ray.cluster_resources(), ray_options)
+        rows = _caption_dataset(ray, plan, model, backend, config, options, ray_options, threads)
+        with plan.out.open("a", encoding="utf-8") as sink:
+            for batch in rows.iter_batches(batch_size=None, batch_format="numpy"):
+                written = _finish_rows(batch, config.grid, options.alphas_dir, plan.out.parent)
+                append_rows(sink, written)
+                summary.add(written)
+                if on_rows is not None:
+                    on_rows(len(written))
     finally:
         if started:
             ray.shutdown()
