@@ -183,9 +183,10 @@ def _caption_dataset(ray, plan: Plan, model: str | Path | None, backend: str, co
     """The lazy Dataset: files -> ``read_batch`` CPU tasks -> ``Captioner`` actor pool -> rows."""
     files = ray.data.from_items([{"path": os.path.abspath(item.path), "key": item.key, "error": item.error or ""}
                                  for item in plan.todo])
-    # memory: a reader holds one decoded RGB image of up to max_pixels; asking for it (actors ask for
-    # none) also keeps Ray from fusing reading into the actors, where it would not overlap inference
-    pixels = files.map_batches(read_batch, batch_size=options.batch_size, num_cpus=1, memory=3 * options.max_pixels,
+    # memory: a reader holds one decoded RGB image of up to max_pixels (at most 1 GiB asked); asking for it
+    # (actors ask for none) also keeps Ray from fusing reading into the actors, where it would not overlap inference
+    pixels = files.map_batches(read_batch, batch_size=options.batch_size, num_cpus=1,
+                               memory=min(3 * options.max_pixels, 2**30),
                                fn_kwargs={"cfg": config.preprocess, "max_pixels": options.max_pixels})
     actor_args = dict(model=None if model is None else os.path.abspath(model), backend=backend,
                       threads=threads or max(1, int(ray_options.cpus_per_actor)), decode=options.decode,
