@@ -24,8 +24,8 @@ from training.shapes import make_shapes
 from training.train import TrainConfig, caption_images, train
 
 DEMO_CONFIG = dict(backbone="mobilenet_v3_small_s16", preset="small", grid=8, resize=128, crop=128,
-                   finetune_encoder=True, epochs=30, batch_size=64, lr=2e-3, encoder_lr=2e-3, alpha_c=1.0, box_loss=1.0,
-                   dropout=0.1, val_frac=0.05, test_frac=0.0, val_images=300, patience=30, seed=0)
+                   finetune_encoder=True, epochs=10, batch_size=64, lr=2e-3, encoder_lr=2e-3, alpha_c=1.0, box_loss=0.5,
+                   dropout=0.1, val_frac=0.05, test_frac=0.0, val_images=300)
 DEMO_TRAIN_IMAGES, DEMO_TEST_IMAGES = 6000, 500
 TRAIN_SEED, TEST_SEED = 1, 2  # the shipped examples (examples/) use seed 3
 

@@ -46,7 +46,8 @@ def test_cache_is_reused_and_keyed_by_weights_preprocessing_and_images(shapes, t
 
 def test_training_from_the_cache_gives_the_loss_of_encoding_on_the_fly(shapes, tmp_path):
     common = dict(data=str(shapes), backbone="mobilenet_v3_small_s16", grid=4, resize=64, crop=64, epochs=2,
-                  batch_size=8, val_frac=0.25, test_frac=0.0, dropout=0.0, lr=3e-3, cache_dir=str(tmp_path / "c"))
+                  batch_size=8, val_frac=0.25, test_frac=0.0, dropout=0.0, lr=3e-3, cache_dir=str(tmp_path / "c"),
+                  threads=1)
     cached = train(TrainConfig(out=str(tmp_path / "a"), cache=True, **common))
     assert len(list((tmp_path / "c").rglob("*.f16"))) == 1
     on_the_fly = train(TrainConfig(out=str(tmp_path / "b"), cache=False, **common))
