@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from sat_export.console import console, user_errors
 from sat_export.errors import SatError
@@ -45,13 +46,13 @@ def make_shapes_cmd(
         make_shapes(out, n, seed, size)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    console.print(f"wrote {n} images, {out / 'captions.txt'} and {out / 'boxes.json'}", highlight=False)
+    console.print(escape(f"wrote {n} images, {out / 'captions.txt'} and {out / 'boxes.json'}"), highlight=False)
 
 
 @app.command("train")
 @user_errors
 def train_cmd(
-    data: Optional[Path] = typer.Argument(None, help="captions.txt, Flickr8k.token.txt, dataset_*.json, or their folder."),
+    data: Optional[Path] = typer.Argument(None, help="captions.txt, Flickr8k.token.txt, dataset_*.json or a folder."),
     out: Path = typer.Option(Path("runs/train"), help="Folder for best.pth, last.pth and history.jsonl."),
     images: Optional[Path] = typer.Option(None, help="Image folder (default: Images/ or images/ next to DATA)."),
     fmt: str = typer.Option("auto", "--format", help="auto, csv, token or karpathy."),
@@ -61,7 +62,7 @@ def train_cmd(
     grid: int = typer.Option(14, help="Attention grid side (n_pix = grid*grid)."),
     resize: int = typer.Option(256, help="Resize the short side to this many pixels."),
     crop: int = typer.Option(224, help="Centre crop side in pixels."),
-    pretrained: bool = typer.Option(False, "--pretrained", help="Start the backbone from torchvision ImageNet weights."),
+    pretrained: bool = typer.Option(False, "--pretrained", help="Start the backbone from ImageNet weights."),
     pretrained_weights: Optional[Path] = typer.Option(None, help="Local torchvision .pth for the backbone."),
     finetune_encoder: bool = typer.Option(False, "--finetune-encoder", help="Train the backbone end to end."),
     cache: bool = typer.Option(True, help="With a frozen encoder, train from cached grid features."),
@@ -83,6 +84,7 @@ def train_cmd(
     patience: int = typer.Option(5, help="Stop after this many epochs without a better val BLEU-4."),
     seed: int = typer.Option(0),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimiser steps (resume later)."),
+    threads: Optional[int] = typer.Option(None, help="torch threads (default: one per core; 1 on busy cores)."),
 ):
     """Train a captioner; best.pth (by val BLEU-4) and last.pth land in --out.
 
@@ -104,8 +106,9 @@ def train_cmd(
                 pretrained_weights=str(pretrained_weights) if pretrained_weights else None,
                 finetune_encoder=finetune_encoder, cache=cache, cache_dir=str(cache_dir), epochs=epochs,
                 batch_size=batch_size, lr=lr, encoder_lr=encoder_lr, grad_clip=grad_clip, alpha_c=alpha_c,
-                box_loss=box_loss, boxes=str(boxes) if boxes else None, amp=amp,
-                min_freq=min_freq, val_frac=val_frac, test_frac=test_frac, patience=patience, seed=seed, max_steps=max_steps)
+                box_loss=box_loss, boxes=str(boxes) if boxes else None, amp=amp, min_freq=min_freq,
+                val_frac=val_frac, test_frac=test_frac, patience=patience, seed=seed, max_steps=max_steps,
+                threads=threads)
         except ValueError as err:
             raise UsageError(str(err)) from None
         record = train(cfg)
@@ -136,7 +139,7 @@ def evaluate_cmd(
 @user_errors
 def demo_cmd(
     out: Path = typer.Option(Path("runs/demo"), help="Working folder: shapes sets, checkpoints, evaluation.json."),
-    asset: Optional[Path] = typer.Option(None, help="Where to copy the best checkpoint (default: the package's demo.pth)."),
+    asset: Optional[Path] = typer.Option(None, help="Where to copy the best checkpoint (default: the packaged one)."),
 ):
     """Rebuild the shipped demo model from scratch (about 25 minutes on 2 CPU cores).
 

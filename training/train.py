@@ -238,7 +238,8 @@ class Trainer:
              ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(total, nll)`` of one batch (a ``loader`` tuple), bf16 autocast for the forward when ``amp``."""
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.amp):
-            logprobs, alphas = self.model.decode_teacher_forced(grid_features(self.model, inputs, self.cached), captions)
+            features = grid_features(self.model, inputs, self.cached)  # (n_img, n_pix, enc_dim)
+            logprobs, alphas = self.model.decode_teacher_forced(features, captions)  # (n_img, T, vocab|n_pix)
         total, nll = caption_loss(logprobs.float(), alphas.float(), captions, self.data.vocab.pad, self.cfg.alpha_c)
         if targets is not None:
             total = total + self.cfg.box_loss * box_attention_loss(alphas.float(), targets[:, 1:])
@@ -280,7 +281,7 @@ class Trainer:
                 return False
         return True
 
-    def _end_epoch(self, train_seconds: float) -> dict:
+    def _end_epoch(self, train_seconds: float) -> None:
         started = time.perf_counter()
         if self.cfg.finetune_encoder:
             self.recalibrate_batchnorm()
@@ -303,7 +304,6 @@ class Trainer:
         console.print(f"epoch {self.epoch}: train nll {self.running:.3f}  val loss {metrics['val_loss']:.3f}  "
                       f"BLEU-1..4 {metrics['bleu1']:.3f} {metrics['bleu2']:.3f} {metrics['bleu3']:.3f} "
                       f"{metrics['bleu4']:.3f}{'  (best)' if improved else ''}", highlight=False)
-        return record
 
     @torch.no_grad()
     def recalibrate_batchnorm(self, n_images: int = 512) -> None:
