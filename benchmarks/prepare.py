@@ -49,7 +49,7 @@ def default_cache() -> Path:
 class Int8Options:
     """How the int8 encoder of a bench bundle is calibrated and how close to fp32 it must stay."""
 
-    method: str = "percentile"
+    method: str = "minmax"
     target: float = 0.97
 
 
@@ -60,13 +60,13 @@ class Recipe:
     backbone: str = "resnet101"
     preset: str = "small"
     image_size: int = 128  # side of the generated shapes images
-    n_train: int = 960
+    n_train: int = 768
     n_calib: int = 96  # a quarter is held back by the int8 search
     n_test: int = 64  # the bench images; held out from training and calibration
     grid: int = 14
     # (resize, crop, epochs, fine-tune the backbone): end to end at low resolution, where a step is
     # cheap, then the decoder on the frozen backbone's cached features at the benchmark's resolution.
-    phases: tuple[tuple[int, int, int, bool], ...] = ((110, 96, 4, True), (256, 224, 6, False))
+    phases: tuple[tuple[int, int, int, bool], ...] = ((110, 96, 3, True), (256, 224, 5, False))
     batch_size: int = 32
     lr: float = 2e-3
     encoder_lr: float = 2e-3

@@ -7,9 +7,10 @@
    VNNI-friendly choice on x86), and the held-back images are captioned with it and the fp32
    decoder step; agreement is the share of captions identical to the fp32 bundle's.
 4. While agreement is below the target, the node groups (a backbone block such as
-   ``backbone.6.3``, a head such as ``attention.enc_att``) are ranked by the error each adds
-   (relative L2 against fp32 at its output minus at its input, on the held-back images), the
-   worst is excluded from quantisation, and the encoder is quantised and judged again.
+   ``backbone.6.3``, a head such as ``attention.enc_att``), ranked once by the error each adds
+   (relative L2 against fp32 at its output minus at its input, on held-back images), are
+   excluded from quantisation one at a time, worst first, and the encoder is quantised and
+   judged again after each.
 
 The result records the groups and nodes left in fp32 and the agreement reached; ``sat-export
 build`` stores it in the manifest under ``int8``.
@@ -39,7 +40,8 @@ from sat_export.quantize import METHODS, ImageCalibrationReader, calibration_fil
 
 DEFAULT_TARGET = 0.97
 HOLD_BACK = 4  # every 4th calibration image is held back to measure agreement
-MAX_EXCLUDED = 16  # groups; the search stops there even below the target
+MAX_EXCLUDED = 8  # groups; the search stops there even below the target (each step re-quantises)
+WEIGHT_OPS = {"Conv", "MatMul", "Gemm"}  # a group starts at a layer with weights
 N_ERROR_IMAGES = 8  # held-back images used to rank groups by error (intermediate tensors are large)
 
 
@@ -96,13 +98,17 @@ def split_held_back(files: Sequence[Path]) -> tuple[list[Path], list[Path]]:
 def node_groups(exported: onnx.ModelProto, prepared: onnx.ModelProto) -> dict[str, list[str]]:
     """Group -> node names of ``prepared``, from the module scopes the exporter recorded in ``exported``.
 
-    A node the pre-processing created (no match by name) joins the group of its input's producer.
+    A node the pre-processing created (no match by name) joins the group of its input's producer;
+    a group without weights (an activation, a pooling) joins the group it reads from, so that an
+    exclusion always takes a layer together with what follows it.
     """
     scopes = {n.name: _module_group(n) for n in exported.graph.node}
     producer: dict[str, str] = {}
     groups: dict[str, list[str]] = {}
     for node in prepared.graph.node:
         group = scopes.get(node.name) or next((producer[i] for i in node.input if i in producer), "graph")
+        if node.op_type not in WEIGHT_OPS and group not in groups:
+            group = next((producer[i] for i in node.input if i in producer), group)
         groups.setdefault(group, []).append(node.name)
         producer.update({o: group for o in node.output})
     return groups
@@ -156,22 +162,26 @@ class HeldBack:
 
 
 def group_errors(prepared: Path, quantised: Path, groups: dict[str, list[str]], images: torch.Tensor) -> dict[str, float]:
-    """Error each group adds: rel. L2 (int8 vs fp32) at its output minus the largest at its inputs."""
+    """Error each group adds: rel. L2 (int8 vs fp32) at its output minus the largest at its inputs.
+
+    A group whose output tensor the quantiser folded away (a removed activation) is not scored.
+    """
     fp32, int8 = onnx.load(str(prepared)), onnx.load(str(quantised))
     group_of = {n: g for g, nodes in groups.items() for n in nodes}
     nodes = {n.name: n for n in fp32.graph.node}
-    outputs = {g: nodes[names[-1]].output[0] for g, names in groups.items()}
     producer = {o: group_of[n.name] for n in fp32.graph.node for o in n.output}
+    present = {o for n in int8.graph.node for o in n.output}
     seen = _dequantized_names(int8)  # the value downstream nodes read in the int8 graph
+    outputs = {g: nodes[names[-1]].output[0] for g, names in groups.items()}
+    outputs = {g: t for g, t in outputs.items() if seen.get(t, t) in present}
     feeds = {ENCODER.input_names[0]: images.numpy()}
     ref = _run_with_outputs(fp32, list(outputs.values()), feeds)
     got = _run_with_outputs(int8, [seen.get(t, t) for t in outputs.values()], feeds)
-    err = {g: float(np.linalg.norm(q - f) / max(np.linalg.norm(f), 1e-12))
-           for (g, f), q in zip(zip(outputs, ref), got)}
+    err = {g: float(np.linalg.norm(q - f) / max(np.linalg.norm(f), 1e-12)) for g, f, q in zip(outputs, ref, got)}
     errors = {}
-    for g, names in groups.items():
-        inputs = {producer[i] for n in names for i in nodes[n].input if i in producer} - {g}
-        errors[g] = err[g] - max((err[p] for p in inputs), default=0.0)
+    for g in err:
+        inputs = {producer[i] for n in groups[g] for i in nodes[n].input if i in producer} - {g}
+        errors[g] = err[g] - max((err.get(p, 0.0) for p in inputs), default=0.0)
     return errors
 
 
@@ -212,7 +222,8 @@ def _name_nodes(path: Path, model: onnx.ModelProto) -> onnx.ModelProto:
 
 def search_int8_encoder(bundle_dir: str | Path, calib_images: str | Path | Sequence[str | Path],
                         method: str = "minmax", target: float = DEFAULT_TARGET, limit: int | None = 256,
-                        out: str | Path | None = None, console: Console | None = None) -> Int8Search:
+                        out: str | Path | None = None, max_excluded: int = MAX_EXCLUDED,
+                        console: Console | None = None) -> Int8Search:
     """Quantise the bundle's encoder, excluding sensitive groups until held-back agreement >= ``target``.
 
     Parameters
@@ -224,7 +235,7 @@ def search_int8_encoder(bundle_dir: str | Path, calib_images: str | Path | Seque
     limit : use at most this many images (sorted by path), held-back ones included.
     out : output path; ``encoder.int8.onnx`` in the bundle by default.
 
-    The search stops at the target, or after ``MAX_EXCLUDED`` groups; it then keeps the
+    The search stops at the target, or after ``max_excluded`` groups; it then keeps the
     quantisation with the best agreement (``Int8Search.reached`` says whether it met the target).
     """
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -250,6 +261,7 @@ def search_int8_encoder(bundle_dir: str | Path, calib_images: str | Path | Seque
         groups = node_groups(onnx.load(str(held.encoder)), _name_nodes(prepared, onnx.load(str(prepared))))
         excluded: list[str] = []
         steps: list[SearchStep] = []
+        ranking: list[str] = []
         while True:
             quantize_prepared(prepared, out, reader, method, [n for g in excluded for n in groups[g]], ranges)
             agreement, rel = held.score(out)
@@ -257,11 +269,14 @@ def search_int8_encoder(bundle_dir: str | Path, calib_images: str | Path | Seque
             console.print(f"int8 ({method}) {'all quantised' if not excluded else 'fp32: ' + ', '.join(excluded)}: "
                           f"agreement {agreement:.1%} on {len(held.captions)} held-back images, "
                           f"features rel L2 {rel:.3f}", highlight=False, soft_wrap=True)
-            left = [g for g in groups if g not in excluded]
-            if agreement >= target or len(excluded) >= MAX_EXCLUDED or not left:
+            if agreement >= target:
                 break
-            errors = group_errors(prepared, out, groups, held.images[:N_ERROR_IMAGES])
-            excluded.append(max(left, key=errors.__getitem__))
+            if not ranking:
+                errors = group_errors(prepared, out, groups, held.images[:N_ERROR_IMAGES])
+                ranking = sorted(errors, key=errors.__getitem__, reverse=True)
+            if len(excluded) >= min(max_excluded, len(ranking)):
+                break
+            excluded.append(ranking[len(excluded)])
         best = max(range(len(steps)), key=lambda i: (steps[i].agreement, -i))
         if best != len(steps) - 1:  # the last step was not the best: quantise the best again
             excluded = excluded[:best]
