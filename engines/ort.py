@@ -1,8 +1,9 @@
 """ONNX Runtime backend: the bundle's two graphs on the CPU or CUDA execution provider.
 
-CPU: full graph optimisation, intra-op threads = usable cores, torch CPU tensors passed to and
-from numpy without copies. CUDA (``onnxruntime-gpu``, the ``[gpu]`` extra): IO binding on torch
-CUDA tensors, so decoder state never leaves the GPU between steps.
+CPU: full graph optimisation, intra-op threads = usable cores (not spinning between decoder
+steps), torch CPU tensors passed to and from numpy without copies. CUDA (``onnxruntime-gpu``,
+the ``[gpu]`` extra): IO binding on torch CUDA tensors, so decoder state never leaves the GPU
+between steps.
 """
 from __future__ import annotations
 
@@ -50,15 +51,22 @@ class OrtBackend(Backend):
             providers = [("CUDAExecutionProvider", {"device_id": self.device.index or 0}), "CPUExecutionProvider"]
         else:
             providers = ["CPUExecutionProvider"]
+        self.threads = threads or usable_cores()
+        self.encoder_path, self.decoder_path = Path(encoder_path), Path(decoder_path)
+        self._sessions = {spec.name: ort.InferenceSession(str(path), self._options(ort, spec), providers=providers)
+                          for spec, path in ((ENCODER, encoder_path), (DECODER_STEP, decoder_path))}
+
+    def _options(self, ort, spec: GraphSpec):
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = threads or usable_cores()
+        opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        self.threads = opts.intra_op_num_threads
-        self.encoder_path, self.decoder_path = Path(encoder_path), Path(decoder_path)
-        self._sessions = {spec.name: ort.InferenceSession(str(path), opts, providers=providers)
-                          for spec, path in ((ENCODER, encoder_path), (DECODER_STEP, decoder_path))}
+        if spec is DECODER_STEP:
+            # The decode loop runs small torch ops between steps; threads left spinning after a
+            # step take the cores from them (measured: greedy decode at batch 32 216 -> 102 ms).
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return opts
 
     @classmethod
     def from_bundle(cls, bundle_dir: str | Path, device: torch.device | str = "cpu", threads: int | None = None,
