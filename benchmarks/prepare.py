@@ -103,7 +103,7 @@ def bench_bundle(ckpt: Path, calib: Path, int8: Int8Options, cache: Path, consol
     out = cache / "bundles" / h.hexdigest()[:16]
     if (out / BUILT).is_file():
         console.print(f"using the cached bundle {out}", highlight=False, soft_wrap=True)
-        return out, {**json.loads((out / BUILT).read_text()), "bundle_built_s": None}
+        return out, {**json.loads((out / BUILT).read_text()), "bundle_built_s": None, "int8_search": _int8(out)}
     from sat_export.build import BuildOptions, build_bundle
 
     gpu = torch.cuda.is_available()
@@ -123,7 +123,12 @@ def bench_bundle(ckpt: Path, calib: Path, int8: Int8Options, cache: Path, consol
         console.print(f"[yellow]int8 parity gate failed[/] (the bench goes on and measures it): {err}",
                       highlight=False, soft_wrap=True)
     (out / BUILT).write_text(json.dumps(record) + "\n")
-    return out, {**record, "bundle_built_s": round(time.perf_counter() - start, 1)}
+    return out, {**record, "bundle_built_s": round(time.perf_counter() - start, 1), "int8_search": _int8(out)}
+
+
+def _int8(bundle: Path) -> dict | None:
+    """The manifest's record of the int8 search: groups left in fp32, agreement reached."""
+    return json.loads((bundle / "manifest.json").read_text()).get("int8")
 
 
 def _has_tensorrt() -> bool:

@@ -94,5 +94,5 @@ def test_reference_model_is_prepared_once_then_read_from_the_cache(tmp_path):
     assert first.info["training"]["phases"][0]["steps"] >= 1 and first.info["bundle_built_s"] is not None
     assert len(first.images) == 4 and set(first.references) == {p.name for p in first.images}
     second = reference_model(recipe, Int8Options("minmax"), tmp_path, console)
-    assert second.info["bundle_built_s"] is None
+    assert second.info["bundle_built_s"] is None and second.info["int8_search"]["method"] == "minmax"
     assert second.info["checkpoint_sha256"] == first.info["checkpoint_sha256"]
