@@ -65,6 +65,16 @@ class ImageCalibrationReader:
         return next(self._batches, None)
 
 
+def calibration_reader(files: Sequence[Path], source, preprocess: PreprocessConfig,
+                       batch: int = 8) -> ImageCalibrationReader:
+    """A reader over ``files``, or ``BundleError`` naming ``source`` when none of them decodes."""
+    reader = ImageCalibrationReader(files, preprocess, batch)
+    if reader.empty:
+        raise BundleError(f"{source}: none of the {len(files)} calibration images could be read "
+                          f"({reader.skipped[0]})")
+    return reader
+
+
 def quantize_encoder(bundle_dir: str | Path, calib_images: str | Path | Sequence[str | Path],
                      method: str = "minmax", limit: int | None = 256, out: str | Path | None = None) -> Path:
     """Write a static-QDQ int8 copy of the bundle's fp32 encoder; returns its path.
@@ -86,10 +96,7 @@ def quantize_encoder(bundle_dir: str | Path, calib_images: str | Path | Sequence
     files = calibration_files(calib_images, limit)
     if not files:
         raise BundleError(f"{calib_images}: no images to calibrate the int8 encoder with")
-    reader = ImageCalibrationReader(files, bundle.config.preprocess)
-    if reader.empty:
-        raise BundleError(f"{calib_images}: none of the {len(files)} calibration images could be read "
-                          f"({reader.skipped[0]})")
+    reader = calibration_reader(files, calib_images, bundle.config.preprocess)
     out = Path(out) if out else bundle.dir / graph_file(ENCODER, "int8")
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "encoder.pre.onnx"

@@ -36,7 +36,7 @@ from sat_export.contract import ENCODER
 from sat_export.errors import BundleError
 from sat_export.export import graph_file
 from sat_export.images import ImageDecodeError, load_image
-from sat_export.quantize import METHODS, ImageCalibrationReader, calibration_files, quantize_prepared
+from sat_export.quantize import METHODS, calibration_files, calibration_reader, quantize_prepared
 
 DEFAULT_TARGET = 0.97
 HOLD_BACK = 4  # every 4th calibration image is held back to measure agreement
@@ -249,10 +249,7 @@ def search_int8_encoder(bundle_dir: str | Path, calib_images: str | Path | Seque
     bundle = load_bundle(bundle_dir)
     files = calibration_files(calib_images, limit)
     calib, held_files = split_held_back(files)
-    reader = ImageCalibrationReader(calib, bundle.config.preprocess, batch=1)  # histograms need equal batches
-    if reader.empty:
-        raise BundleError(f"{calib_images}: none of the {len(calib)} calibration images could be read "
-                          f"({reader.skipped[0]})")
+    reader = calibration_reader(calib, calib_images, bundle.config.preprocess, batch=1)  # histograms: equal batches
     held = HeldBack(bundle, held_files)
     out = Path(out) if out else bundle.dir / graph_file(ENCODER, "int8")
     with tempfile.TemporaryDirectory() as tmp:
