@@ -29,48 +29,52 @@ def default_device() -> torch.device:
 def open_backend(model: str | Path | None = None, backend: str = "auto", device: str | torch.device | None = None,
                  **options) -> Backend:
     """A ready backend for ``model`` (checkpoint file, bundle folder, or None for the demo model)."""
-    if backend not in BACKEND_NAMES:
-        raise SatError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_NAMES)}")
     device = torch.device(device) if device is not None else default_device()
-    path = _resolve_model(model)
+    path = resolve_model(model, backend)
     if backend == "torch":
-        if path.is_dir():
-            raise SatError(f"{path}: the torch backend needs a checkpoint (.pth), not a bundle folder")
         from engines.torch_eager import TorchBackend
 
         return TorchBackend.from_checkpoint(path, device, **options)
-    bundle_dir = path if path.is_dir() else _cached_bundle(path)
-    if backend == "tensorrt" or (backend == "auto" and device.type == "cuda" and _has_engines(bundle_dir)):
+    if backend == "tensorrt" or (backend == "auto" and device.type == "cuda" and _has_engines(path)):
         from engines.trt import TensorRTBackend
 
         try:
-            return TensorRTBackend.from_bundle(bundle_dir, device)
+            return TensorRTBackend.from_bundle(path, device)
         except BackendUnavailable:
             if backend == "tensorrt":
                 raise
     from engines.ort import OrtBackend
 
-    return OrtBackend.from_bundle(bundle_dir, device, **options)
+    return OrtBackend.from_bundle(path, device, **options)
 
 
-def _resolve_model(model: str | Path | None) -> Path:
+def resolve_model(model: str | Path | None, backend: str = "auto") -> Path:
+    """What ``backend`` opens for ``model``: the checkpoint for torch, else a bundle folder.
+
+    A checkpoint given to a bundle backend is built once into the cache (``sat_export.bundle_cache``).
+    """
+    if backend not in BACKEND_NAMES:
+        raise SatError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_NAMES)}")
     if model is None:
         from sat_export.assets import demo_checkpoint_path
 
-        return demo_checkpoint_path()
-    path = Path(model)
-    if not path.exists():
-        raise SatError(f"{path}: no such checkpoint or bundle")
-    return path
+        path = demo_checkpoint_path()
+    else:
+        path = Path(model)
+        if not path.exists():
+            raise SatError(f"{path}: no such checkpoint or bundle")
+    if backend == "torch":
+        if path.is_dir():
+            raise SatError(f"{path}: the torch backend needs a checkpoint (.pth), not a bundle folder")
+        return path
+    if path.is_dir():
+        return path
+    from sat_export.bundle_cache import cached_bundle
+
+    return cached_bundle(path)
 
 
 def _has_engines(bundle_dir: Path) -> bool:
     from sat_export.bundle import load_bundle
 
     return bool(load_bundle(bundle_dir).manifest.get("tensorrt"))
-
-
-def _cached_bundle(ckpt: Path) -> Path:
-    from sat_export.bundle_cache import cached_bundle
-
-    return cached_bundle(ckpt)

@@ -22,11 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from engines import BACKEND_NAMES
+from engines import resolve_model
 from engines.decode import DecodeOptions
-from sat_export.assets import demo_checkpoint_path
 from sat_export.bundle import load_bundle
-from sat_export.bundle_cache import cached_bundle
 from sat_export.errors import BackendUnavailable, SatError
 from sat_export.infer import (InferOptions, Loaded, Plan, Summary, append_rows, caption_rows, open_engine,
                               read_item, save_alphas)
@@ -70,16 +68,8 @@ def model_config(model: str | Path | None, backend: str) -> ModelConfig:
     A checkpoint for a bundle backend has its bundle built here, once, into this machine's
     cache (``sat_export.bundle_cache``), where actors on this machine then find it.
     """
-    if backend not in BACKEND_NAMES:
-        raise SatError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_NAMES)}")
-    path = Path(model) if model is not None else demo_checkpoint_path()
-    if not path.exists():
-        raise SatError(f"{path}: no such checkpoint or bundle")
-    if path.is_dir():
-        return load_bundle(path).config
-    if backend == "torch":
-        return load_checkpoint(path).config
-    return load_bundle(cached_bundle(path)).config
+    path = resolve_model(model, backend)
+    return load_bundle(path).config if path.is_dir() else load_checkpoint(path).config
 
 
 def read_batch(batch: dict[str, np.ndarray], cfg: PreprocessConfig, max_pixels: int) -> dict[str, np.ndarray]:
