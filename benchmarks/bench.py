@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from benchmarks.ceilings import encoder_macs, gemm_rates
 from benchmarks.configs import BASELINE, CONFIGS, BenchConfig, open_config
 from benchmarks.prepare import BenchModel
 from engines.base import Backend
@@ -115,6 +116,7 @@ class BenchResult:
     images: dict
     environment: dict
     seconds: float
+    ceilings: dict = field(default_factory=dict)  # GEMM rates per precision, encoder MACs per image
 
 
 def rss_mb() -> float:
@@ -230,6 +232,8 @@ def run_bench(model: BenchModel, options: BenchOptions = BenchOptions(), console
     ckpt = load_checkpoint(model.ckpt)
     images, kept, image_info = load_images(model.images, ckpt.config.preprocess)
     special_ids = ckpt.vocab.special_ids()
+    ceilings = {"gemm_gmac_s": gemm_rates(512 if options.quick else 2048),
+                "encoder_macs_per_image": encoder_macs(ckpt.build_model().eval(), images[0])}
     decode_options = DecodeOptions(beam=options.beam, max_len=options.max_len)
     rows = [Row(c) for c in CONFIGS if not options.keys or c.key in options.keys or c.baseline]
     for row in rows:
@@ -261,7 +265,8 @@ def run_bench(model: BenchModel, options: BenchOptions = BenchOptions(), console
             row.backend.close()
             row.backend = None
     environment["loadavg_end"] = list(os.getloadavg())
-    return BenchResult(rows, options, model, image_info, environment, round(time.perf_counter() - start, 2))
+    return BenchResult(rows, options, model, image_info, environment, round(time.perf_counter() - start, 2),
+                       ceilings)
 
 
 def collect_environment() -> dict:

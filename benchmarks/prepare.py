@@ -33,7 +33,8 @@ from sat_export.errors import ParityError, SatError
 from sat_export.quantize import calibration_files
 from training.checkpoint import save_checkpoint
 
-CACHE_VERSION = 1  # bump when preparation changes what it produces
+CACHE_VERSION = 1  # bump when preparation changes the reference model it produces
+BUNDLE_VERSION = 2  # bump when the bench bundle's build changes (2: the int8 head stays fp32)
 PREPARED = "prepared.json"
 BUILT = "bench-built.json"  # written beside the manifest once the bench bundle is complete
 
@@ -97,7 +98,7 @@ class BenchModel:
 def bench_bundle(ckpt: Path, calib: Path, int8: Int8Options, cache: Path, console: Console) -> tuple[Path, dict]:
     """The cached bundle of ``ckpt`` (fp32 + int8 encoder calibrated on ``calib``); built on first use."""
     files = calibration_files(calib)
-    h = hashlib.sha256(f"{CACHE_VERSION}|{sha256(ckpt)}|{int8.method}|{int8.target}".encode())
+    h = hashlib.sha256(f"{BUNDLE_VERSION}|{sha256(ckpt)}|{int8.method}|{int8.target}".encode())
     for f in files:
         h.update(f"{f.resolve()}|{f.stat().st_size}|{f.stat().st_mtime_ns}\n".encode())
     out = cache / "bundles" / h.hexdigest()[:16]

@@ -53,10 +53,12 @@ def document(result: BenchResult, seconds: dict) -> dict:
     """The JSON document: context (machine, libraries, model, images, options), rows, verdict."""
     rows = [_row_doc(r, result.images["n"]) for r in result.rows]
     _add_speedups(rows)
+    _add_ceiling_shares(rows, result.ceilings)
     return {"tool": "sat-bench", "format_version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "command": " ".join(["sat-bench", *sys.argv[1:]]), "seconds": seconds, **result.environment,
             "model": {**result.model.info, "bundle": str(result.model.bundle)}, "images": result.images,
-            "options": asdict(result.options), "rows": rows, "summary": verdict(rows, max(result.options.batch_sizes))}
+            "options": asdict(result.options), "ceilings": result.ceilings, "rows": rows,
+            "summary": verdict(rows, max(result.options.batch_sizes), result.ceilings)}
 
 
 def _add_speedups(rows: list[dict]) -> None:
@@ -68,8 +70,24 @@ def _add_speedups(rows: list[dict]) -> None:
                                          if ref else None)
 
 
-def verdict(rows: list[dict], batch: int) -> dict:
-    """At the reference batch: fastest faithful configuration against eager and the best PyTorch option."""
+def _add_ceiling_shares(rows: list[dict], ceilings: dict) -> None:
+    """Encoder GMAC/s of every CPU row and its share of the GEMM rate of the row's precision."""
+    macs, rates = ceilings.get("encoder_macs_per_image"), ceilings.get("gemm_gmac_s", {})
+    for row in rows:
+        gemm = rates.get(row["precision"]) if row["device"] == "cpu" else None
+        for size, stats in row["batches"].items():
+            rate = macs * int(size) / stats["encoder_ms"] / 1e6 if macs and stats["encoder_ms"] else None
+            stats["encoder_gmac_s"] = _round(rate, 1)
+            stats["encoder_share_of_gemm"] = _round(rate / gemm, 3) if rate and gemm else None
+
+
+def verdict(rows: list[dict], batch: int, ceilings: dict | None = None) -> dict:
+    """At the reference batch: fastest faithful configuration against eager and the best PyTorch option.
+
+    With ``ceilings``: the speed-up over the best PyTorch option an int8 encoder running at the
+    machine's int8 GEMM rate would reach, keeping that option's decode loop (an estimate, not a
+    measurement).
+    """
     def median(row):
         return row["batches"][str(batch)]["latency_ms"]["median"]
 
@@ -88,6 +106,12 @@ def verdict(rows: list[dict], batch: int) -> dict:
         out.update(fastest_faithful=fastest["key"], fastest_faithful_agreement=fastest["agreement"],
                    fastest_faithful_bleu4=fastest["bleu4"], speedup_vs_eager=round(median(base) / median(fastest), 2),
                    speedup_vs_best_torch=round(median(best_torch) / median(fastest), 2))
+    int8_rate = (ceilings or {}).get("gemm_gmac_s", {}).get("int8")
+    if int8_rate and (ceilings or {}).get("encoder_macs_per_image"):
+        encoder_ms = ceilings["encoder_macs_per_image"] * batch / int8_rate / 1e6
+        at_rate_ms = encoder_ms + best_torch["batches"][str(batch)]["decode_ms"]
+        out.update(gemm_gmac_s=ceilings["gemm_gmac_s"],
+                   int8_at_gemm_rate_vs_best_torch=round(median(best_torch) / at_rate_ms, 2))
     if ort is not None:
         out.update(ort_fp32_speedup_vs_eager=round(median(base) / median(ort), 2),
                    ort_fp32_identical=ort["agreement"] == 1.0)
@@ -99,19 +123,20 @@ def print_table(doc: dict, console: Console) -> None:
     table = Table(title=f"sat-bench: {doc['images']['n']} images {doc['images']['size'][0]}x{doc['images']['size'][1]}, "
                         f"beam {doc['options']['beam']}, {doc['machine']['cpu']} ({doc['machine']['usable_cores']} cores)")
     for name in ("configuration", "status", "batch", "median ms", "p90 ms", "img/s", "x eager", "encoder ms",
-                 "decode ms", "peak RSS MB", "agreement", "BLEU-4"):
+                 "enc % GEMM", "decode ms", "peak RSS MB", "agreement", "BLEU-4"):
         table.add_column(name, justify="left" if name in ("configuration", "status") else "right")
     for row in doc["rows"]:
         agree = "" if row["agreement"] is None else f"{row['agreement']:.1%}"
         bleu = "" if row["bleu4"] is None else f"{row['bleu4']:.3f}"
         status = row["status"].split(":")[0]
         if not row["batches"]:
-            table.add_row(row["key"], status, *[""] * 8, agree, bleu)
+            table.add_row(row["key"], status, *[""] * 9, agree, bleu)
         for size, s in row["batches"].items():
             table.add_row(row["key"], status, size, f"{s['latency_ms']['median']:.1f}",
                           f"{s['latency_ms']['p90']:.1f}", f"{s['images_per_s']:.1f}",
                           "" if s["speedup_vs_eager"] is None else f"{s['speedup_vs_eager']:.2f}",
-                          f"{s['encoder_ms']:.1f}", f"{s['decode_ms']:.1f}", str(s["peak_rss_mb"]), agree, bleu)
+                          f"{s['encoder_ms']:.1f}", "" if s["encoder_share_of_gemm"] is None
+                          else f"{s['encoder_share_of_gemm']:.0%}", f"{s['decode_ms']:.1f}", str(s["peak_rss_mb"]), agree, bleu)
     console.print(table)
     for row in doc["rows"]:
         if row["status"] != "ok":
@@ -132,6 +157,10 @@ def verdict_lines(summary: dict) -> list[str]:
     if "ort_fp32_speedup_vs_eager" in summary:
         lines.append(f"onnxruntime fp32: {summary['ort_fp32_speedup_vs_eager']:.2f}x eager fp32, captions "
                      f"{'identical' if summary['ort_fp32_identical'] else 'NOT identical'}")
+    if "int8_at_gemm_rate_vs_best_torch" in summary:
+        peaks = ", ".join(f"{k} {v:.0f}" for k, v in summary["gemm_gmac_s"].items() if v)
+        lines.append(f"GEMM rates here (GMAC/s): {peaks}; an int8 encoder at the int8 rate would make the batch "
+                     f"about {summary['int8_at_gemm_rate_vs_best_torch']:.2f}x the best PyTorch option")
     if summary.get("eager_bleu4") is not None:
         lines.append(f"held-out BLEU-4 of the model (eager fp32): {summary['eager_bleu4']:.3f}")
     return lines

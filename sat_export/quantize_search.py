@@ -36,7 +36,8 @@ from sat_export.contract import ENCODER
 from sat_export.errors import BundleError
 from sat_export.export import graph_file
 from sat_export.images import ImageDecodeError, load_image
-from sat_export.quantize import METHODS, calibration_files, calibration_reader, quantize_prepared
+from sat_export.quantize import (METHODS, calibration_files, calibration_reader, head_nodes, name_nodes,
+                                 quantize_prepared)
 
 DEFAULT_TARGET = 0.97
 HOLD_BACK = 4  # every 4th calibration image is held back to measure agreement
@@ -73,6 +74,7 @@ class Int8Search:
     agreement: float
     excluded_groups: list[str] = field(default_factory=list)
     excluded_nodes: list[str] = field(default_factory=list)
+    head_nodes: list[str] = field(default_factory=list)  # always fp32 (``quantize.head_nodes``)
     steps: list[SearchStep] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -169,7 +171,7 @@ def group_errors(prepared: Path, quantised: Path, groups: dict[str, list[str]], 
     fp32, int8 = onnx.load(str(prepared)), onnx.load(str(quantised))
     group_of = {n: g for g, nodes in groups.items() for n in nodes}
     nodes = {n.name: n for n in fp32.graph.node}
-    producer = {o: group_of[n.name] for n in fp32.graph.node for o in n.output}
+    producer = {o: group_of[n.name] for n in fp32.graph.node if n.name in group_of for o in n.output}
     present = {o for n in int8.graph.node for o in n.output}
     seen = _dequantized_names(int8)  # the value downstream nodes read in the int8 graph
     outputs = {g: nodes[names[-1]].output[0] for g, names in groups.items()}
@@ -212,14 +214,6 @@ def _run_with_outputs(model: onnx.ModelProto, names: list[str], feeds: dict) -> 
     return session.run(names, feeds)
 
 
-def _name_nodes(path: Path, model: onnx.ModelProto) -> onnx.ModelProto:
-    """Name the nodes pre-processing left unnamed (so they can be excluded) and save ``model`` to ``path``."""
-    for i, node in enumerate(model.graph.node):
-        node.name = node.name or f"{node.op_type}_pre_{i}"
-    onnx.save(model, str(path))
-    return model
-
-
 def search_int8_encoder(bundle_dir: str | Path, calib_images: str | Path | Sequence[str | Path],
                         method: str = "minmax", target: float = DEFAULT_TARGET, limit: int | None = 256,
                         out: str | Path | None = None, max_excluded: int = MAX_EXCLUDED,
@@ -255,7 +249,10 @@ def search_int8_encoder(bundle_dir: str | Path, calib_images: str | Path | Seque
     with tempfile.TemporaryDirectory() as tmp:
         prepared, ranges = Path(tmp) / "encoder.pre.onnx", Path(tmp) / "ranges.json"
         quant_pre_process(str(held.encoder), str(prepared))
-        groups = node_groups(onnx.load(str(held.encoder)), _name_nodes(prepared, onnx.load(str(prepared))))
+        named = name_nodes(prepared)
+        head = head_nodes(named)
+        groups = {g: kept for g, nodes in node_groups(onnx.load(str(held.encoder)), named).items()
+                  if (kept := [n for n in nodes if n not in head])}  # the head is fp32 anyway
         excluded: list[str] = []
         steps: list[SearchStep] = []
         ranking: list[str] = []
@@ -279,5 +276,5 @@ def search_int8_encoder(bundle_dir: str | Path, calib_images: str | Path | Seque
             excluded = excluded[:best]
             quantize_prepared(prepared, out, reader, method, [n for g in excluded for n in groups[g]], ranges)
     return Int8Search(out, method, target, len(calib), len(held.captions), steps[best].agreement, excluded,
-                      [n for g in excluded for n in groups[g]], steps, round(time.perf_counter() - start, 2))
+                      [n for g in excluded for n in groups[g]], head, steps, round(time.perf_counter() - start, 2))
 

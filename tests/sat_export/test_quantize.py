@@ -14,7 +14,7 @@ from sat_export.contract import DECODER_STEP, ENCODER, MANIFEST_FILE
 from sat_export.errors import BundleError
 from sat_export.export import check_graph_io
 from sat_export.parity import verify
-from sat_export.quantize import ImageCalibrationReader, calibration_files, quantize_encoder
+from sat_export.quantize import ImageCalibrationReader, calibration_files, head_nodes, quantize_encoder
 from tests.conftest import tiny_model
 
 
@@ -45,6 +45,19 @@ def test_quantize_encoder_writes_per_channel_qdq_graph_within_int8_tolerance(tmp
     report = verify(model, vocab, int8, bundle / DECODER_STEP.file, "int8", graphs=(ENCODER,), n_captions=2)
     assert report.passed, report.to_dict()
     assert 1e-4 < max(d.rel_l2 for d in report.diffs) <= 0.5  # really quantised
+    producers = {o: n for n in graph.node for o in n.output}
+    outputs = [producers[o.name] for o in graph.output]
+    assert all(n.op_type != "DequantizeLinear" for n in outputs)  # the head stays fp32: outputs never rounded
+
+
+def test_head_nodes_are_the_last_convolution_and_everything_after_it(tiny_bundle):
+    model = onnx.load(str(tiny_bundle / "encoder.onnx"))
+    head = head_nodes(model)
+    convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
+    assert [c for c in convs if c in head] == convs[-1:]
+    producers = {o: n.name for n in model.graph.node for o in n.output}
+    assert {producers[o.name] for o in model.graph.output} <= set(head)
+    assert len(head) < len(model.graph.node) / 2
 
 
 def test_calibration_reader_preprocesses_images_and_skips_unreadable(tmp_path, calib_dir):

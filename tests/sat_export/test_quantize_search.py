@@ -57,6 +57,8 @@ def test_search_excludes_groups_one_at_a_time_until_agreement_reaches_the_target
     float_weights = {i.name for i in graph.initializer}
     convs = {n.name: n.input[1] in float_weights for n in graph.node if n.op_type == "Conv"}
     excluded = set(result.excluded_nodes)
+    assert result.head_nodes and not excluded & set(result.head_nodes)
+    excluded |= set(result.head_nodes)  # the head after the last convolution always stays fp32
     assert any(convs[n] for n in convs if n in excluded)  # excluded convolutions keep float weights
     assert not any(convs[n] for n in convs if n not in excluded)  # the others read int8 ones
     json.dumps(result.to_dict())
