@@ -65,6 +65,11 @@ def build_bundle(ckpt_path: str | Path, out_dir: str | Path, options: BuildOptio
                                      console=console)
         int8, manifest["int8"] = search.path, search.to_dict()
         console.print(f"quantised {int8.name} ({_mb(int8)}) in {time.perf_counter() - start:.1f} s", highlight=False)
+        if not search.reached:
+            console.print(f"[yellow]int8 target not reached[/]: {search.agreement:.1%} of {search.n_held_back} "
+                          f"held-back captions agree with fp32 (target {search.target:.0%}), with "
+                          f"{len(search.excluded_groups)} groups left in fp32; the encoder is kept, its record "
+                          "is the manifest's 'int8' entry", highlight=False, soft_wrap=True)
         manifest["precisions"]["int8"] = {ENCODER.name: int8.name, DECODER_STEP.name: paths[DECODER_STEP.name].name}
         _gate(model, ckpt.vocab, out_dir, manifest, "int8", options.verify, console)
     if options.trt:

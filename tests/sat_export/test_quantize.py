@@ -15,6 +15,7 @@ from sat_export.errors import BundleError
 from sat_export.export import check_graph_io
 from sat_export.parity import verify
 from sat_export.quantize import ImageCalibrationReader, calibration_files, head_nodes, quantize_encoder
+from sat_export.quantize_search import HeldBack
 from tests.conftest import tiny_model
 
 
@@ -94,3 +95,14 @@ def test_build_with_int8_encoder_registers_it_and_check_runs_it(tmp_path, tiny_c
     assert result.exit_code == 0 and "int8" in result.output, result.output
     result = CliRunner().invoke(app, ["build", "--ckpt", str(tiny_ckpt), "--out", str(out), "--int8-encoder"])
     assert result.exit_code == 2 and "--calib" in result.output
+
+
+def test_build_says_when_the_int8_target_is_not_reached(tmp_path, tiny_ckpt, calib_dir, copy_instead_of_export,
+                                                        monkeypatch):
+    monkeypatch.setattr(HeldBack, "score", lambda self, encoder: (0.25, 0.3))  # never reaches 97 %
+    out = tmp_path / "bundle"
+    result = CliRunner().invoke(app, ["build", "--ckpt", str(tiny_ckpt), "--out", str(out), "--int8-encoder",
+                                      "--calib", str(calib_dir)])
+    assert result.exit_code == 0, result.output
+    assert "int8 target not reached" in result.output and "25.0%" in result.output
+    assert json.loads((out / MANIFEST_FILE).read_text())["int8"]["reached"] is False
