@@ -29,9 +29,10 @@ from engines import open_backend
 from engines.base import Backend
 from engines.decode import Caption, DecodeOptions, decode
 from engines.ort import usable_cores
+from sat_export.contract import MANIFEST_FILE
 from sat_export.gallery import THUMB, overlay_folder, write_gallery, write_overlays
 from sat_export.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_rgb, preprocess
-from sat_export.inputs import InputItem, discover, resume_output, sidecar_path
+from sat_export.inputs import InputError, InputItem, check_run_record, discover, resume_output, sidecar_path
 from training.config import PreprocessConfig
 
 
@@ -109,13 +110,32 @@ def open_engine(model: str | Path | None, backend: str = "auto", workers: int = 
     return open_backend(model, backend, **({} if backend == "torch" else {"threads": threads}))  # ONNX Runtime's pool
 
 
-def plan(paths: Iterable[str | Path], out: str | Path, overwrite: bool = False) -> Plan:
+def run_settings(model: str | Path | None, decode: DecodeOptions) -> dict:
+    """What the rows of a run depend on: the model's identity (sha256 of the checkpoint, or of the
+    bundle's sealed manifest; the demo model by default) and the decoding options."""
+    from sat_export.assets import demo_checkpoint_path
+    from sat_export.bundle import sha256
+
+    path = Path(model) if model is not None else demo_checkpoint_path()
+    if not path.exists():
+        raise InputError(f"{path}: no such checkpoint or bundle")
+    return {"model_sha256": sha256(path / MANIFEST_FILE if path.is_dir() else path),  # not the path: it may move
+            "beam": decode.beam, "max_len": decode.max_len, "length_penalty": decode.length_penalty}
+
+
+def plan(paths: Iterable[str | Path], out: str | Path, overwrite: bool = False, settings: dict | None = None) -> Plan:
     """Discover the inputs and prepare ``out`` (torn line cut, or emptied with ``overwrite``).
 
-    Raises ``InputError`` for a missing input, a key clash or an output that is not sat-infer JSONL.
+    With ``settings`` (``run_settings``), an ``out`` whose rows were made with other settings is
+    refused rather than resumed, and the settings are recorded beside it.
+
+    Raises ``InputError`` for a missing input, a key clash, an output that is not sat-infer JSONL
+    or one made with other settings.
     """
     out = Path(out)
     items = discover(paths)
+    if settings is not None:
+        check_run_record(out, settings, overwrite)
     done = resume_output(out, overwrite)
     todo = [item for item in items if item.key not in done]
     done_errors = sum(done[item.key] for item in items if item.key in done)

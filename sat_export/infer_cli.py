@@ -15,7 +15,7 @@ from engines.ort import usable_cores
 from sat_export.console import console, user_errors
 from sat_export.errors import SatError
 from sat_export.images import DEFAULT_MAX_PIXELS
-from sat_export.infer import InferOptions, Summary, open_engine, plan, run
+from sat_export.infer import InferOptions, Summary, open_engine, plan, run, run_settings
 from sat_export.ray_infer import RayOptions, run_ray
 
 app = typer.Typer(add_completion=False)
@@ -59,8 +59,8 @@ def main(
 
     On a Ray cluster:  sat-infer /shared/photos --out /shared/captions.jsonl --ray --ray-address auto --ray-actors 8
     """
-    work = plan(paths, out, overwrite)
     options = InferOptions(batch_size, DecodeOptions(beam, max_len), workers, max_pixels, alphas, overlays)
+    work = plan(paths, out, overwrite, run_settings(model, options.decode))
     if work.todo:
         with (nullcontext() if ray else open_engine(model, backend, workers, threads)) as engine, Progress(
                 TextColumn("captioning"), BarColumn(), MofNCompleteColumn(), ImagesPerSecond(), TimeRemainingColumn(),

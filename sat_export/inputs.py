@@ -118,6 +118,37 @@ def sidecar_path(key: str, root: Path, suffix: str) -> Path:
     return root.joinpath(*parts[:-1], parts[-1] + suffix)
 
 
+def run_record_path(out: Path) -> Path:
+    """``captions.jsonl`` -> ``captions.jsonl.run.json``: what produced the rows of ``out``."""
+    return out.with_name(out.name + ".run.json")
+
+
+def check_run_record(out: Path, settings: dict, overwrite: bool = False) -> None:
+    """Refuse to resume ``out`` with other ``settings`` (model, decoding) than the rows were made with.
+
+    The record is (re)written for every run that goes on. An output without a record (written
+    before records were kept) is resumed as it is.
+
+    Raises
+    ------
+    InputError
+        ``out`` holds rows and its record differs from ``settings``; nothing is changed.
+    """
+    record = run_record_path(out)
+    if not overwrite and record.is_file() and out.is_file() and out.stat().st_size:
+        try:
+            before = json.loads(record.read_text())
+        except ValueError:
+            raise InputError(f"{record}: unreadable run record; pass --overwrite to start over") from None
+        changed = [f"{key} {before.get(key)!r} -> {value!r}" for key, value in settings.items()
+                   if before.get(key) != value]
+        if changed:
+            raise InputError(f"{out}: its rows were made with other settings ({'; '.join(changed)}); pass "
+                             "--overwrite to start over or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(settings, indent=1) + "\n")
+
+
 def resume_output(out: Path, overwrite: bool = False) -> dict[str, bool]:
     """Prepare ``out`` for appending; map the key of each row it already holds to "is an error row".
 

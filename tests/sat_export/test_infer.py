@@ -22,9 +22,9 @@ from urllib.parse import unquote
 
 from engines.decode import DecodeOptions, decode
 from engines.torch_eager import TorchBackend
-from sat_export.infer import InferOptions, Loaded, batches, plan, prefetch, read_item, run
+from sat_export.infer import InferOptions, Loaded, batches, plan, prefetch, read_item, run, run_settings
 from sat_export.infer_cli import app
-from sat_export.inputs import InputItem
+from sat_export.inputs import InputError, InputItem, run_record_path
 
 GOOD = {  # file name -> (mode, format): many formats and modes, 64 px
     "rgb.jpg": ("RGB", "JPEG"), "grey.jpg": ("L", "JPEG"), "cmyk.jpg": ("CMYK", "JPEG"),
@@ -206,6 +206,23 @@ def test_resume_after_a_torn_write_ends_with_exactly_one_row_per_file(tmp_path, 
     assert plan([tmp_path / "in"], out, overwrite=True).todo[0].key == names[0]
 
 
+def test_resuming_with_another_model_or_decoding_is_refused_and_changes_nothing(tmp_path, backend, tiny_ckpt,
+                                                                                 tiny_bundle):
+    write_images(tmp_path / "in", 3)
+    out = tmp_path / "c.jsonl"
+    greedy = run_settings(tiny_ckpt, DecodeOptions())
+    run(backend, plan([tmp_path / "in"], out, settings=greedy), InferOptions())
+    before = out.read_bytes()
+    with pytest.raises(InputError, match="beam 1 -> 3.*--overwrite"):
+        plan([tmp_path / "in"], out, settings=run_settings(tiny_ckpt, DecodeOptions(beam=3)))
+    with pytest.raises(InputError, match="model_sha256"):
+        plan([tmp_path / "in"], out, settings=run_settings(tiny_bundle, DecodeOptions()))
+    assert out.read_bytes() == before
+    assert plan([tmp_path / "in"], out, settings=greedy).done == 3  # same settings: resumed
+    assert len(plan([tmp_path / "in"], out, True, run_settings(tiny_ckpt, DecodeOptions(beam=3))).todo) == 3
+    assert json.loads(run_record_path(out).read_text())["beam"] == 3
+
+
 def test_prefetch_keeps_at_most_depth_items_ahead_of_the_consumer():
     pulled = []
     lead = []
@@ -242,6 +259,9 @@ def test_cli_summary_and_strict_exit_code(mixed_folder, tmp_path, tiny_ckpt):
     assert f"captioned {len(GOOD)}, errors {len(BAD)}, already done 0" in result.output
     result = CliRunner().invoke(app, [*args, "--strict"])  # nothing left to do, the errors are still there
     assert result.exit_code == 1 and f"{len(BAD)} file(s) could not be captioned" in result.output
+    assert len(read_rows(out)) == len(GOOD) + len(BAD)
+    result = CliRunner().invoke(app, [*args, "--beam", "2"])  # other decoding: refused, in one line
+    assert result.exit_code == 1 and "beam 1 -> 2" in result.output and "Traceback" not in result.output
     assert len(read_rows(out)) == len(GOOD) + len(BAD)
 
 
