@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -134,6 +135,7 @@ def run_ray(model: str | Path | None, plan: Plan, options: InferOptions = InferO
     start = time.perf_counter()
     started = not ray.is_initialized()
     if started:
+        check_reachable(ray_options.address or os.environ.get("RAY_ADDRESS"))
         try:
             ray.init(address=ray_options.address)
         except ConnectionError as err:
@@ -154,6 +156,23 @@ def run_ray(model: str | Path | None, plan: Plan, options: InferOptions = InferO
             ray.shutdown()
         summary.seconds = time.perf_counter() - start
     return summary
+
+
+def check_reachable(address: str | None, timeout: float = 10.0) -> None:
+    """Refuse a ``HOST:PORT`` (or ``ray://HOST:PORT``) nothing answers on: ``ray.init`` would retry forever.
+
+    ``None``, ``auto`` and ``local`` are left to ``ray.init``, which fails fast for them.
+    """
+    if not address or address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise SatError(f"cannot reach the Ray cluster at {address} ({err.strerror or err}); is it running? "
+                       "(`ray status` on its head node)") from None
 
 
 def _check_fits(resources: dict[str, float], ray_options: RayOptions) -> None:

@@ -1,6 +1,8 @@
 """sat-infer --ray on a local 2-CPU Ray: the single-process rows and alphas, bad files, resume after SIGKILL."""
 from __future__ import annotations
 
+import re
+import socket
 import sys
 from pathlib import Path
 
@@ -12,7 +14,7 @@ from engines.torch_eager import TorchBackend
 from sat_export.errors import SatError
 from sat_export.infer import InferOptions, plan, run
 from sat_export.infer_cli import app
-from sat_export.ray_infer import RayOptions, run_ray
+from sat_export.ray_infer import RayOptions, check_reachable, run_ray
 from tests.sat_export.test_infer import (assert_one_captioned_row_per_image, encoded, image, kill_9_mid_run,
                                         read_rows, write_images)
 
@@ -96,3 +98,14 @@ def test_an_actor_pool_that_leaves_no_cpu_for_the_readers_is_refused_instead_of_
         run_ray(tiny_ckpt, work, ray_options=RayOptions(actors=2), backend="torch")
     with pytest.raises(SatError, match=r"1 actor\(s\) x 0.5 GPU need more than the cluster's 0 GPU"):
         run_ray(tiny_ckpt, work, ray_options=RayOptions(gpus_per_actor=0.5), backend="torch")
+
+
+def test_an_address_nothing_answers_on_is_refused_instead_of_retrying_forever():
+    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens on it
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        with pytest.raises(SatError, match=f"cannot reach the Ray cluster at {re.escape(address)}"):
+            check_reachable(address)
+    check_reachable("auto")  # left to ray.init
+    check_reachable(None)
