@@ -37,7 +37,7 @@ def main(
     images: Path = typer.Option(None, help="Folder of images to caption [default: the reference model's "
                                 "held-out images]."),
     calib: Path = typer.Option(None, help="Calibration images of the int8 encoder [default: --images with --ckpt]."),
-    calib_method: str = typer.Option("minmax", help=f"int8 calibration: {', '.join(METHODS)}."),
+    calib_method: str = typer.Option("mse", help=f"int8 calibration: {', '.join(METHODS)}."),
     int8_target: float = typer.Option(DEFAULT_TARGET, help="Caption agreement the int8 encoder must keep."),
     batch_sizes: str = typer.Option(None, help="Comma-separated batch sizes [default: 1,8,32; --quick: 1,4]."),
     beam: int = typer.Option(1, help="Beam size (1: greedy)."),

@@ -50,7 +50,7 @@ def default_cache() -> Path:
 class Int8Options:
     """How the int8 encoder of a bench bundle is calibrated and how close to fp32 it must stay."""
 
-    method: str = "minmax"
+    method: str = "mse"
     target: float = 0.97
 
 

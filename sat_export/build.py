@@ -33,7 +33,7 @@ class BuildOptions:
     trt: bool = False
     trt_profile: tuple[int, int, int] = DEFAULT_PROFILE
     verify: bool = True
-    int8_method: str = "minmax"  # calibration: minmax, percentile or entropy
+    int8_method: str = "mse"  # calibration: one of quantize.METHODS
     int8_target: float = DEFAULT_TARGET  # held-back caption agreement the int8 encoder must keep
 
 

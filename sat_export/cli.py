@@ -9,6 +9,7 @@ from rich.markup import escape
 
 from sat_export.console import console, user_errors
 from sat_export.contract import DEFAULT_OPSET
+from sat_export.quantize import METHODS
 from training.checkpoint import load_checkpoint
 
 app = typer.Typer(
@@ -46,7 +47,7 @@ def build(
     fp16: bool = typer.Option(False, "--fp16", help="Also write an fp16 ONNX pair (float32 I/O), with its own parity report."),
     int8_encoder: bool = typer.Option(False, "--int8-encoder", help="Also write a static int8 (QDQ) encoder; needs --calib."),
     calib: Path | None = typer.Option(None, "--calib", help="Folder of your images to calibrate --int8-encoder on."),
-    calib_method: str = typer.Option("minmax", "--calib-method", help="int8 calibration: minmax, percentile or entropy."),
+    calib_method: str = typer.Option("mse", "--calib-method", help=f"int8 calibration: {', '.join(METHODS)}."),
     int8_target: float = typer.Option(0.97, "--int8-target", help="Share of held-back calibration images whose caption "
                                       "must stay identical to fp32; sensitive layers stay fp32 until it is reached."),
     trt: bool = typer.Option(False, "--trt", help="Also build TensorRT engines (needs the [trt] extra and a GPU)."),
@@ -62,8 +63,8 @@ def build(
 
     if int8_encoder != (calib is not None):
         raise typer.BadParameter("--int8-encoder and --calib DIR go together")
-    if calib_method not in ("minmax", "percentile", "entropy") or not 0 < int8_target <= 1:
-        raise typer.BadParameter("--calib-method must be minmax, percentile or entropy; --int8-target in (0, 1]")
+    if calib_method not in METHODS or not 0 < int8_target <= 1:
+        raise typer.BadParameter(f"--calib-method must be one of {', '.join(METHODS)}; --int8-target in (0, 1]")
     try:
         profile = tuple(int(b) for b in trt_profile.split(","))
         options = BuildOptions(opset, fp16, calib, trt, check_profile(profile), verify, calib_method, int8_target)

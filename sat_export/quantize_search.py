@@ -1,8 +1,8 @@
 """Accuracy-aware int8 encoder: static QDQ quantisation that backs off where the captions change.
 
 1. The calibration images are split: every ``HOLD_BACK``-th one is held back to judge the result.
-2. Activation ranges are calibrated once (``minmax``, ``percentile`` or ``entropy``) on the rest
-   and cached, so every later quantisation of the search reuses them.
+2. Activation ranges are calibrated once on the rest (``mse`` by default; ``minmax``,
+   ``percentile``, ``entropy``) and cached, so every later quantisation of the search reuses them.
 3. The whole encoder is quantised (QDQ, per-channel int8 weights, uint8 activations: the
    VNNI-friendly choice on x86), and the held-back images are captioned with it and the fp32
    decoder step; agreement is the share of captions identical to the fp32 bundle's.
@@ -37,7 +37,7 @@ from sat_export.errors import BundleError
 from sat_export.export import graph_file
 from sat_export.images import ImageDecodeError, load_image
 from sat_export.quantize import (METHODS, calibration_files, calibration_reader, head_nodes, name_nodes,
-                                 quantize_prepared)
+                                 quantize_prepared, session_with_outputs)
 
 DEFAULT_TARGET = 0.97
 HOLD_BACK = 4  # every 4th calibration image is held back to measure agreement
@@ -177,8 +177,10 @@ def group_errors(prepared: Path, quantised: Path, groups: dict[str, list[str]], 
     outputs = {g: nodes[names[-1]].output[0] for g, names in groups.items()}
     outputs = {g: t for g, t in outputs.items() if seen.get(t, t) in present}
     feeds = {ENCODER.input_names[0]: images.numpy()}
-    ref = _run_with_outputs(fp32, list(outputs.values()), feeds)
-    got = _run_with_outputs(int8, [seen.get(t, t) for t in outputs.values()], feeds)
+    names = list(outputs.values())
+    ref = session_with_outputs(fp32, names).run(names, feeds)
+    quantised_names = [seen.get(t, t) for t in names]
+    got = session_with_outputs(int8, quantised_names).run(quantised_names, feeds)
     err = {g: float(np.linalg.norm(q - f) / max(np.linalg.norm(f), 1e-12)) for g, f, q in zip(outputs, ref, got)}
     errors = {}
     for g in err:
@@ -202,20 +204,8 @@ def _dequantized_names(model: onnx.ModelProto) -> dict[str, str]:
     return result
 
 
-def _run_with_outputs(model: onnx.ModelProto, names: list[str], feeds: dict) -> list[np.ndarray]:
-    import onnxruntime as ort
-
-    extra = onnx.ModelProto()
-    extra.CopyFrom(model)
-    present = {o.name for o in extra.graph.output}
-    extra.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
-                              for n in dict.fromkeys(names) if n not in present)
-    session = ort.InferenceSession(extra.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(names, feeds)
-
-
 def search_int8_encoder(bundle_dir: str | Path, calib_images: str | Path | Sequence[str | Path],
-                        method: str = "minmax", target: float = DEFAULT_TARGET, limit: int | None = 256,
+                        method: str = "mse", target: float = DEFAULT_TARGET, limit: int | None = 256,
                         out: str | Path | None = None, max_excluded: int = MAX_EXCLUDED,
                         console: Console | None = None) -> Int8Search:
     """Quantise the bundle's encoder, excluding sensitive groups until held-back agreement >= ``target``.
@@ -224,7 +214,7 @@ def search_int8_encoder(bundle_dir: str | Path, calib_images: str | Path | Seque
     ----------
     bundle_dir : a built bundle with fp32 graphs (its manifest gives the preprocessing).
     calib_images : a folder of images (searched recursively) or a list of image paths.
-    method : calibration method, ``minmax``, ``percentile`` or ``entropy``.
+    method : calibration method, one of ``quantize.METHODS`` (default ``mse``).
     target : share of held-back captions that must equal the fp32 ones, in (0, 1].
     limit : use at most this many images (sorted by path), held-back ones included.
     out : output path; ``encoder.int8.onnx`` in the bundle by default.

@@ -14,7 +14,8 @@ from sat_export.contract import DECODER_STEP, ENCODER, MANIFEST_FILE
 from sat_export.errors import BundleError
 from sat_export.export import check_graph_io
 from sat_export.parity import verify
-from sat_export.quantize import ImageCalibrationReader, calibration_files, head_nodes, quantize_encoder
+from sat_export.quantize import (ImageCalibrationReader, _least_error_fraction, calibration_files, head_nodes,
+                                 mse_ranges, quantize_encoder)
 from sat_export.quantize_search import HeldBack
 from tests.conftest import tiny_model
 
@@ -106,3 +107,48 @@ def test_build_says_when_the_int8_target_is_not_reached(tmp_path, tiny_ckpt, cal
     assert result.exit_code == 0, result.output
     assert "int8 target not reached" in result.output and "25.0%" in result.output
     assert json.loads((out / MANIFEST_FILE).read_text())["int8"]["reached"] is False
+
+
+def test_the_least_error_range_clips_a_long_tail_and_keeps_a_uniform_spread():
+    uniform = np.full(100, 1000.0)
+    assert _least_error_fraction(uniform, 0.0, 10.0) == 1.0  # clipping any of it costs more than it saves
+    tail = np.zeros(100)
+    tail[:10], tail[-1] = 1e6, 1.0  # almost everything below 1, one value near 10
+    assert _least_error_fraction(tail, 0.0, 10.0) < 0.5
+
+
+def test_mse_calibration_shrinks_ranges_and_gives_a_runnable_int8_encoder(tmp_path, tiny_bundle, calib_dir, vocab):
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator, load_tensors_data
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    bundle = shutil.copytree(tiny_bundle, tmp_path / "b")
+    prepared = tmp_path / "pre.onnx"
+    quant_pre_process(str(bundle / "encoder.onnx"), str(prepared))
+    reader = ImageCalibrationReader(calibration_files(calib_dir), tiny_model().config.preprocess)
+    batches = list(iter(reader.get_next, None))
+    mse_ranges(prepared, batches, tmp_path / "mse.json")
+    shrunk = load_tensors_data(tmp_path / "mse.json").data
+    calibrator = create_calibrator(prepared, augmented_model_path=str(tmp_path / "aug.onnx"),
+                                   calibrate_method=CalibrationMethod.MinMax)
+    calibrator.collect_data(iter_reader(batches))
+    minmax = calibrator.compute_data().data
+    assert set(shrunk) == set(minmax)
+    span = {n: (float(np.min(t.lowest)), float(np.max(t.highest))) for n, t in shrunk.items()}
+    full = {n: (min(float(np.min(t.lowest)), 0), max(float(np.max(t.highest)), 0)) for n, t in minmax.items()}
+    for name, (lo, hi) in span.items():  # inside the min/max range (widened to hold 0, as uint8 does)
+        assert full[name][0] - 1e-6 <= lo and hi <= full[name][1] + 1e-6, (name, span[name], full[name])
+    assert any(hi < 0.99 * full[n][1] for n, (lo, hi) in span.items())  # some tail was clipped
+    int8 = quantize_encoder(bundle, calib_dir, method="mse")
+    report = verify(tiny_model(), vocab, int8, bundle / DECODER_STEP.file, "int8", graphs=(ENCODER,), n_captions=2)
+    assert report.passed, report.to_dict()
+
+
+def iter_reader(batches):
+    class Reader:
+        def __init__(self):
+            self.it = iter(batches)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    return Reader()
