@@ -48,6 +48,18 @@ def open_backend(model: str | Path | None = None, backend: str = "auto", device:
     return OrtBackend.from_bundle(path, device, **options)
 
 
+def model_path(model: str | Path | None) -> Path:
+    """The checkpoint or bundle folder ``model`` names (None: the embedded demo checkpoint); it must exist."""
+    if model is None:
+        from sat_export.assets import demo_checkpoint_path
+
+        return demo_checkpoint_path()
+    path = Path(model)
+    if not path.exists():
+        raise SatError(f"{path}: no such checkpoint or bundle")
+    return path
+
+
 def resolve_model(model: str | Path | None, backend: str = "auto") -> Path:
     """What ``backend`` opens for ``model``: the checkpoint for torch, else a bundle folder.
 
@@ -55,14 +67,7 @@ def resolve_model(model: str | Path | None, backend: str = "auto") -> Path:
     """
     if backend not in BACKEND_NAMES:
         raise SatError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_NAMES)}")
-    if model is None:
-        from sat_export.assets import demo_checkpoint_path
-
-        path = demo_checkpoint_path()
-    else:
-        path = Path(model)
-        if not path.exists():
-            raise SatError(f"{path}: no such checkpoint or bundle")
+    path = model_path(model)
     if backend == "torch":
         if path.is_dir():
             raise SatError(f"{path}: the torch backend needs a checkpoint (.pth), not a bundle folder")

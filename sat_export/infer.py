@@ -25,14 +25,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from engines import open_backend
+from engines import model_path, open_backend
 from engines.base import Backend
 from engines.decode import Caption, DecodeOptions, decode
 from engines.ort import usable_cores
 from sat_export.contract import MANIFEST_FILE
 from sat_export.gallery import THUMB, overlay_folder, write_gallery, write_overlays
 from sat_export.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_rgb, preprocess
-from sat_export.inputs import InputError, InputItem, check_run_record, discover, resume_output, sidecar_path
+from sat_export.inputs import InputItem, check_run_record, discover, resume_output, sidecar_path
 from training.config import PreprocessConfig
 
 
@@ -113,12 +113,9 @@ def open_engine(model: str | Path | None, backend: str = "auto", workers: int = 
 def run_settings(model: str | Path | None, decode: DecodeOptions) -> dict:
     """What the rows of a run depend on: the model's identity (sha256 of the checkpoint, or of the
     bundle's sealed manifest; the demo model by default) and the decoding options."""
-    from sat_export.assets import demo_checkpoint_path
     from sat_export.bundle import sha256
 
-    path = Path(model) if model is not None else demo_checkpoint_path()
-    if not path.exists():
-        raise InputError(f"{path}: no such checkpoint or bundle")
+    path = model_path(model)
     return {"model_sha256": sha256(path / MANIFEST_FILE if path.is_dir() else path),  # not the path: it may move
             "beam": decode.beam, "max_len": decode.max_len, "length_penalty": decode.length_penalty}
 
