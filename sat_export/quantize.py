@@ -188,21 +188,27 @@ def mse_ranges(prepared: Path, batches: list[dict[str, np.ndarray]], out: Path) 
             hist[name] += np.histogram(values[name], MSE_BINS, edges[name])[0]  # float64 edges: fine bins
     ranges = {}
     for name, (lo, hi) in edges.items():
-        fraction = _least_error_fraction(hist[name], lo, hi) if name in hist else 1.0
-        low, high = min(lo, 0.0) * fraction, max(hi, 0.0) * fraction  # uint8 ranges always hold 0
+        low, high = _least_error_range(hist[name], lo, hi) if name in hist else _uint8_range(lo, hi, 1.0)
         ranges[name] = TensorData(lowest=np.float32(low), highest=np.float32(high))
     save_tensors_data(TensorsData(minmax.calibration_method, ranges), out)
 
 
-def _least_error_fraction(hist: np.ndarray, lo: float, hi: float) -> float:
+def _uint8_range(lo: float, hi: float, fraction: float) -> tuple[float, float]:
+    """``fraction`` of the range ``[lo, hi]`` widened to hold 0, as uint8 quantisation does."""
+    return min(lo, 0.0) * fraction, max(hi, 0.0) * fraction
+
+
+def _least_error_range(hist: np.ndarray, lo: float, hi: float) -> tuple[float, float]:
+    """The range (a fraction ``MSE_FRACTIONS`` of ``[lo, hi]``) with the least error over ``hist``."""
     centers = lo + (np.arange(len(hist)) + 0.5) * (hi - lo) / len(hist)
     errors = []
     for fraction in MSE_FRACTIONS:
-        low, high = min(lo, 0.0) * fraction, max(hi, 0.0) * fraction  # uint8 ranges always hold 0
+        low, high = _uint8_range(lo, hi, fraction)
         step = (high - low) / 255
-        err = np.where(centers > high, (centers - high) ** 2, np.where(centers < low, (centers - low) ** 2, step ** 2 / 12))
+        clipped = np.where(centers > high, (centers - high) ** 2, (centers - low) ** 2)
+        err = np.where((centers > high) | (centers < low), clipped, step ** 2 / 12)
         errors.append(float(hist @ err))
-    return float(MSE_FRACTIONS[int(np.argmin(errors))])
+    return _uint8_range(lo, hi, float(MSE_FRACTIONS[int(np.argmin(errors))]))
 
 
 def quantize_prepared(prepared: Path, out: Path, reader, method: str, nodes_to_exclude: Sequence[str] = (),

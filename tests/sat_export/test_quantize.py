@@ -14,7 +14,7 @@ from sat_export.contract import DECODER_STEP, ENCODER, MANIFEST_FILE
 from sat_export.errors import BundleError
 from sat_export.export import check_graph_io
 from sat_export.parity import verify
-from sat_export.quantize import (ImageCalibrationReader, _least_error_fraction, calibration_files, head_nodes,
+from sat_export.quantize import (ImageCalibrationReader, _least_error_range, _Replay, calibration_files, head_nodes,
                                  mse_ranges, quantize_encoder)
 from sat_export.quantize_search import HeldBack
 from tests.conftest import tiny_model
@@ -111,10 +111,11 @@ def test_build_says_when_the_int8_target_is_not_reached(tmp_path, tiny_ckpt, cal
 
 def test_the_least_error_range_clips_a_long_tail_and_keeps_a_uniform_spread():
     uniform = np.full(100, 1000.0)
-    assert _least_error_fraction(uniform, 0.0, 10.0) == 1.0  # clipping any of it costs more than it saves
+    assert _least_error_range(uniform, 0.0, 10.0) == (0.0, 10.0)  # clipping any of it costs more than it saves
     tail = np.zeros(100)
     tail[:10], tail[-1] = 1e6, 1.0  # almost everything below 1, one value near 10
-    assert _least_error_fraction(tail, 0.0, 10.0) < 0.5
+    low, high = _least_error_range(tail, 0.0, 10.0)
+    assert low == 0.0 and high < 5.0
 
 
 def test_mse_calibration_shrinks_ranges_and_gives_a_runnable_int8_encoder(tmp_path, tiny_bundle, calib_dir, vocab):
@@ -130,7 +131,7 @@ def test_mse_calibration_shrinks_ranges_and_gives_a_runnable_int8_encoder(tmp_pa
     shrunk = load_tensors_data(tmp_path / "mse.json").data
     calibrator = create_calibrator(prepared, augmented_model_path=str(tmp_path / "aug.onnx"),
                                    calibrate_method=CalibrationMethod.MinMax)
-    calibrator.collect_data(iter_reader(batches))
+    calibrator.collect_data(_Replay(batches))
     minmax = calibrator.compute_data().data
     assert set(shrunk) == set(minmax)
     span = {n: (float(np.min(t.lowest)), float(np.max(t.highest))) for n, t in shrunk.items()}
@@ -142,13 +143,3 @@ def test_mse_calibration_shrinks_ranges_and_gives_a_runnable_int8_encoder(tmp_pa
     report = verify(tiny_model(), vocab, int8, bundle / DECODER_STEP.file, "int8", graphs=(ENCODER,), n_captions=2)
     assert report.passed, report.to_dict()
 
-
-def iter_reader(batches):
-    class Reader:
-        def __init__(self):
-            self.it = iter(batches)
-
-        def get_next(self):
-            return next(self.it, None)
-
-    return Reader()
