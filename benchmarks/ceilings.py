@@ -18,9 +18,6 @@ import numpy as np
 import torch
 from torch import nn
 
-PRECISIONS = ("fp32", "bf16", "int8")
-
-
 def _rate(fn, macs: int, repeats: int) -> float:
     """GMAC/s of ``fn``: the best of ``repeats`` timed calls after one warm-up."""
     fn()
