@@ -32,7 +32,8 @@ from engines.ort import usable_cores
 from sat_export.contract import MANIFEST_FILE
 from sat_export.gallery import THUMB, overlay_folder, write_gallery, write_overlays
 from sat_export.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_rgb, preprocess
-from sat_export.inputs import InputItem, check_run_record, discover, resume_output, sidecar_path
+from sat_export.inputs import (InputItem, check_run_record, discover, resume_output, sidecar_path,
+                               write_run_record)
 from training.config import PreprocessConfig
 
 
@@ -134,6 +135,8 @@ def plan(paths: Iterable[str | Path], out: str | Path, overwrite: bool = False, 
     if settings is not None:
         check_run_record(out, settings, overwrite)
     done = resume_output(out, overwrite)
+    if settings is not None:
+        write_run_record(out, settings)
     todo = [item for item in items if item.key not in done]
     done_errors = sum(done[item.key] for item in items if item.key in done)
     return Plan(out, todo, len(items) - len(todo), done_errors)

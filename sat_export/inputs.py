@@ -126,8 +126,8 @@ def run_record_path(out: Path) -> Path:
 def check_run_record(out: Path, settings: dict, overwrite: bool = False) -> None:
     """Refuse to resume ``out`` with other ``settings`` (model, decoding) than the rows were made with.
 
-    The record is (re)written for every run that goes on. An output without a record (written
-    before records were kept) is resumed as it is.
+    An output without a record (written before records were kept) is resumed as it is; the caller
+    (re)writes the record with ``write_run_record`` once ``out`` is accepted.
 
     Raises
     ------
@@ -145,8 +145,11 @@ def check_run_record(out: Path, settings: dict, overwrite: bool = False) -> None
         if changed:
             raise InputError(f"{out}: its rows were made with other settings ({'; '.join(changed)}); pass "
                              "--overwrite to start over or choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(settings, indent=1) + "\n")
+
+
+def write_run_record(out: Path, settings: dict) -> None:
+    """Record beside ``out`` the settings its rows are made with (``check_run_record`` reads it)."""
+    run_record_path(out).write_text(json.dumps(settings, indent=1) + "\n")
 
 
 def resume_output(out: Path, overwrite: bool = False) -> dict[str, bool]:

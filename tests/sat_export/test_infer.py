@@ -223,6 +223,15 @@ def test_resuming_with_another_model_or_decoding_is_refused_and_changes_nothing(
     assert json.loads(run_record_path(out).read_text())["beam"] == 3
 
 
+def test_an_output_refused_as_not_ours_gets_no_run_record(tmp_path, tiny_ckpt):
+    write_images(tmp_path / "in", 2)
+    out = tmp_path / "notes.jsonl"
+    out.write_text("my own notes\n")
+    with pytest.raises(InputError, match="line 1 is not a sat-infer row"):
+        plan([tmp_path / "in"], out, settings=run_settings(tiny_ckpt, DecodeOptions()))
+    assert out.read_text() == "my own notes\n" and not run_record_path(out).exists()
+
+
 def test_prefetch_keeps_at_most_depth_items_ahead_of_the_consumer():
     pulled = []
     lead = []
