@@ -135,12 +135,12 @@ def run_ray(model: str | Path | None, plan: Plan, options: InferOptions = InferO
     start = time.perf_counter()
     started = not ray.is_initialized()
     if started:
-        check_reachable(ray_options.address or os.environ.get("RAY_ADDRESS"))
+        address = ray_options.address or os.environ.get("RAY_ADDRESS")  # what ray.init will join
+        check_reachable(address)
         try:
             ray.init(address=ray_options.address)
         except ConnectionError as err:
-            where = ray_options.address or os.environ.get("RAY_ADDRESS")
-            raise SatError(f"cannot join the Ray cluster at {where}: {err}") from None
+            raise SatError(f"cannot join the Ray cluster at {address}: {err}") from None
     try:
         _check_fits(ray.cluster_resources(), ray_options)
         rows = _caption_dataset(ray, plan, model, backend, config, options, ray_options, threads)
