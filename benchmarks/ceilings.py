@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+
 def _rate(fn, macs: int, repeats: int) -> float:
     """GMAC/s of ``fn``: the best of ``repeats`` timed calls after one warm-up."""
     fn()

@@ -142,4 +142,3 @@ def test_mse_calibration_shrinks_ranges_and_gives_a_runnable_int8_encoder(tmp_pa
     int8 = quantize_encoder(bundle, calib_dir, method="mse")
     report = verify(tiny_model(), vocab, int8, bundle / DECODER_STEP.file, "int8", graphs=(ENCODER,), n_captions=2)
     assert report.passed, report.to_dict()
-
