@@ -106,8 +106,9 @@ def verdict(rows: list[dict], batch: int, ceilings: dict | None = None) -> dict:
         out.update(fastest_faithful=fastest["key"], fastest_faithful_agreement=fastest["agreement"],
                    fastest_faithful_bleu4=fastest["bleu4"], speedup_vs_eager=round(median(base) / median(fastest), 2),
                    speedup_vs_best_torch=round(median(best_torch) / median(fastest), 2))
-    int8_rate = (ceilings or {}).get("gemm_gmac_s", {}).get("int8")
-    if int8_rate and (ceilings or {}).get("encoder_macs_per_image"):
+    ceilings = ceilings or {}
+    int8_rate = ceilings.get("gemm_gmac_s", {}).get("int8")
+    if int8_rate and ceilings.get("encoder_macs_per_image"):
         encoder_ms = ceilings["encoder_macs_per_image"] * batch / int8_rate / 1e6
         at_rate_ms = encoder_ms + best_torch["batches"][str(batch)]["decode_ms"]
         out.update(gemm_gmac_s=ceilings["gemm_gmac_s"],
