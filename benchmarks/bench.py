@@ -35,13 +35,13 @@ from benchmarks.ceilings import encoder_macs, gemm_rates
 from benchmarks.configs import BASELINE, CONFIGS, BenchConfig, open_config
 from benchmarks.prepare import BenchModel
 from engines.base import Backend
-from engines.decode import Caption, DecodeOptions, decode
-from sat_export.errors import BackendUnavailable
-from sat_export.images import ImageDecodeError, load_image
-from sat_export.metrics import corpus_bleu
-from sat_export.quantize_search import caption_agreement
+from engines.errors import BackendUnavailable
 from training.checkpoint import load_checkpoint
 from training.config import PreprocessConfig
+from training.decode import Caption, DecodeOptions, decode
+from training.errors import ImageDecodeError
+from training.images import load_image
+from training.metrics import caption_agreement, corpus_bleu
 from training.vocab import Vocab
 
 PAUSE_S = 0.05  # between timed batches: lets the previous runtime's spinning threads go idle

@@ -12,7 +12,7 @@ from rich.console import Console
 from benchmarks.bench import BenchOptions, run_bench
 from benchmarks.prepare import QUICK_RECIPE, Int8Options, Recipe, default_cache, from_checkpoint, reference_model
 from benchmarks.report import document, print_table, write_json, write_plot
-from sat_export.console import console, user_errors
+from sat_export.cli.common import console, user_errors
 from sat_export.quantize import METHODS, calibration_files
 from sat_export.quantize_search import DEFAULT_TARGET
 

@@ -13,19 +13,19 @@ ort-cuda               the bundle's fp32 graphs, CUDA provider       onnxruntime
 trt-fp16               the bundle's TensorRT fp16 engines            tensorrt     fp16       cuda
 =====================  ============================================  ===========  =========  =========
 
-Every row is opened by the loader of its runtime (``LOADERS``); a row that cannot run here gets
-a status that says why, and the others go on.
+Every row is opened by ``sat_export.registry.open_backend`` (the one place that maps a runtime
+name to its backend); a row that cannot run here gets a status that says why, and the others go on.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from engines.base import Backend
-from sat_export.errors import BackendUnavailable
+from engines.errors import BackendUnavailable
+from sat_export.registry import open_backend
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class BenchConfig:
 
     key: str
     label: str
-    runtime: str  # a key of LOADERS
+    runtime: str  # a backend name of sat_export.registry
     precision: str = "fp32"  # bundle graphs for onnxruntime; what the encoder computes in
     device: str = "cpu"
     options: dict = field(default_factory=dict)  # TorchBackend keyword options
@@ -70,28 +70,6 @@ def unavailable(config: BenchConfig) -> str | None:
     return None
 
 
-def _open_torch(config: BenchConfig, ckpt: Path, bundle: Path) -> Backend:
-    from engines.torch_eager import TorchBackend
-
-    return TorchBackend.from_checkpoint(ckpt, config.device, **config.options)
-
-
-def _open_ort(config: BenchConfig, ckpt: Path, bundle: Path) -> Backend:
-    from engines.ort import OrtBackend
-
-    return OrtBackend.from_bundle(bundle, config.device, precision=config.precision)
-
-
-def _open_trt(config: BenchConfig, ckpt: Path, bundle: Path) -> Backend:
-    from engines.trt import TensorRTBackend
-
-    return TensorRTBackend.from_bundle(bundle, config.device)
-
-
-LOADERS: dict[str, Callable[[BenchConfig, Path, Path], Backend]] = {
-    "torch": _open_torch, "onnxruntime": _open_ort, "tensorrt": _open_trt}
-
-
 def open_config(config: BenchConfig, ckpt: Path, bundle: Path) -> Backend:
     """The backend ``config`` describes, for checkpoint ``ckpt`` and its bundle ``bundle``.
 
@@ -100,4 +78,6 @@ def open_config(config: BenchConfig, ckpt: Path, bundle: Path) -> Backend:
     reason = unavailable(config)
     if reason:
         raise BackendUnavailable(reason)
-    return LOADERS[config.runtime](config, ckpt, bundle)
+    if config.runtime == "torch":
+        return open_backend(ckpt, "torch", config.device, **config.options)
+    return open_backend(bundle, config.runtime, config.device, precision=config.precision)

@@ -22,9 +22,9 @@ import typer
 from PIL import Image
 
 from benchmarks.bench import collect_environment, rss_mb
-from engines.decode import DecodeOptions
-from sat_export.console import console, user_errors
-from sat_export.infer import InferOptions, open_engine, plan, run
+from sat_export.cli.common import console, user_errors
+from sat_export.infer import InferOptions, open_for_readers, plan, run
+from training.decode import DecodeOptions
 
 app = typer.Typer(add_completion=False)
 
@@ -85,7 +85,7 @@ def main(
         folder, out = Path(tmp) / "images", Path(tmp) / "captions.jsonl"
         write_images(folder, n, size)
         options = InferOptions(batch_size, DecodeOptions(), workers, alphas_dir=Path(tmp) / "alphas" if alphas else None)
-        with open_engine(model, backend, workers) as engine:
+        with open_for_readers(model, backend, workers) as opened:
             work = plan([folder], out)
             by_rows, done = [], 0
 
@@ -98,9 +98,9 @@ def main(
             start = rss_mb()
             by_rows.append((0, round(start, 1)))
             with RssSampler() as sampler:
-                summary = run(engine, work, options, on_rows)
+                summary = run(opened, work, options, on_rows)
             end = rss_mb()
-            described = engine.describe()
+            described = opened.describe()
     peak = max(mb for _, mb in sampler.samples)
     result = {
         "images": n, "size": size, "backend": described, "batch_size": batch_size, "workers": workers,

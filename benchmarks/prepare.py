@@ -28,10 +28,11 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from sat_export.bundle import sha256
-from sat_export.errors import ParityError, SatError
+from sat_export.bundle import MANIFEST_FILE, sha256
+from sat_export.errors import ParityError
 from sat_export.quantize import calibration_files
 from training.checkpoint import save_checkpoint
+from training.errors import SatError
 
 CACHE_VERSION = 1  # bump when preparation changes the reference model it produces
 BUNDLE_VERSION = 2  # bump when the bench bundle's build changes (2: the int8 head stays fp32)
@@ -118,7 +119,7 @@ def bench_bundle(ckpt: Path, calib: Path, int8: Int8Options, cache: Path, consol
     try:
         build_bundle(ckpt, out, options, console)
     except ParityError as err:  # the report is in the manifest; the bench measures agreement itself
-        if "int8" not in json.loads((out / "manifest.json").read_text())["precisions"]:
+        if "int8" not in json.loads((out / MANIFEST_FILE).read_text())["precisions"]:
             raise
         record["parity_error"] = str(err)
         console.print(f"[yellow]int8 parity gate failed[/] (the bench goes on and measures it): {err}",
@@ -129,7 +130,7 @@ def bench_bundle(ckpt: Path, calib: Path, int8: Int8Options, cache: Path, consol
 
 def _int8(bundle: Path) -> dict | None:
     """The manifest's record of the int8 search: groups left in fp32, agreement reached."""
-    return json.loads((bundle / "manifest.json").read_text()).get("int8")
+    return json.loads((bundle / MANIFEST_FILE).read_text()).get("int8")
 
 
 def _has_tensorrt() -> bool:

@@ -1,9 +1,9 @@
-"""The Backend interface every runtime implements, and the registry that maps names to classes.
+"""The Backend interface every runtime implements.
 
 A backend knows the graph contract (``encode``, ``step``) and nothing about decoding; the decode
-loop in ``engines.decode`` drives any of them. Heavy runtimes (onnxruntime, tensorrt) are
+loop in ``training.decode`` drives any of them. Heavy runtimes (onnxruntime, tensorrt) are
 imported lazily inside their modules; a missing one raises ``BackendUnavailable`` with the
-install command.
+install command. Which class opens which model is decided in ``sat_export.registry``.
 """
 from __future__ import annotations
 
@@ -13,10 +13,8 @@ import torch
 from torch import Tensor
 
 from training.config import ModelConfig
+from training.decode import EncoderOutputs, StepOutputs
 from training.vocab import Vocab
-
-EncoderOutputs = tuple[Tensor, Tensor, Tensor, Tensor]  # features, features_proj, h0, c0
-StepOutputs = tuple[Tensor, Tensor, Tensor, Tensor]  # logprobs, alpha, h_next, c_next
 
 
 class Backend(ABC):

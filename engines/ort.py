@@ -1,4 +1,4 @@
-"""ONNX Runtime backend: the bundle's two graphs on the CPU or CUDA execution provider.
+"""ONNX Runtime backend: the two graphs of the contract, from their ONNX files, on the CPU or CUDA.
 
 CPU: full graph optimisation, intra-op threads = usable cores (not spinning between decoder
 steps), torch CPU tensors passed to and from numpy without copies. CUDA (``onnxruntime-gpu``,
@@ -7,7 +7,6 @@ between steps.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +14,10 @@ import torch
 from torch import Tensor
 
 from engines.base import Backend, EncoderOutputs, StepOutputs
-from sat_export.contract import DECODER_STEP, ENCODER, GraphSpec
-from sat_export.errors import BackendUnavailable
+from engines.contract import DECODER_STEP, ENCODER, GraphSpec
+from engines.errors import BackendUnavailable, EngineError
 from training.config import ModelConfig
+from training.machine import usable_cores
 from training.vocab import Vocab
 
 
@@ -28,10 +28,6 @@ def _import_ort():
         raise BackendUnavailable(f"onnxruntime is not installed ({err}): pip install onnxruntime "
                                  "(or onnxruntime-gpu via the [gpu] extra)") from None
     return onnxruntime
-
-
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class OrtBackend(Backend):
@@ -53,8 +49,16 @@ class OrtBackend(Backend):
             providers = ["CPUExecutionProvider"]
         self.threads = threads or usable_cores()
         self.encoder_path, self.decoder_path = Path(encoder_path), Path(decoder_path)
-        self._sessions = {spec.name: ort.InferenceSession(str(path), self._options(ort, spec), providers=providers)
+        self._sessions = {spec.name: self._session(ort, spec, Path(path), providers)
                           for spec, path in ((ENCODER, encoder_path), (DECODER_STEP, decoder_path))}
+
+    def _session(self, ort, spec: GraphSpec, path: Path, providers: list):
+        """One ``InferenceSession``; a file onnxruntime refuses is one ``EngineError`` line naming it."""
+        try:
+            return ort.InferenceSession(str(path), self._options(ort, spec), providers=providers)
+        except Exception as err:  # noqa: BLE001 - onnxruntime raises its own exception types for bad graphs
+            reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            raise EngineError(f"{path}: onnxruntime cannot load this {spec.name} graph ({reason})") from None
 
     def _options(self, ort, spec: GraphSpec):
         opts = ort.SessionOptions()
@@ -67,16 +71,6 @@ class OrtBackend(Backend):
             # step take the cores from them (measured: greedy decode at batch 32 216 -> 102 ms).
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return opts
-
-    @classmethod
-    def from_bundle(cls, bundle_dir: str | Path, device: torch.device | str = "cpu", threads: int | None = None,
-                    precision: str = "fp32") -> OrtBackend:
-        """Open a verified bundle; ``precision`` picks its fp32, fp16 or int8-encoder graphs."""
-        from sat_export.bundle import load_bundle
-
-        bundle = load_bundle(bundle_dir)
-        encoder, decoder = bundle.graph_paths(precision)
-        return cls(encoder, decoder, bundle.config, bundle.vocab, device, threads)
 
     def _run(self, spec: GraphSpec, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         session = self._sessions[spec.name]

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from engines.base import Backend, EncoderOutputs, StepOutputs
-from sat_export.errors import BackendUnavailable
+from engines.errors import BackendUnavailable
 from training.checkpoint import load_checkpoint
 from training.model import ShowAttendTell
 from training.vocab import Vocab

@@ -1,9 +1,9 @@
-"""TensorRT backend: the bundle's ``.plan`` engines, torch CUDA tensors as device buffers.
+"""TensorRT backend: two ``.plan`` engines (from their files), torch CUDA tensors as device buffers.
 
 Written against the TensorRT 10/11 Python API (named I/O tensors, ``set_input_shape``,
 ``set_tensor_address``, ``execute_async_v3``). Input shapes are set only when they change (the
-decode loop's batch shrinks as rows finish). An engine is valid only on the TensorRT version
-and GPU that built it: both are checked against the manifest before deserialising.
+decode loop's batch shrinks as rows finish). An engine is valid only on the TensorRT version and
+GPU that built it: whoever opens one checks that first (``sat_export.tensorrt.check_engines``).
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 
 from engines.base import Backend, EncoderOutputs, StepOutputs
-from sat_export.contract import DECODER_STEP, ENCODER, GraphSpec
-from sat_export.errors import BackendUnavailable, BundleError
+from engines.contract import DECODER_STEP, ENCODER, GraphSpec
+from engines.errors import BackendUnavailable, EngineError
 from training.config import ModelConfig
 from training.vocab import Vocab
 
@@ -31,16 +31,6 @@ def import_tensorrt():
     return tensorrt
 
 
-def check_engine_compatible(plan: Path, built_with: dict, trt_version: str, gpu_name: str) -> None:
-    """Refuse an engine built by another TensorRT version or on another GPU model."""
-    if built_with.get("tensorrt") != trt_version:
-        raise BundleError(f"{plan}: engine built with TensorRT {built_with.get('tensorrt')}, this is "
-                          f"TensorRT {trt_version}; rebuild it with `sat-export build --trt`")
-    if built_with.get("gpu") != gpu_name:
-        raise BundleError(f"{plan}: engine built on {built_with.get('gpu')}, this GPU is {gpu_name}; "
-                          "rebuild it with `sat-export build --trt` on this machine")
-
-
 class _Engine:
     """One deserialised engine and its execution context."""
 
@@ -48,11 +38,11 @@ class _Engine:
         self.spec = spec
         self.engine = runtime.deserialize_cuda_engine(plan.read_bytes())
         if self.engine is None:
-            raise BundleError(f"{plan}: TensorRT could not deserialise the engine (corrupt or incompatible)")
+            raise EngineError(f"{plan}: TensorRT could not deserialise the engine (corrupt or incompatible)")
         names = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
         expected = set(spec.input_names) | set(spec.output_names)
         if names != expected:
-            raise BundleError(f"{plan}: engine tensors {sorted(names)} != contract {sorted(expected)}")
+            raise EngineError(f"{plan}: engine tensors {sorted(names)} != contract {sorted(expected)}")
         self.context = self.engine.create_execution_context()
         self.dtypes = {n: _TORCH_DTYPES[str(self.engine.get_tensor_dtype(n))] for n in names}
         self.shapes: dict[str, tuple[int, ...]] = {}
@@ -82,25 +72,13 @@ class TensorRTBackend(Backend):
 
     name = "tensorrt"
 
-    def __init__(self, encoder_plan: Path, decoder_plan: Path, built_with: dict, config: ModelConfig,
-                 vocab: Vocab, device: torch.device | str = "cuda"):
+    def __init__(self, encoder_plan: str | Path, decoder_plan: str | Path, config: ModelConfig, vocab: Vocab,
+                 device: torch.device | str = "cuda"):
         trt = import_tensorrt()
         super().__init__(config, vocab, device)
-        gpu = torch.cuda.get_device_name(self.device)
-        for plan in (encoder_plan, decoder_plan):
-            check_engine_compatible(plan, built_with, trt.__version__, gpu)
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self._engines = {ENCODER.name: _Engine(self._runtime, Path(encoder_plan), ENCODER),
                          DECODER_STEP.name: _Engine(self._runtime, Path(decoder_plan), DECODER_STEP)}
-
-    @classmethod
-    def from_bundle(cls, bundle_dir: str | Path, device: torch.device | str = "cuda") -> TensorRTBackend:
-        from sat_export.bundle import load_bundle
-
-        import_tensorrt()  # say what is missing before looking for engines
-        bundle = load_bundle(bundle_dir)
-        encoder, decoder, built_with = bundle.engine_paths()
-        return cls(encoder, decoder, built_with, bundle.config, bundle.vocab, device)
 
     def encode(self, images: Tensor) -> EncoderOutputs:
         return self._engines[ENCODER.name]((images,), self.device)

@@ -2,7 +2,8 @@
 
 fp32 graphs are exported and held to the parity gate; the manifest (with the report) is written
 before any failure is raised, so a failed build keeps its report. Optional steps then add an
-fp16 pair, an int8 encoder and TensorRT engines, each registered in the manifest.
+fp16 pair, an int8 encoder and TensorRT engines, each registered in the manifest and each held to
+the gate of its precision (TensorRT engines against eager on the GPU).
 """
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ from pathlib import Path
 
 from rich.console import Console
 
+from engines.contract import DECODER_STEP, ENCODER
+from engines.trt_build import DEFAULT_PROFILE
 from sat_export.bundle import new_manifest, write_manifest
-from sat_export.contract import DECODER_STEP, DEFAULT_OPSET, ENCODER
-from sat_export.export import export_onnx
-from sat_export.parity import print_report, raise_if_failed, verify
+from sat_export.export import DEFAULT_OPSET, export_onnx
+from sat_export.parity import ParityReport, print_report, raise_if_failed, verify, verify_onnx
 from sat_export.quantize_search import DEFAULT_TARGET
-from sat_export.tensorrt_build import DEFAULT_PROFILE
 from training.checkpoint import load_checkpoint
 from training.model import ShowAttendTell
 from training.vocab import Vocab
@@ -73,12 +74,13 @@ def build_bundle(ckpt_path: str | Path, out_dir: str | Path, options: BuildOptio
         manifest["precisions"]["int8"] = {ENCODER.name: int8.name, DECODER_STEP.name: paths[DECODER_STEP.name].name}
         _gate(model, ckpt.vocab, out_dir, manifest, "int8", options.verify, console)
     if options.trt:
-        from sat_export.tensorrt_build import build_engines
+        from sat_export.tensorrt import build_engines
 
         start = time.perf_counter()
         manifest["tensorrt"] = build_engines(out_dir, fp16=options.fp16, profile=options.trt_profile)
         console.print(f"built TensorRT engines in {time.perf_counter() - start:.1f} s", highlight=False)
-        write_manifest(out_dir, manifest)
+        write_manifest(out_dir, manifest)  # the engines are opened through the bundle by the gate
+        _gate(model, ckpt.vocab, out_dir, manifest, "tensorrt", options.verify, console)
     return out_dir
 
 
@@ -90,20 +92,31 @@ def _export(model: ShowAttendTell, out_dir: Path, precision: str, opset: int, co
     return paths
 
 
-def _gate(model: ShowAttendTell, vocab: Vocab, out_dir: Path, manifest: dict, precision: str, enabled: bool,
+def _gate(model: ShowAttendTell, vocab: Vocab, out_dir: Path, manifest: dict, graphs: str, enabled: bool,
           console: Console) -> None:
-    """Parity of ``precision``'s graphs, recorded in the manifest (written now); raise if out of tolerance."""
+    """Parity of one set of graphs (a precision, or ``tensorrt``), recorded in the manifest (written now);
+    raise if out of tolerance."""
     if not enabled:
-        manifest["parity"][precision] = {"precision": precision, "skipped": "--no-verify", "passed": None}
+        manifest["parity"][graphs] = {"precision": graphs, "skipped": "--no-verify", "passed": None}
         write_manifest(out_dir, manifest)
         return
-    graphs = manifest["precisions"][precision]
-    report = verify(model, vocab, out_dir / graphs[ENCODER.name], out_dir / graphs[DECODER_STEP.name], precision,
-                    graphs=(ENCODER,) if precision == "int8" else (ENCODER, DECODER_STEP))
-    manifest["parity"][precision] = report.to_dict()
+    report = _tensorrt_parity(model, vocab, out_dir, manifest) if graphs == "tensorrt" else verify_onnx(
+        model, vocab, *(out_dir / manifest["precisions"][graphs][g.name] for g in (ENCODER, DECODER_STEP)), graphs,
+        graphs=(ENCODER,) if graphs == "int8" else (ENCODER, DECODER_STEP))
+    manifest["parity"][graphs] = report.to_dict()
     write_manifest(out_dir, manifest)
     print_report(report, console)
     raise_if_failed(report, str(out_dir))
+
+
+def _tensorrt_parity(model: ShowAttendTell, vocab: Vocab, out_dir: Path, manifest: dict) -> ParityReport:
+    """The bundle's TensorRT engines against eager fp32 on the CPU (on the GPU, cuDNN's default TF32
+    convolutions would be the larger error), at the engines' precision."""
+    from engines.torch_eager import TorchBackend
+    from sat_export.registry import open_backend
+
+    with TorchBackend(model, vocab) as eager, open_backend(out_dir, "tensorrt", "cuda") as trt:
+        return verify(eager, trt, manifest["tensorrt"]["precision"])
 
 
 def _mb(path: Path) -> str:

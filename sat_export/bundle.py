@@ -1,10 +1,10 @@
-"""The bundle on disk: ``manifest.json`` written and read, checksums, and ``sat-export check``.
+"""The bundle format, owned here: file names, ``manifest.json`` written and read, checksums, the seal.
 
 A bundle is a folder: ``encoder.onnx``, ``decoder_step.onnx`` (plus ``*.fp16.onnx``,
-``encoder.int8.onnx``, ``*.plan`` when built) and ``manifest.json``. The manifest lists every
-file with its size and sha256, and carries its own sha256 (computed with that field empty);
-it must also be byte-for-byte the canonical JSON this module writes. So any changed byte of a
-graph or of the manifest is refused, with a message naming the file.
+``encoder.int8.onnx``, ``*.plan`` and ``timing.cache`` when built) and ``manifest.json``. The
+manifest lists every file with its size and sha256, and carries its own sha256 (computed with that
+field empty); it must also be byte-for-byte the canonical JSON this module writes. So any changed
+byte of a graph or of the manifest is refused, with a message naming the file.
 """
 from __future__ import annotations
 
@@ -15,16 +15,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import sat_export
-from sat_export.contract import BUNDLE_FORMAT, BUNDLE_VERSION, DECODER_STEP, ENCODER, GRAPHS, MANIFEST_FILE
-from sat_export.errors import BackendUnavailable, BundleError, CheckpointError, ShapeError
-from sat_export.export import check_graph_io
+from engines.contract import DECODER_STEP, ENCODER, GRAPHS, GraphSpec
+from sat_export.errors import BundleError
 from training.config import ModelConfig
+from training.errors import CheckpointError
 from training.vocab import Vocab
 
+MANIFEST_FILE = "manifest.json"
+BUNDLE_FORMAT = "sat-bundle"
+BUNDLE_VERSION = 1
+TIMING_CACHE = "timing.cache"  # TensorRT's, reused across builds
 DIGEST_KEY = "manifest_sha256"
 REQUIRED = {"format": str, "version": int, "model": dict, "vocab": dict, "special_ids": dict, "preprocess": dict,
             "opset": int, "graphs": dict, "precisions": dict, "parity": dict, "tools": dict, "files": dict,
@@ -60,6 +63,12 @@ class Bundle:
             raise BundleError(f"{self.dir}: no TensorRT engines in this bundle; build them with "
                               "`sat-export build --trt`")
         return self.dir / trt["files"][ENCODER.name], self.dir / trt["files"][DECODER_STEP.name], trt
+
+
+def graph_file(spec: GraphSpec, precision: str = "fp32", suffix: str = ".onnx") -> str:
+    """File name of a graph in the bundle: ``encoder.onnx``, ``encoder.fp16.onnx``, ``encoder.plan``."""
+    stem = Path(spec.file).stem
+    return f"{stem}{suffix}" if precision == "fp32" else f"{stem}.{precision}{suffix}"
 
 
 def sha256(path: Path) -> str:
@@ -196,53 +205,3 @@ def load_bundle(bundle_dir: str | Path) -> Bundle:
     if "fp32" not in manifest["precisions"]:
         raise BundleError(f"{mpath}: no fp32 graphs listed under 'precisions'")
     return Bundle(bundle_dir, manifest, config, vocab)
-
-
-def check_bundle(bundle_dir: str | Path, batch: int = 2) -> dict:
-    """``sat-export check``: load the bundle, check each graph's I/O, run a smoke inference.
-
-    Returns a summary (files checked, precisions run). TensorRT engines are checked for their
-    GPU and TensorRT version only where TensorRT is available.
-    """
-    from engines.ort import OrtBackend
-
-    bundle = load_bundle(bundle_dir)
-    dims = bundle.config.dims()
-    crop = bundle.config.preprocess.crop
-    images = torch.randn(batch, 3, crop, crop, generator=torch.Generator().manual_seed(0))
-    for precision in bundle.precisions:
-        encoder, decoder = bundle.graph_paths(precision)
-        for spec, path in ((ENCODER, encoder), (DECODER_STEP, decoder)):
-            check_graph_io(path, spec, dims)
-        with OrtBackend(encoder, decoder, bundle.config, bundle.vocab) as ort, torch.inference_mode():
-            _smoke(ort, images, bundle, encoder, decoder)
-    summary = {"bundle": str(bundle_dir), "files": sorted(bundle.manifest["files"]), "precisions": bundle.precisions,
-               "parity": {p: r.get("passed") for p, r in bundle.manifest["parity"].items()}}
-    if bundle.manifest.get("tensorrt"):
-        summary["tensorrt"] = _check_engines(bundle)
-    return summary
-
-
-def _smoke(ort, images, bundle: Bundle, encoder: Path, decoder: Path) -> None:
-    dims = bundle.config.dims()
-    try:
-        enc = ort.encode(images)
-        ENCODER.check_outputs(dict(zip(ENCODER.output_names, enc)), dims)
-        tokens = torch.full((images.size(0),), bundle.vocab.start, dtype=torch.long)
-        out = ort.step(tokens, enc[2], enc[3], enc[0], enc[1])
-        DECODER_STEP.check_outputs(dict(zip(DECODER_STEP.output_names, out)), dims)
-    except ShapeError as err:
-        raise BundleError(f"{encoder.parent}: smoke inference: {err}") from None
-    for path, tensors in ((encoder, enc), (decoder, out)):
-        if not all(np.isfinite(t.numpy()).all() for t in tensors):
-            raise BundleError(f"{path}: smoke inference produced NaN or Inf")
-
-
-def _check_engines(bundle: Bundle) -> str:
-    from sat_export.tensorrt_build import check_engines
-
-    try:
-        check_engines(bundle)
-    except BackendUnavailable as err:
-        return f"not checked: {err}"
-    return "compatible with this GPU and TensorRT"

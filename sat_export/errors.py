@@ -1,15 +1,5 @@
-"""Typed errors for users. Every message names the file or tensor and what was expected.
-
-Command-line tools print ``str(err)`` (no traceback) and exit non-zero.
-"""
-
-
-class SatError(Exception):
-    """Base class for errors shown to users as one line."""
-
-
-class CheckpointError(SatError):
-    """A checkpoint file is missing, corrupt, unsafe or does not match its config."""
+"""Errors of the product: bundles, the parity gate, inputs and outputs of the command-line tools."""
+from training.errors import SatError
 
 
 class BundleError(SatError):
@@ -20,13 +10,13 @@ class ParityError(SatError):
     """An exported graph disagrees with PyTorch eager beyond tolerance."""
 
 
-class ShapeError(SatError):
-    """A tensor's name, dtype or shape differs from the graph contract."""
+class InputError(SatError):
+    """An input path is missing or unreadable, two inputs share a key, or the output is not JSONL."""
 
 
-class BackendUnavailable(SatError):
-    """A backend's runtime (onnxruntime, TensorRT, CUDA) is not installed or not usable here."""
+class EvalError(SatError):
+    """A predictions, references or boxes file is missing or malformed; the message names it."""
 
 
-class WeightsUnavailable(SatError):
-    """Pretrained backbone weights cannot be downloaded or read."""
+class UsageError(SatError):
+    """Options that do not fit together."""

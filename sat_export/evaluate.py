@@ -16,20 +16,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
-from PIL import Image
 
-from sat_export.errors import SatError
+from sat_export.errors import EvalError
 from sat_export.inputs import sidecar_path
-from sat_export.metrics import WordGrounding, attention_grounding, cider_d, corpus_bleu, summarize_grounding
 from training.config import PreprocessConfig
-from training.data import SPLITS, ImageCaptions, load_captions
+from training.data import SPLITS, ImageCaptions, load_boxes, load_captions, upright_size
+from training.metrics import (WordGrounding, attention_grounding, caption_agreement, cider_d, corpus_bleu,
+                              summarize_grounding)
 from training.vocab import tokenize
-
-EXIF_ORIENTATION, TRANSPOSED = 0x0112, (5, 6, 7, 8)  # orientations that swap width and height
-
-
-class EvalError(SatError):
-    """A predictions, references or boxes file is missing or malformed; the message names it."""
 
 
 @dataclass(frozen=True)
@@ -103,42 +97,6 @@ def match_names(keys: list[str], names: list[str], missing: str = "no reference"
 def _suffix_match(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
     n = min(len(a), len(b))
     return a[-n:] == b[-n:]
-
-
-def load_preprocess(model: str | Path | None) -> PreprocessConfig:
-    """The resize/crop settings of a checkpoint (.pth), a bundle folder, or (None) the embedded demo model."""
-    if model is None:
-        from sat_export.assets import demo_checkpoint_path
-
-        model = demo_checkpoint_path()
-    path = Path(model)
-    if path.is_dir():
-        from sat_export.bundle import load_bundle
-
-        return load_bundle(path).config.preprocess
-    from training.checkpoint import load_checkpoint
-
-    return load_checkpoint(path).config.preprocess
-
-
-def load_boxes(path: str | Path) -> dict[str, dict[str, list]]:
-    """``boxes.json``: image name -> {word: [[x0, y0, x1, y1], ...]} (see ``training.shapes``)."""
-    try:
-        boxes = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as err:
-        raise EvalError(f"{path}: cannot read boxes ({err.strerror})") from None
-    except json.JSONDecodeError as err:
-        raise EvalError(f"{path}:{err.lineno}: malformed JSON: {err.msg}") from None
-    if not isinstance(boxes, dict) or not all(isinstance(v, dict) for v in boxes.values()):
-        raise EvalError(f"{path}: expected {{image name: {{word: [[x0, y0, x1, y1], ...]}}}}")
-    return boxes
-
-
-def upright_size(path: Path) -> tuple[int, int]:
-    """``(w, h)`` of the image as ``sat_export.images.load_rgb`` returns it (EXIF rotation applied), header only."""
-    with Image.open(path) as img:
-        swap = img.getexif().get(EXIF_ORIENTATION) in TRANSPOSED
-        return (img.height, img.width) if swap else img.size
 
 
 def grounding_of(pred: Prediction, words: list[str], boxes: dict, image: Path,
@@ -261,7 +219,8 @@ def compare(a_path: str | Path, b_path: str | Path) -> dict:
         "differ": differ, "metrics": {},
     }
     if both:
-        report["metrics"] = {"identical": 1 - len(differ) / len(both),
+        report["metrics"] = {"identical": caption_agreement([pa.caption for pa, _ in both],
+                                                             [pb.caption for _, pb in both]),
                              **corpus_bleu([[tokenize(pa.caption)] for pa, _ in both],
                                            [tokenize(pb.caption) for _, pb in both])}
     report["counts"] = {"compared": len(both), "differ": len(differ), "errors": len(report["errors"]),

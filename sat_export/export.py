@@ -17,12 +17,15 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-from sat_export.contract import BATCH, DECODER_STEP, DEFAULT_OPSET, ENCODER, GraphSpec
+from engines.base import Backend
+from engines.contract import BATCH, DECODER_STEP, ENCODER, GraphSpec
+from sat_export.bundle import graph_file
 from sat_export.errors import BundleError
 from training.model import ShowAttendTell
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
 EXAMPLE_BATCH = 2
+DEFAULT_OPSET = 18
 
 
 class EncoderGraph(nn.Module):
@@ -48,20 +51,14 @@ class DecoderStepGraph(nn.Module):
         return tuple(t.float() for t in self.model.step(tokens, h, c, features, features_proj))
 
 
-def graph_file(spec: GraphSpec, precision: str = "fp32", suffix: str = ".onnx") -> str:
-    """File name of a graph in the bundle: ``encoder.onnx``, ``encoder.fp16.onnx``, ``encoder.plan``."""
-    stem = Path(spec.file).stem
-    return f"{stem}{suffix}" if precision == "fp32" else f"{stem}.{precision}{suffix}"
-
-
-def random_images(model: ShowAttendTell, n_img: int, seed: int = 0) -> Tensor:
+def random_images(model: ShowAttendTell | Backend, n_img: int, seed: int = 0) -> Tensor:
     """``(n_img, 3, crop, crop)`` standard-normal images, the size the model's preprocessing gives."""
     crop = model.config.preprocess.crop
     return torch.randn(n_img, 3, crop, crop, generator=torch.Generator().manual_seed(seed))
 
 
-def step_inputs(model: ShowAttendTell, images: Tensor, seed: int = 0) -> dict[str, Tensor]:
-    """Inputs of ``decoder_step`` for ``images``: the eager encoder's outputs and random tokens."""
+def step_inputs(model: ShowAttendTell | Backend, images: Tensor, seed: int = 0) -> dict[str, Tensor]:
+    """Inputs of ``decoder_step`` for ``images``: the encoder's outputs (``model.encode``) and random tokens."""
     with torch.no_grad():
         features, features_proj, h, c = model.encode(images)
     gen = torch.Generator().manual_seed(seed)

@@ -19,7 +19,7 @@ from PIL import Image
 
 from sat_export.inputs import sidecar_path
 from sat_export.overlays import overlay
-from sat_export.report_html import CSS, THUMB
+from sat_export.report_html import THUMB, card_html, figure_html, page_head, steps_html
 from training.config import PreprocessConfig
 from training.vocab import Vocab
 
@@ -61,8 +61,7 @@ def write_gallery(rows_file: Path, root: Path, vocab: Vocab) -> Path:
     title = f"sat-infer: {rows_file.name}"
     error_list = (f"<details><summary><b>Error rows ({len(errors)})</b></summary><ul>{''.join(errors)}</ul></details>"
                   if errors else "")
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)}</title><style>{CSS}</style>"
-            f"</head><body><h1>{escape(title)}</h1><p>{len(cards)} captioned images with attention</p>{error_list}"
+    page = (page_head(title) + f"<p>{len(cards)} captioned images with attention</p>{error_list}"
             + "\n".join(cards) + "</body></html>")
     index = root / "index.html"
     root.mkdir(parents=True, exist_ok=True)
@@ -72,13 +71,8 @@ def write_gallery(rows_file: Path, root: Path, vocab: Vocab) -> Path:
 
 def _card(row: dict, root: Path, words: list[str]) -> str:
     base = quote(overlay_folder(row["image"], root).relative_to(root).as_posix())
-    caption = escape(row["caption"]) if row["caption"].strip() else "<span class='empty'>(empty caption)</span>"
-    figures = [_figure(f"{base}/image.jpg", "(image)")]
-    figures += [_figure(f"{base}/{quote(overlay_name(step, word))}", escape(word)) for step, word in enumerate(words)]
-    return (f"<div class='card'><div class='text'><div class='caption'>{caption}</div>"
-            f"<div class='src'>{escape(row['image'])} · score {row['score']:.3f}</div></div>"
-            f"<div class='steps'>{''.join(figures)}</div></div>")
-
-
-def _figure(src: str, label_html: str) -> str:
-    return f"<figure><img src='{src}' loading='lazy' alt=''><figcaption>{label_html}</figcaption></figure>"
+    lazy = " loading='lazy'"
+    figures = [figure_html(f"{base}/image.jpg", "(image)", lazy)]
+    figures += [figure_html(f"{base}/{quote(overlay_name(step, word))}", escape(word), lazy)
+                for step, word in enumerate(words)]
+    return card_html(row["caption"], f"{escape(row['image'])} · score {row['score']:.3f}", steps_html(figures))

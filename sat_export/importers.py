@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from sat_export.errors import CheckpointError
 from training.checkpoint import read_payload, save_checkpoint
 from training.config import ModelConfig, PreprocessConfig
+from training.errors import CheckpointError
 from training.model import ShowAttendTell
 from training.vocab import SPECIALS, Vocab
 

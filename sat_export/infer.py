@@ -16,7 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import TextIO
@@ -25,16 +25,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from engines import model_path, open_backend
 from engines.base import Backend
-from engines.decode import Caption, DecodeOptions, decode
-from engines.ort import usable_cores
-from sat_export.contract import MANIFEST_FILE
 from sat_export.gallery import THUMB, overlay_folder, write_gallery, write_overlays
-from sat_export.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_rgb, preprocess
 from sat_export.inputs import (InputItem, check_run_record, discover, resume_output, sidecar_path,
                                write_run_record)
+from sat_export.registry import model_sha256, open_backend
 from training.config import PreprocessConfig
+from training.decode import Caption, DecodeOptions, decode
+from training.errors import ImageDecodeError
+from training.images import DEFAULT_MAX_PIXELS, load_rgb, preprocess
+from training.machine import usable_cores
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class InferOptions:
 
     batch_size: int = 16
     decode: DecodeOptions = DecodeOptions()
-    workers: int = 2
+    workers: int = field(default_factory=lambda: min(4, usable_cores()))
     max_pixels: int = DEFAULT_MAX_PIXELS
     alphas_dir: Path | None = None
     overlays_dir: Path | None = None
@@ -99,26 +99,22 @@ class Loaded:
     thumbnail: Image.Image | None = None  # kept for overlays only
 
 
-def open_engine(model: str | Path | None, backend: str = "auto", workers: int = 2, threads: int | None = None) -> Backend:
-    """``engines.open_backend`` with its inference threads set to the cores the readers leave (at least 1).
+def open_for_readers(model: str | Path | None, backend: str = "auto", workers: int = 2,
+                     threads: int | None = None) -> Backend:
+    """``registry.open_backend`` with its inference threads set to the cores the readers leave (at least 1).
 
     Torch's and ONNX Runtime's thread pools spin-wait, so on oversubscribed cores they lose an
     order of magnitude: on 2 cores with 2 reader threads, 1 inference thread gave 518 images/s
     and 2 gave 59 (ONNX Runtime, tiny model; torch eager: 475 vs 65).
     """
-    threads = threads or max(1, usable_cores() - workers)
-    torch.set_num_threads(threads)  # the torch backend, and the decode loop's own tensor ops
-    return open_backend(model, backend, **({} if backend == "torch" else {"threads": threads}))  # ONNX Runtime's pool
+    return open_backend(model, backend, threads=threads or max(1, usable_cores() - workers))
 
 
 def run_settings(model: str | Path | None, decode: DecodeOptions) -> dict:
-    """What the rows of a run depend on: the model's identity (sha256 of the checkpoint, or of the
-    bundle's sealed manifest; the demo model by default) and the decoding options."""
-    from sat_export.bundle import sha256
-
-    path = model_path(model)
-    return {"model_sha256": sha256(path / MANIFEST_FILE if path.is_dir() else path),  # not the path: it may move
-            "beam": decode.beam, "max_len": decode.max_len, "length_penalty": decode.length_penalty}
+    """What the rows of a run depend on: the model's identity (``registry.model_sha256``; the demo
+    model by default) and the decoding options."""
+    return {"model_sha256": model_sha256(model), "beam": decode.beam, "max_len": decode.max_len,
+            "length_penalty": decode.length_penalty}
 
 
 def plan(paths: Iterable[str | Path], out: str | Path, overwrite: bool = False, settings: dict | None = None) -> Plan:

@@ -24,15 +24,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from PIL import Image
-
-from sat_export.errors import SatError
+from sat_export.errors import InputError
+from training.images import image_suffixes
 
 LIST_SUFFIXES = (".txt", ".lst")
-
-
-class InputError(SatError):
-    """An input path is missing or unreadable, two inputs share a key, or the output is not JSONL."""
 
 
 @dataclass(frozen=True)
@@ -42,12 +37,6 @@ class InputItem:
     path: Path
     key: str
     error: str | None = None
-
-
-def image_suffixes() -> frozenset[str]:
-    """File name suffixes of every format Pillow can open, lower case with the dot."""
-    Image.init()
-    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
 
 
 def discover(paths: Iterable[str | Path]) -> list[InputItem]:

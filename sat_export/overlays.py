@@ -1,6 +1,6 @@
 """Attention overlays: a ``g x g`` attention map drawn over the original image.
 
-The grid covers the model's centre crop (``sat_export.metrics.crop_window``), so the map is
+The grid covers the model's centre crop (``training.metrics.crop_window``), so the map is
 upsampled bilinearly onto that window only; the parts of the image the model never saw get the
 colour of zero attention. Used by ``sat-eval --html`` and ``sat-infer --overlays``.
 """
@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from sat_export.metrics import crop_window
 from training.config import PreprocessConfig
+from training.metrics import crop_window
 
 FLAT_PEAK = 4.0  # the colour scale tops out at no less than 4x the uniform weight 1 / n_pix
 

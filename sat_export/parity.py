@@ -1,11 +1,14 @@
-"""The parity gate: exported graphs against PyTorch eager, on the same inputs.
+"""The parity gate: any two backends on the same inputs, output by output (as Polygraphy's comparator).
 
-Both graphs see random and image-like inputs (an int8 encoder, whose activation ranges are
-calibrated on images, only image-like ones) at batch 1 and a larger batch; every output gets
-its relative L2 error and max absolute difference, checked against ``contract.TOLERANCES``.
-Greedy captions of a few images through the whole decode loop must be identical (fp32; for
-reduced precisions the agreement is reported, not gated). One ✓/✗ line per output is printed;
-a failure raises ``ParityError`` stating expected, actual, difference and tolerance.
+A reference backend (PyTorch eager, for the build gate) and a candidate (onnxruntime on the
+exported graphs, TensorRT engines, an int8 encoder) see the same random and image-like inputs (an
+int8 encoder, whose activation ranges are calibrated on images, only image-like ones) at batch 1
+and a larger batch; every output of both graphs of the contract gets its relative L2 error and max
+absolute difference, checked against ``TOLERANCES``. Greedy captions of a few images through the
+whole decode loop must be identical (fp32; for reduced precisions the agreement is reported, not
+gated). One ✓/✗ line per output is printed; a failure raises ``ParityError`` stating expected,
+actual, difference and tolerance. ``smoke`` runs one backend once and checks its outputs against
+the contract (``sat-export check``).
 """
 from __future__ import annotations
 
@@ -18,17 +21,27 @@ from PIL import Image, ImageDraw
 from rich.console import Console
 from torch import Tensor
 
-from engines.decode import DecodeOptions, decode
+from engines.base import Backend
+from engines.contract import DECODER_STEP, ENCODER, GraphSpec
+from engines.errors import ShapeError
 from engines.ort import OrtBackend
-from sat_export.contract import DECODER_STEP, ENCODER, TOLERANCES, GraphSpec
-from sat_export.errors import ParityError
+from engines.torch_eager import TorchBackend
+from sat_export.errors import BundleError, ParityError
 from sat_export.export import random_images, step_inputs
-from sat_export.images import preprocess
+from training.decode import DecodeOptions, decode
+from training.images import preprocess
+from training.metrics import caption_agreement
 from training.model import ShowAttendTell
 from training.vocab import Vocab
 
 BATCHES = (1, 8)
 N_CAPTIONS = 4
+# Tolerances per precision of the candidate, against the reference.
+TOLERANCES = {
+    "fp32": {"rel_l2": 1e-5, "alpha_max_abs": 1e-4},
+    "fp16": {"rel_l2": 2e-2, "alpha_max_abs": 2e-2},
+    "int8": {"rel_l2": 0.5, "alpha_max_abs": 0.5},
+}
 
 
 @dataclass(frozen=True)
@@ -79,7 +92,7 @@ class ParityReport:
                 "captions": self.captions, "captions_gated": self.gate_captions}
 
 
-def synthetic_images(model: ShowAttendTell, n_img: int, seed: int = 0) -> Tensor:
+def synthetic_images(model: ShowAttendTell | Backend, n_img: int, seed: int = 0) -> Tensor:
     """Image-like inputs: coloured shapes on a gradient, through the model's own preprocessing."""
     rng = np.random.default_rng(seed)
     out = []
@@ -115,39 +128,70 @@ def compare(spec: GraphSpec, expected: tuple[Tensor, ...], actual: tuple[Tensor,
     return diffs
 
 
-def verify(model: ShowAttendTell, vocab: Vocab, encoder: Path, decoder: Path, precision: str = "fp32",
+def verify(reference: Backend, candidate: Backend, precision: str = "fp32",
            graphs: tuple[GraphSpec, ...] = (ENCODER, DECODER_STEP), batches: tuple[int, ...] = BATCHES,
            n_captions: int = N_CAPTIONS, seed: int = 0) -> ParityReport:
-    """Run the graphs ``encoder``/``decoder`` in onnxruntime and eager ``model`` on the same inputs.
+    """Run ``reference`` and ``candidate`` on the same inputs and compare every output of ``graphs``.
 
     ``graphs`` limits the per-output comparison (an int8 encoder bundle reuses the fp32 decoder).
     Captions are gated only at fp32.
     """
     tol = TOLERANCES[precision]
     report = ParityReport(precision, tol, gate_captions=precision == "fp32")
-    model = model.eval()
-    with OrtBackend(encoder, decoder, model.config, vocab) as ort, torch.inference_mode():
+    with torch.inference_mode():
         inputs = (("random", random_images), ("image-like", synthetic_images))
         for kind, make in inputs[1:] if precision == "int8" else inputs:  # int8 ranges fit images, not noise
             for batch in batches:
-                images = make(model, batch, seed)
+                images = make(reference, batch, seed)
                 if ENCODER in graphs:
-                    report.diffs += compare(ENCODER, model.encode(images), ort.encode(images), kind, batch, tol)
+                    report.diffs += compare(ENCODER, reference.encode(images), candidate.encode(images), kind, batch,
+                                            tol)
                 if DECODER_STEP in graphs:
-                    feeds = step_inputs(model, images, seed)
+                    feeds = step_inputs(reference, images, seed)
                     args = tuple(feeds[n] for n in DECODER_STEP.input_names)
-                    report.diffs += compare(DECODER_STEP, model.step(*args), ort.step(*args), kind, batch, tol)
-        report.captions = _caption_parity(model, ort, vocab, synthetic_images(model, n_captions, seed + 1))
+                    report.diffs += compare(DECODER_STEP, reference.step(*args), candidate.step(*args), kind, batch,
+                                            tol)
+        report.captions = caption_parity(reference, candidate, synthetic_images(reference, n_captions, seed + 1))
     return report
 
 
-def _caption_parity(model: ShowAttendTell, ort: OrtBackend, vocab: Vocab, images: Tensor) -> dict:
-    options = DecodeOptions(max_len=20)
-    eager = decode(model.step, model.encode(images), vocab.special_ids(), options)
-    onnx = decode(ort.step, ort.encode(images), vocab.special_ids(), options)
-    same = sum(a.tokens == b.tokens for a, b in zip(eager, onnx))
-    return {"images": len(eager), "identical": same, "eager": [" ".join(vocab.decode(c.tokens)) for c in eager],
-            "onnx": [" ".join(vocab.decode(c.tokens)) for c in onnx]}
+def verify_onnx(model: ShowAttendTell, vocab: Vocab, encoder: Path, decoder: Path, precision: str = "fp32",
+                **options) -> ParityReport:
+    """``verify`` with PyTorch eager ``model`` as the reference and onnxruntime on two ONNX files as the candidate."""
+    with TorchBackend(model, vocab) as eager, OrtBackend(encoder, decoder, model.config, vocab) as ort:
+        return verify(eager, ort, precision, **options)
+
+
+def caption_parity(reference: Backend, candidate: Backend, images: Tensor, max_len: int = 20) -> dict:
+    """Greedy captions of ``images`` by both backends: how many are identical, and the captions as text."""
+    options, vocab = DecodeOptions(max_len=max_len), reference.vocab
+    with torch.inference_mode():
+        ref = decode(reference.step, reference.encode(images), vocab.special_ids(), options)
+        cand = decode(candidate.step, candidate.encode(images), vocab.special_ids(), options)
+    same = round(caption_agreement([c.tokens for c in ref], [c.tokens for c in cand]) * len(ref))
+    return {"images": len(ref), "identical": same, "eager": [" ".join(vocab.decode(c.tokens)) for c in ref],
+            "onnx": [" ".join(vocab.decode(c.tokens)) for c in cand]}
+
+
+def smoke(backend: Backend, images: Tensor, files: dict[str, Path]) -> None:
+    """Encode ``images`` and run one decoder step from ``<start>``, checking every output.
+
+    ``files`` maps graph names to the files ``backend`` runs. Raises ``BundleError`` naming the
+    file whose outputs break the graph contract or hold NaN or Inf.
+    """
+    dims = backend.config.dims()
+    try:
+        with torch.inference_mode():
+            enc = backend.encode(images)
+            ENCODER.check_outputs(dict(zip(ENCODER.output_names, enc)), dims)
+            tokens = torch.full((images.size(0),), backend.vocab.start, dtype=torch.long)
+            out = backend.step(tokens, enc[2], enc[3], enc[0], enc[1])
+            DECODER_STEP.check_outputs(dict(zip(DECODER_STEP.output_names, out)), dims)
+    except ShapeError as err:
+        raise BundleError(f"{files[ENCODER.name].parent}: smoke inference: {err}") from None
+    for spec, tensors in ((ENCODER, enc), (DECODER_STEP, out)):
+        if not all(bool(torch.isfinite(t).all()) for t in tensors):
+            raise BundleError(f"{files[spec.name]}: smoke inference produced NaN or Inf")
 
 
 def print_report(report: ParityReport, console: Console) -> None:

@@ -17,14 +17,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from sat_export.bundle import load_bundle
-from sat_export.contract import ENCODER
+from engines.contract import ENCODER
+from sat_export.bundle import graph_file, load_bundle
 from sat_export.errors import BundleError
-from sat_export.export import graph_file
-from sat_export.images import ImageDecodeError, load_image
 from training.config import PreprocessConfig
+from training.errors import ImageDecodeError
+from training.images import image_suffixes, load_image
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 METHODS = ("minmax", "entropy", "percentile", "mse")
 MSE_BINS = 2048  # histogram bins over each tensor's min/max range
 MSE_FRACTIONS = np.linspace(0.2, 1.0, 81)  # candidate ranges, as fractions of the min/max range
@@ -36,7 +35,8 @@ def calibration_files(source: str | Path | Sequence[str | Path], limit: int | No
         folder = Path(source)
         if not folder.is_dir():
             raise BundleError(f"{folder}: calibration folder not found")
-        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        suffixes = image_suffixes()
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in suffixes and p.is_file())
     else:
         files = [Path(p) for p in source]
     return files[:limit]

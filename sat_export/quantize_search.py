@@ -29,28 +29,23 @@ import onnx
 import torch
 from rich.console import Console
 
-from engines.decode import DecodeOptions, decode
+from engines.contract import ENCODER
 from engines.ort import OrtBackend
-from sat_export.bundle import Bundle, load_bundle
-from sat_export.contract import ENCODER
+from sat_export.bundle import Bundle, graph_file, load_bundle
 from sat_export.errors import BundleError
-from sat_export.export import graph_file
-from sat_export.images import ImageDecodeError, load_image
+from sat_export.parity import TOLERANCES, compare
 from sat_export.quantize import (METHODS, calibration_files, calibration_reader, head_nodes, name_nodes,
                                  quantize_prepared, session_with_outputs)
+from training.decode import DecodeOptions, decode
+from training.errors import ImageDecodeError
+from training.images import load_image
+from training.metrics import caption_agreement
 
 DEFAULT_TARGET = 0.97
 HOLD_BACK = 4  # every 4th calibration image is held back to measure agreement
 MAX_EXCLUDED = 8  # groups; the search stops there even below the target (each step re-quantises)
 WEIGHT_OPS = {"Conv", "MatMul", "Gemm"}  # a group starts at a layer with weights
 N_ERROR_IMAGES = 8  # held-back images used to rank groups by error (intermediate tensors are large)
-
-
-def caption_agreement(reference: Sequence[Sequence[int]], other: Sequence[Sequence[int]]) -> float:
-    """Share of captions (token lists) identical to the reference's, in [0, 1]."""
-    if len(reference) != len(other) or not reference:
-        raise ValueError(f"need two equal, non-empty lists of captions, got {len(reference)} and {len(other)}")
-    return sum(list(a) == list(b) for a, b in zip(reference, other)) / len(reference)
 
 
 @dataclass(frozen=True)
@@ -133,7 +128,10 @@ def _module_group(node: onnx.NodeProto) -> str | None:
 
 
 class HeldBack:
-    """The held-back images, their fp32 encoder outputs and fp32 greedy captions (computed once)."""
+    """The held-back images, their fp32 encoder outputs and fp32 greedy captions (computed once).
+
+    ``score`` judges an int8 encoder against them with the parity comparator (``parity.compare``).
+    """
 
     def __init__(self, bundle: Bundle, files: Sequence[Path], max_len: int = 20):
         images = []
@@ -147,20 +145,21 @@ class HeldBack:
         self.bundle, self.images = bundle, torch.from_numpy(np.stack(images))
         self.options = DecodeOptions(max_len=max_len)
         self.encoder, self.decoder = bundle.graph_paths("fp32")
-        self.features, self.captions = self.run(self.encoder)
+        self.outputs, self.captions = self.run(self.encoder)
 
-    def run(self, encoder: Path) -> tuple[torch.Tensor, list[list[int]]]:
-        """Grid features and greedy captions of the held-back images with ``encoder``."""
+    def run(self, encoder: Path) -> tuple[tuple[torch.Tensor, ...], list[list[int]]]:
+        """Encoder outputs and greedy captions of the held-back images with ``encoder``."""
         with OrtBackend(encoder, self.decoder, self.bundle.config, self.bundle.vocab) as ort:
             enc = ort.encode(self.images)
             captions = decode(ort.step, enc, self.bundle.vocab.special_ids(), self.options)
-        return enc[0], [c.tokens for c in captions]
+        return enc, [c.tokens for c in captions]
 
     def score(self, encoder: Path) -> tuple[float, float]:
         """``(caption agreement with fp32, relative L2 of the grid features)`` of an int8 encoder."""
-        features, captions = self.run(encoder)
-        rel = float((features - self.features).norm() / self.features.norm().clamp_min(1e-12))
-        return caption_agreement(self.captions, captions), rel
+        outputs, captions = self.run(encoder)
+        diffs = compare(ENCODER, self.outputs, outputs, "held-back", len(self.images), TOLERANCES["int8"])
+        features = next(d for d in diffs if d.output == "features")
+        return caption_agreement(self.captions, captions), features.rel_l2
 
 
 def group_errors(prepared: Path, quantised: Path, groups: dict[str, list[str]], images: torch.Tensor) -> dict[str, float]:

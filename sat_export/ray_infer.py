@@ -23,15 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-from engines import resolve_model
-from engines.decode import DecodeOptions
-from sat_export.bundle import load_bundle
-from sat_export.errors import BackendUnavailable, SatError
-from sat_export.infer import (InferOptions, Loaded, Plan, Summary, append_rows, caption_rows, open_engine,
+from engines.errors import BackendUnavailable
+from sat_export.infer import (InferOptions, Loaded, Plan, Summary, append_rows, caption_rows, open_for_readers,
                               read_item, save_alphas)
 from sat_export.inputs import InputItem
-from training.checkpoint import load_checkpoint
+from sat_export.registry import model_config, resolve_model
 from training.config import ModelConfig, PreprocessConfig
+from training.decode import DecodeOptions
+from training.errors import SatError
 
 
 @dataclass(frozen=True)
@@ -63,14 +62,13 @@ def import_ray():
     return ray
 
 
-def model_config(model: str | Path | None, backend: str) -> ModelConfig:
+def driver_config(model: str | Path | None, backend: str) -> ModelConfig:
     """Check the model on the driver, before any worker starts, and return its config.
 
     A checkpoint for a bundle backend has its bundle built here, once, into this machine's
     cache (``sat_export.bundle_cache``), where actors on this machine then find it.
     """
-    path = resolve_model(model, backend)
-    return load_bundle(path).config if path.is_dir() else load_checkpoint(path).config
+    return model_config(resolve_model(model, backend))
 
 
 def read_batch(batch: dict[str, np.ndarray], cfg: PreprocessConfig, max_pixels: int) -> dict[str, np.ndarray]:
@@ -94,13 +92,13 @@ class Captioner:
     """
 
     def __init__(self, model: str | None, backend: str, threads: int, decode: DecodeOptions, keep_alphas: bool):
-        self.engine = open_engine(model, backend, workers=0, threads=threads)
+        self.backend = open_for_readers(model, backend, workers=0, threads=threads)
         self.decode, self.keep_alphas = decode, keep_alphas
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         loaded = [Loaded(InputItem(Path(path), key), None if error else pixels, error or None)
                   for path, key, pixels, error in zip(batch["path"], batch["key"], batch["pixels"], batch["error"])]
-        pairs = caption_rows(self.engine, loaded, self.decode)
+        pairs = caption_rows(self.backend, loaded, self.decode)
         return {"row": np.array([json.dumps(row, ensure_ascii=False) for row, _ in pairs], dtype=object),
                 "alphas": np.array([alphas.astype(np.float16).tobytes() if alphas is not None and self.keep_alphas
                                     else b"" for _, alphas in pairs], dtype=object)}
@@ -128,7 +126,7 @@ def run_ray(model: str | Path | None, plan: Plan, options: InferOptions = InferO
         raise SatError("--overlays is not supported with --ray: caption with --alphas, then draw the "
                        "overlays with `sat-eval --html` or without --ray for the images you want")
     ray = import_ray()
-    config = model_config(model, backend)
+    config = driver_config(model, backend)
     summary = Summary(skipped=plan.done)
     if not plan.todo:
         return summary

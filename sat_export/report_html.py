@@ -1,7 +1,9 @@
 """``sat-eval --html``: one static, offline page — metrics, the named problem lists, and a gallery.
 
 Images and attention overlays are embedded as JPEG data URIs, so the page is a single file that
-can be mailed or attached to a CI run. Overlays come from ``sat_export.overlays.overlay``.
+can be mailed or attached to a CI run. Overlays come from ``sat_export.overlays.overlay``. The page
+head, the caption cards and their figures are rendered here for ``sat-infer --overlays``'s gallery
+too (``sat_export.gallery``), so both pages look alike.
 """
 from __future__ import annotations
 
@@ -13,9 +15,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from sat_export.images import ImageDecodeError, load_rgb
 from sat_export.overlays import overlay
 from training.config import PreprocessConfig
+from training.errors import ImageDecodeError
+from training.images import load_rgb
 
 THUMB = 160  # longer side of gallery images, pixels
 LABELS = {"bleu1": "BLEU-1", "bleu2": "BLEU-2", "bleu3": "BLEU-3", "bleu4": "BLEU-4", "cider_d": "CIDEr-D",
@@ -56,9 +59,7 @@ def render_html(report: dict, preprocess: PreprocessConfig | None, gallery: int 
     title = (f"sat-eval --compare: A = {report['a']}, B = {report['b']}" if "a" in report else
              f"sat-eval: {report['predictions']} vs {report['references']}"
              + (f" ({report['split']} split)" if report.get("split") else ""))
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)}</title>"
-             f"<style>{CSS}</style></head><body><h1>{escape(title)}</h1>",
-             _metrics_table(report)]
+    parts = [page_head(title), _metrics_table(report)]
     for key, heading in LISTS.items():
         if report.get(key):
             parts.append(_named_list(heading, report[key]))
@@ -107,20 +108,38 @@ def _named_list(heading: str, items: list) -> str:
     return f"<details{state}><summary><b>{escape(heading)} ({len(items)})</b></summary><ul>{''.join(lines)}</ul></details>"
 
 
-def _card(record: dict, preprocess: PreprocessConfig | None) -> str:
-    caption = record["caption"]
+def page_head(title: str) -> str:
+    """The start of a page: head with the shared style, and the title as its heading."""
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)}</title>"
+            f"<style>{CSS}</style></head><body><h1>{escape(title)}</h1>")
+
+
+def card_html(caption: str, source_html: str, body_html: str, extra_text_html: str = "") -> str:
+    """One image's card: its caption (an empty one flagged), a source line, more text, and a body."""
     caption_html = escape(caption) if caption.strip() else "<span class='empty'>(empty caption)</span>"
-    refs = "".join(f"<li>{escape(r)}</li>" for r in record["references"])
-    text = (f"<div class='text'><div class='caption'>{caption_html}</div>"
-            f"<div class='src'>{escape(record['image'])} · CIDEr-D {record['cider_d']:.3f}</div>"
-            f"<ol class='refs'>{refs}</ol></div>")
+    return (f"<div class='card'><div class='text'><div class='caption'>{caption_html}</div>"
+            f"<div class='src'>{source_html}</div>{extra_text_html}</div>{body_html}</div>")
+
+
+def steps_html(figures: list[str]) -> str:
+    return f"<div class='steps'>{''.join(figures)}</div>"
+
+
+def figure_html(src: str, label_html: str, img_attrs: str = "") -> str:
+    return f"<figure><img src='{src}'{img_attrs} alt=''><figcaption>{label_html}</figcaption></figure>"
+
+
+def _card(record: dict, preprocess: PreprocessConfig | None) -> str:
+    source = f"{escape(record['image'])} · CIDEr-D {record['cider_d']:.3f}"
+    refs = "<ol class='refs'>" + "".join(f"<li>{escape(r)}</li>" for r in record["references"]) + "</ol>"
     try:
         image = load_rgb(record["path"])
     except ImageDecodeError as err:
-        return f"<div class='card'>{text}<div class='src'>image {escape(record['path'])}: {escape(str(err))}</div></div>"
+        problem = f"<div class='src'>image {escape(record['path'])}: {escape(str(err))}</div>"
+        return card_html(record["caption"], source, problem, refs)
     figures = [_figure(image.copy(), "(image)")]
     figures += _steps(image, record, preprocess)
-    return f"<div class='card'>{text}<div class='steps'>{''.join(figures)}</div></div>"
+    return card_html(record["caption"], source, steps_html(figures), refs)
 
 
 def _steps(image: Image.Image, record: dict, preprocess: PreprocessConfig | None) -> list[str]:
@@ -149,5 +168,4 @@ def _figure(image: Image.Image, label_html: str) -> str:
     buf = io.BytesIO()
     image.save(buf, format="JPEG", quality=85)
     uri = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-    return (f"<figure><img src='{uri}' width='{image.width}' height='{image.height}' alt=''>"
-            f"<figcaption>{label_html}</figcaption></figure>")
+    return figure_html(uri, label_html, f" width='{image.width}' height='{image.height}'")

@@ -9,7 +9,7 @@ import torch
 import torchvision
 from torch import nn
 
-from sat_export.errors import WeightsUnavailable
+from training.errors import WeightsUnavailable
 
 
 @dataclass(frozen=True)

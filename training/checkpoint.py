@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from sat_export.errors import CheckpointError
 from training.config import ModelConfig
+from training.errors import CheckpointError
 from training.model import ShowAttendTell
 from training.vocab import Vocab
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-from sat_export.errors import CheckpointError
+from training.errors import CheckpointError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -70,7 +70,7 @@ class ModelConfig:
         return self.grid * self.grid
 
     def dims(self) -> dict[str, int]:
-        """Sizes of the named axes of the graph contract (``sat_export.contract``)."""
+        """Sizes of the named axes of the graph contract (``engines.contract``)."""
         return {
             "n_pix": self.n_pix, "enc_dim": self.enc_dim, "att_dim": self.att_dim, "dec_dim": self.dec_dim,
             "vocab": self.vocab_size, "height": self.preprocess.crop, "width": self.preprocess.crop,

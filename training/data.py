@@ -21,22 +21,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
-from sat_export.errors import SatError
-from sat_export.images import ImageDecodeError, load_image, load_rgb
 from training.config import PreprocessConfig
+from training.errors import DatasetError, ImageDecodeError
+from training.images import load_image, load_rgb
 from training.vocab import Vocab, tokenize
 
 MAX_LEN = 30  # words per caption; longer captions are cut
 SPLITS = ("train", "val", "test")
 IMAGE_DIRS = ("Images", "images", "Flicker8k_Dataset", "Flickr8k_Dataset")  # tried next to the captions file
 _TOKEN_LINE = re.compile(r"^(?P<name>[^\t#]+)#\d+\t(?P<caption>.*)$")
-
-
-class DatasetError(SatError):
-    """A captions file is missing or malformed; the message names the file and line."""
+EXIF_ORIENTATION, TRANSPOSED = 0x0112, (5, 6, 7, 8)  # orientations that swap width and height
 
 
 @dataclass
@@ -209,6 +207,26 @@ class ImageInputs:
 
     def __getitem__(self, i: int) -> Tensor:
         return torch.from_numpy(load_image(self.paths[i], self.preprocess))
+
+
+def load_boxes(path: str | Path) -> dict[str, dict[str, list]]:
+    """``boxes.json``: image name -> {word: [[x0, y0, x1, y1], ...]} (see ``training.shapes``)."""
+    try:
+        boxes = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as err:
+        raise DatasetError(f"{path}: cannot read boxes ({err.strerror})") from None
+    except json.JSONDecodeError as err:
+        raise DatasetError(f"{path}:{err.lineno}: malformed JSON: {err.msg}") from None
+    if not isinstance(boxes, dict) or not all(isinstance(v, dict) for v in boxes.values()):
+        raise DatasetError(f"{path}: expected {{image name: {{word: [[x0, y0, x1, y1], ...]}}}}")
+    return boxes
+
+
+def upright_size(path: Path) -> tuple[int, int]:
+    """``(w, h)`` of the image as ``training.images.load_rgb`` returns it (EXIF rotation applied), header only."""
+    with Image.open(path) as img:
+        swap = img.getexif().get(EXIF_ORIENTATION) in TRANSPOSED
+        return (img.height, img.width) if swap else img.size
 
 
 def boxes_next_to(data: str | Path) -> Path | None:

@@ -2,7 +2,8 @@
 
 The demo recipe: a synthetic shapes set (``training.shapes``), the small ``mobilenet_v3_small_s16``
 backbone trained end to end at 128 px (8 x 8 grid), evaluated on shapes drawn from another seed,
-the best checkpoint copied into the package (``sat_export/assets/demo.pth``).
+the best checkpoint copied to where the product ships it (``sat-train demo`` passes
+``sat_export/assets/demo.pth``).
 """
 from __future__ import annotations
 
@@ -14,12 +15,13 @@ from pathlib import Path
 
 import torch
 
-from engines.decode import DecodeOptions
-from sat_export.assets import demo_checkpoint_path
-from sat_export.evaluate import load_boxes, upright_size
-from sat_export.metrics import attention_grounding, corpus_bleu, summarize_grounding
+from rich.console import Console
+
 from training.checkpoint import load_checkpoint
-from training.data import SPLITS, DatasetError, ImageInputs, boxes_next_to, check_images, load_captions
+from training.data import SPLITS, ImageInputs, boxes_next_to, check_images, load_boxes, load_captions, upright_size
+from training.decode import DecodeOptions
+from training.errors import DatasetError
+from training.metrics import attention_grounding, corpus_bleu, summarize_grounding
 from training.shapes import make_shapes
 from training.train import TrainConfig, caption_images, train
 
@@ -73,8 +75,8 @@ def evaluate(ckpt: str | Path, data: str | Path, images: str | Path | None = Non
             "seconds": round(time.perf_counter() - started, 1)}
 
 
-def demo(out: str | Path = "runs/demo", asset: str | Path | None = None, n_train: int = DEMO_TRAIN_IMAGES,
-         n_test: int = DEMO_TEST_IMAGES, epochs: int = DEMO_CONFIG["epochs"]) -> dict:
+def demo(out: str | Path, asset: str | Path, n_train: int = DEMO_TRAIN_IMAGES, n_test: int = DEMO_TEST_IMAGES,
+         epochs: int = DEMO_CONFIG["epochs"], console: Console | None = None) -> dict:
     """Reproduce the shipped demo model: shapes sets, training, held-out evaluation, copy to ``asset``.
 
     Returns the evaluation of the best checkpoint on the held-out set, plus the training time.
@@ -85,12 +87,12 @@ def demo(out: str | Path = "runs/demo", asset: str | Path | None = None, n_train
     make_shapes(out / "shapes-test", n_test, seed=TEST_SEED)
     cfg = TrainConfig(data=str(out / "shapes-train"), out=str(out), cache_dir=str(out / "cache"),
                       **{**DEMO_CONFIG, "epochs": epochs})
-    train(cfg)
+    train(cfg, console)
     minutes = (time.perf_counter() - started) / 60
     report = {"train_minutes": round(minutes, 1), "config": asdict(cfg),
               **evaluate(out / "best.pth", out / "shapes-test")}
     (out / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
-    asset = Path(asset) if asset else demo_checkpoint_path(must_exist=False)
+    asset = Path(asset)
     asset.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(out / "best.pth", asset)
     return report

@@ -1,7 +1,7 @@
 """Show, Attend and Tell (Xu et al. 2015): CNN grid features, soft attention, LSTM decoder.
 
 Read top to bottom: Attention -> ShowAttendTell. The model exposes exactly the graph contract
-of ``sat_export.contract``: ``encode(images)`` and ``step(tokens, h, c, features, features_proj)``.
+of ``engines.contract``: ``encode(images)`` and ``step(tokens, h, c, features, features_proj)``.
 The teacher-forced ``forward`` loops over ``step``: there is one step implementation.
 """
 from __future__ import annotations

@@ -5,7 +5,7 @@ blotchy, noisy background. One shape sits in one of nine places (``in the top le
 three shapes sit in distinct columns and are described from left to right. Every image gets four
 paraphrased references (Flickr8k ``captions.txt`` format) and ``boxes.json`` maps each image's
 shape nouns to their pixel boxes ``[x0, y0, x1, y1]`` (pixel edges, ``x1``/``y1`` exclusive), so
-attention can be scored against them (``sat_export.metrics.attention_grounding``).
+attention can be scored against them (``training.metrics.attention_grounding``).
 
 Image ``i`` depends only on ``(seed, i)``: sets are reproducible and a prefix of a larger set.
 """

@@ -21,20 +21,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from engines.decode import Caption, DecodeOptions, decode
-from sat_export.console import console
-from sat_export.errors import CheckpointError
-from sat_export.evaluate import load_boxes, upright_size
-from sat_export.metrics import box_coverage, corpus_bleu, crop_window
 from training.backbones import backbone_spec
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import PRESETS, PreprocessConfig
-from training.data import MAX_LEN, CaptionDataset, DatasetError, EpochBatches, ImageCaptions, ImageInputs, \
-    boxes_next_to, check_images, collate, load_captions
+from training.data import (MAX_LEN, CaptionDataset, EpochBatches, ImageCaptions, ImageInputs, boxes_next_to,
+                           check_images, collate, load_boxes, load_captions, upright_size)
+from training.decode import Caption, DecodeOptions, decode
+from training.errors import CheckpointError, DatasetError
 from training.features import build_feature_cache
+from training.metrics import box_coverage, corpus_bleu, crop_window
 from training.model import ShowAttendTell, caption_loss, make_model
 from training.vocab import Vocab
 
@@ -107,16 +106,20 @@ class Data:
     val: list[int]
 
 
-def load_data(cfg: TrainConfig, vocab: Vocab | None = None) -> Data:
-    """Read, check and split the captions; build the vocabulary from train captions unless given."""
+def load_data(cfg: TrainConfig, vocab: Vocab | None = None, console: Console | None = None) -> Data:
+    """Read, check and split the captions; build the vocabulary from train captions unless given.
+
+    Skipped images are listed in ``<out>/skipped_images.txt`` and reported on ``console``.
+    """
     items = load_captions(cfg.data, cfg.images, cfg.format, cfg.max_len, cfg.val_frac, cfg.test_frac)
     items, skipped = check_images(items)
     if skipped:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         report = Path(cfg.out) / "skipped_images.txt"
         report.write_text("".join(f"{p}\t{why}\n" for p, why in skipped))
-        console.print(f"[yellow]skipped {len(skipped)} missing or unreadable images[/] " + escape(
-            f"(first: {skipped[0][0]}: {skipped[0][1]}; all listed in {report})"), highlight=False)
+        (console or Console(stderr=True)).print(
+            f"[yellow]skipped {len(skipped)} missing or unreadable images[/] "
+            + escape(f"(first: {skipped[0][0]}: {skipped[0][1]}; all listed in {report})"), highlight=False)
     train = [i for i, it in enumerate(items) if it.split == "train"]
     val = [i for i, it in enumerate(items) if it.split == "val"]
     if not train or not val:
@@ -138,7 +141,7 @@ def attention_targets(items: list[ImageCaptions], boxes: dict, preprocess: Prepr
     """Per image, object word -> ``(grid*grid,)`` share of each attention cell inside its boxes.
 
     ``boxes`` is a ``boxes.json`` (image name -> {word: [[x0, y0, x1, y1], ...]}). The cells are
-    those of the model's centre crop (``sat_export.metrics.box_coverage``), so a target is exactly
+    those of the model's centre crop (``training.metrics.box_coverage``), so a target is exactly
     what ``attention_grounding`` scores.
     """
     targets = []
@@ -162,7 +165,7 @@ def grid_features(model: ShowAttendTell, inputs: torch.Tensor, cached: bool) -> 
 
 def caption_images(model: ShowAttendTell, inputs: torch.Tensor, cached: bool, vocab: Vocab,
                    options: DecodeOptions) -> list[Caption]:
-    """Decode a batch of images (or cached grid features) with ``engines.decode``."""
+    """Decode a batch of images (or cached grid features) with ``training.decode``."""
     with torch.inference_mode():
         return decode(model.step, model.init_state(grid_features(model, inputs, cached)), vocab.special_ids(), options)
 
@@ -174,15 +177,19 @@ def _warmup_cosine(step: int, warmup: int, total: int) -> float:
 
 
 class Trainer:
-    """One run: data, model, optimiser, schedule and the record of epochs."""
+    """One run: data, model, optimiser, schedule and the record of epochs.
+
+    Progress and epoch lines go to ``console`` (default: a new rich console on stderr).
+    """
 
     def __init__(self, cfg: TrainConfig, resume: dict | None = None, vocab: Vocab | None = None,
-                 state_dict: dict | None = None):
+                 state_dict: dict | None = None, console: Console | None = None):
         self.cfg, self.out = cfg, Path(cfg.out)
+        self.console = console or Console(stderr=True)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
-        self.data = load_data(cfg, vocab)
+        self.data = load_data(cfg, vocab, self.console)
         self.model = new_model(cfg, len(self.data.vocab), load_pretrained=state_dict is None)
         if state_dict is not None:
             self.model.load_state_dict(state_dict)
@@ -214,7 +221,7 @@ class Trainer:
         return attention_targets(self.data.items, load_boxes(path), self.model.config.preprocess, self.cfg.grid)
 
     def _feature_cache(self, paths):
-        with _progress() as bar:
+        with _progress(self.console) as bar:
             task = bar.add_task("features", total=len(paths), epoch="cache", loss=float("nan"), bleu4="")
             return build_feature_cache(self.model, paths, self.cfg.cache_dir, self.cfg.batch_size,
                                        lambda done: bar.update(task, completed=done))
@@ -248,7 +255,7 @@ class Trainer:
     def fit(self) -> dict:
         """Train until ``epochs``, early stopping or ``max_steps``; returns the last epoch's record."""
         cfg = self.cfg
-        with _progress() as bar:
+        with _progress(self.console) as bar:
             task = bar.add_task("train", total=self.steps_per_epoch, epoch="", loss=float("nan"), bleu4="")
             while self.epoch < cfg.epochs and self.bad_epochs < cfg.patience:
                 last_bleu = f"val BLEU-4 {self.history[-1]['bleu4']:.3f}" if self.history else ""
@@ -301,7 +308,7 @@ class Trainer:
         self.save("last.pth")
         with open(self.out / "history.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-        console.print(f"epoch {self.epoch}: train nll {self.running:.3f}  val loss {metrics['val_loss']:.3f}  "
+        self.console.print(f"epoch {self.epoch}: train nll {self.running:.3f}  val loss {metrics['val_loss']:.3f}  "
                       f"BLEU-1..4 {metrics['bleu1']:.3f} {metrics['bleu2']:.3f} {metrics['bleu3']:.3f} "
                       f"{metrics['bleu4']:.3f}{'  (best)' if improved else ''}", highlight=False)
 
@@ -367,21 +374,21 @@ def box_attention_loss(alphas: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return -torch.log(mass[boxed].clamp_min(1e-6)).mean()
 
 
-def _progress() -> Progress:
+def _progress(console: Console) -> Progress:
     return Progress(TextColumn("[bold]{task.description} {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("nll {task.fields[loss]:.3f}"), TextColumn("{task.fields[bleu4]}"),
                     TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not console.is_terminal)
 
 
-def train(cfg: TrainConfig) -> dict:
+def train(cfg: TrainConfig, console: Console | None = None) -> dict:
     """Train a new model with ``cfg``; checkpoints go to ``cfg.out`` (``best.pth``, ``last.pth``)."""
-    return Trainer(cfg).fit()
+    return Trainer(cfg, console=console).fit()
 
 
-def resume(ckpt: str | Path, max_steps: int | None = None) -> dict:
+def resume(ckpt: str | Path, max_steps: int | None = None, console: Console | None = None) -> dict:
     """Continue the run saved in ``ckpt`` (a ``last.pth``) exactly where it stopped."""
     ck = load_checkpoint(ckpt)
     if "resume" not in ck.train or "config" not in ck.train:
         raise CheckpointError(f"{ckpt}: no training state to resume from (resume from a run's last.pth)")
     cfg = replace(TrainConfig.from_dict(ck.train["config"]), max_steps=max_steps)
-    return Trainer(cfg, ck.train, ck.vocab, ck.state_dict).fit()
+    return Trainer(cfg, ck.train, ck.vocab, ck.state_dict, console).fit()

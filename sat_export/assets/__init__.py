@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sat_export.errors import CheckpointError
+from training.errors import CheckpointError
 
 DEMO_CHECKPOINT = Path(__file__).with_name("demo.pth")
 

@@ -11,7 +11,7 @@ from benchmarks.cli import app
 from benchmarks.configs import CONFIGS
 from benchmarks.prepare import Int8Options, Recipe, reference_model
 from benchmarks.report import verdict
-from sat_export.console import console
+from sat_export.cli.common import console
 from training.shapes import make_shapes
 
 
@@ -20,17 +20,26 @@ def shapes(tmp_path_factory):
     return make_shapes(tmp_path_factory.mktemp("shapes"), 8, size=64) / "images"
 
 
+def break_runtime(monkeypatch, broken: str) -> None:
+    """Every bench row of the runtime ``broken`` fails to open with ``RuntimeError: boom``."""
+    real_open = benchmarks.configs.open_backend
+
+    def open_backend(model, runtime, *args, **kwargs):
+        if runtime == broken:
+            raise RuntimeError("boom")
+        return real_open(model, runtime, *args, **kwargs)
+
+    monkeypatch.setattr(benchmarks.configs, "open_backend", open_backend)
+
+
 def test_quick_bench_has_a_row_with_a_status_for_every_configuration(tmp_path, tiny_ckpt, tiny_bundle, shapes,
                                                                         monkeypatch):
     def copy_graphs(model, out_dir, precision="fp32", opset=18):  # the tiny bundle's graphs: same model
         out_dir.mkdir(parents=True, exist_ok=True)
         return {g: shutil.copy(tiny_bundle / f"{g}.onnx", out_dir / f"{g}.onnx") for g in ("encoder", "decoder_step")}
 
-    def broken(config, ckpt, bundle):
-        raise RuntimeError("boom")
-
     monkeypatch.setattr(sat_export.build, "export_onnx", copy_graphs)
-    monkeypatch.setitem(benchmarks.configs.LOADERS, "tensorrt", broken)
+    break_runtime(monkeypatch, "tensorrt")
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(app, ["--quick", "--ckpt", str(tiny_ckpt), "--images", str(shapes), "--calib-method",
                                       "minmax", "--cache",
@@ -58,10 +67,7 @@ def test_a_configuration_that_fails_gets_its_error_and_the_others_go_on(tmp_path
     from benchmarks.bench import BenchOptions, run_bench
     from benchmarks.prepare import BenchModel
 
-    def broken(config, ckpt, bundle):
-        raise RuntimeError("boom")
-
-    monkeypatch.setitem(benchmarks.configs.LOADERS, "onnxruntime", broken)
+    break_runtime(monkeypatch, "onnxruntime")
     model = BenchModel(tiny_ckpt, tiny_bundle, sorted(shapes.glob("*.jpg")))
     result = run_bench(model, BenchOptions(batch_sizes=(2,), repeats=1, keys=("ort-fp32", "torch-channels-last")),
                        console)

@@ -2,11 +2,12 @@
 import pytest
 import torch
 
-from engines import open_backend
-from engines.decode import DecodeOptions, decode
+from engines.errors import BackendUnavailable
 from engines.torch_eager import TorchBackend
-from sat_export.errors import BackendUnavailable, SatError
+from sat_export.registry import open_backend
 from tests.conftest import tiny_model
+from training.decode import DecodeOptions, decode
+from training.errors import SatError
 
 
 def test_torch_backend_equals_model_and_drives_decode(tiny_ckpt, vocab):

@@ -5,9 +5,10 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
+from engines.contract import DECODER_STEP, ENCODER
 from sat_export.bundle import DIGEST_KEY, _digest, _render, io_table, load_bundle, write_manifest
-from sat_export.cli import app
-from sat_export.contract import DECODER_STEP, ENCODER, MANIFEST_FILE
+from sat_export.bundle import MANIFEST_FILE
+from sat_export.cli.export import app
 from sat_export.errors import BundleError
 from training.config import ModelConfig
 

@@ -1,6 +1,6 @@
 from typer.testing import CliRunner
 
-from sat_export.cli import app
+from sat_export.cli.export import app
 
 
 def test_info_prints_config_for_good_checkpoint(tiny_ckpt):

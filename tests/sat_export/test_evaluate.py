@@ -5,16 +5,15 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
 from typer.testing import CliRunner
 
-from sat_export.eval_cli import app
-from sat_export.evaluate import EvalError, compare, evaluate, match_names, read_predictions, upright_size
-from sat_export.images import load_rgb
-from sat_export.metrics import box_coverage, cider_d, corpus_bleu, crop_window
+from sat_export.cli.eval import app
+from sat_export.errors import EvalError
+from sat_export.evaluate import compare, evaluate, match_names, read_predictions
 from sat_export.report_html import render_html
 from training.config import PreprocessConfig
 from training.data import load_captions
+from training.metrics import box_coverage, cider_d, corpus_bleu, crop_window
 from training.shapes import make_shapes
 from training.vocab import tokenize
 
@@ -125,14 +124,6 @@ def test_karpathy_and_token_references_are_read_by_the_training_readers(tmp_path
     assert karpathy["no_reference"] == [{"image": "b.jpg", "reason": "its reference is in the train split"}]
     token = evaluate(pred, tmp_path / "token.txt")
     assert token["counts"]["scored"] == 2 and token["metrics"]["bleu1"] < 1.0
-
-
-@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
-def test_upright_size_is_the_size_load_rgb_gives(tmp_path, orientation):
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    Image.new("RGB", (40, 24)).save(tmp_path / "a.jpg", exif=exif)
-    assert upright_size(tmp_path / "a.jpg") == load_rgb(tmp_path / "a.jpg").size
 
 
 def test_malformed_predictions_name_the_line(tmp_path):

@@ -6,11 +6,11 @@ import onnx
 import pytest
 import torch
 
+from engines.contract import DECODER_STEP, ENCODER
 from engines.ort import OrtBackend
-from sat_export.contract import DECODER_STEP, ENCODER
 from sat_export.errors import BundleError
 from sat_export.export import DecoderStepGraph, EncoderGraph, check_graph_io, export_graph, export_onnx, step_inputs
-from sat_export.parity import verify
+from sat_export.parity import verify_onnx
 from tests.conftest import tiny_model
 
 
@@ -96,6 +96,6 @@ def test_fp16_pair_keeps_float32_io_and_passes_fp16_parity(tmp_path, vocab):
         check_graph_io(paths[spec.name], spec, model.config.dims())  # dtypes as in the contract: float32 I/O
         ops = {init.data_type for init in onnx.load(str(paths[spec.name])).graph.initializer}
         assert onnx.TensorProto.FLOAT16 in ops
-    report = verify(model, vocab, paths[ENCODER.name], paths[DECODER_STEP.name], "fp16")
+    report = verify_onnx(model, vocab, paths[ENCODER.name], paths[DECODER_STEP.name], "fp16")
     assert report.passed, report.to_dict()
     assert max(d.rel_l2 for d in report.diffs) > 1e-6  # really reduced precision, not an fp32 copy

@@ -11,10 +11,10 @@ import torchvision
 from torch import nn
 from typer.testing import CliRunner
 
-from sat_export.cli import app
-from sat_export.errors import CheckpointError
+from sat_export.cli.export import app
 from sat_export.importers import import_seed, import_sgrvinod, resnet_name, seed_captions, seed_vocab
 from training.checkpoint import load_checkpoint
+from training.errors import CheckpointError
 from training.vocab import SPECIALS
 
 CAPTIONS = ["A dog runs on the grass .", "A black dog jumps .", "Two dogs play on the grass .", "A cat sleeps ."]

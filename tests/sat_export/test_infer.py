@@ -20,11 +20,11 @@ from PIL import Image
 from typer.testing import CliRunner
 from urllib.parse import unquote
 
-from engines.decode import DecodeOptions, decode
 from engines.torch_eager import TorchBackend
+from sat_export.cli.infer import app
 from sat_export.infer import InferOptions, Loaded, batches, plan, prefetch, read_item, run, run_settings
-from sat_export.infer_cli import app
 from sat_export.inputs import InputError, InputItem, run_record_path
+from training.decode import DecodeOptions, decode
 
 GOOD = {  # file name -> (mode, format): many formats and modes, 64 px
     "rgb.jpg": ("RGB", "JPEG"), "grey.jpg": ("L", "JPEG"), "cmyk.jpg": ("CMYK", "JPEG"),
@@ -106,7 +106,7 @@ def mixed_folder(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
-    """As ``sat-infer`` runs beside its readers on 2 cores (``open_engine`` sets it); the session's comes back."""
+    """As ``sat-infer`` runs beside its readers on 2 cores (``open_for_readers`` sets it); the session's comes back."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -305,7 +305,7 @@ def assert_one_captioned_row_per_image(out: Path, names: list[str]) -> None:
 def test_kill_9_mid_run_then_rerun_gives_exactly_one_valid_row_per_image(tmp_path, tiny_ckpt):
     names = write_images(tmp_path / "in", 300)
     out = tmp_path / "c.jsonl"
-    cmd = [sys.executable, "-m", "sat_export.infer_cli", str(tmp_path / "in"), "--out", str(out),
+    cmd = [sys.executable, "-m", "sat_export.cli.infer", str(tmp_path / "in"), "--out", str(out),
            "--model", str(tiny_ckpt), "--backend", "torch", "--batch-size", "4",
            "--alphas", str(tmp_path / "alphas")]
     n_before = kill_9_mid_run(cmd, out, 20, len(names))

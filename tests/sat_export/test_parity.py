@@ -6,10 +6,11 @@ import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
-from sat_export.cli import app
-from sat_export.contract import DECODER_STEP, ENCODER, MANIFEST_FILE
+from engines.contract import DECODER_STEP, ENCODER
+from sat_export.bundle import MANIFEST_FILE
+from sat_export.cli.export import app
 from sat_export.errors import ParityError
-from sat_export.parity import print_report, raise_if_failed, synthetic_images, verify
+from sat_export.parity import print_report, raise_if_failed, synthetic_images, verify_onnx
 from tests.conftest import tiny_model
 from training.checkpoint import save_checkpoint
 
@@ -25,7 +26,7 @@ def test_compare_eager_vs_onnxruntime_manifest_report_within_fp32_tolerance(tiny
 
 def test_graphs_of_another_model_fail_with_expected_actual_and_tolerance(tiny_bundle, vocab):
     other = tiny_model(seed=1)  # same config, different weights: far outside tolerance
-    report = verify(other, vocab, tiny_bundle / ENCODER.file, tiny_bundle / DECODER_STEP.file, batches=(2,),
+    report = verify_onnx(other, vocab, tiny_bundle / ENCODER.file, tiny_bundle / DECODER_STEP.file, batches=(2,),
                     n_captions=2)
     assert not report.passed
     with pytest.raises(ParityError) as err:
@@ -36,7 +37,7 @@ def test_graphs_of_another_model_fail_with_expected_actual_and_tolerance(tiny_bu
 
 
 def test_print_report_writes_one_line_per_output_and_one_for_captions(tiny_bundle, vocab):
-    report = verify(tiny_model(), vocab, tiny_bundle / ENCODER.file, tiny_bundle / DECODER_STEP.file, batches=(1, 3),
+    report = verify_onnx(tiny_model(), vocab, tiny_bundle / ENCODER.file, tiny_bundle / DECODER_STEP.file, batches=(1, 3),
                     n_captions=2)
     console = Console(record=True, width=200)
     print_report(report, console)

@@ -9,11 +9,12 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from sat_export.cli import app
-from sat_export.contract import DECODER_STEP, ENCODER, MANIFEST_FILE
+from engines.contract import DECODER_STEP, ENCODER
+from sat_export.bundle import MANIFEST_FILE
+from sat_export.cli.export import app
 from sat_export.errors import BundleError
 from sat_export.export import check_graph_io
-from sat_export.parity import verify
+from sat_export.parity import verify_onnx
 from sat_export.quantize import (ImageCalibrationReader, _least_error_range, _Replay, calibration_files, head_nodes,
                                  mse_ranges, quantize_encoder)
 from sat_export.quantize_search import HeldBack
@@ -44,7 +45,7 @@ def test_quantize_encoder_writes_per_channel_qdq_graph_within_int8_tolerance(tmp
     weight_scales = [n.input[1] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
                      and inits[n.input[0]].data_type == onnx.TensorProto.INT8 and len(inits[n.input[0]].dims) == 4]
     assert weight_scales and all(len(inits[s].dims) == 1 and inits[s].dims[0] > 1 for s in weight_scales)  # per channel
-    report = verify(model, vocab, int8, bundle / DECODER_STEP.file, "int8", graphs=(ENCODER,), n_captions=2)
+    report = verify_onnx(model, vocab, int8, bundle / DECODER_STEP.file, "int8", graphs=(ENCODER,), n_captions=2)
     assert report.passed, report.to_dict()
     assert 1e-4 < max(d.rel_l2 for d in report.diffs) <= 0.5  # really quantised
     producers = {o: n for n in graph.node for o in n.output}
@@ -140,5 +141,5 @@ def test_mse_calibration_shrinks_ranges_and_gives_a_runnable_int8_encoder(tmp_pa
         assert full[name][0] - 1e-6 <= lo and hi <= full[name][1] + 1e-6, (name, span[name], full[name])
     assert any(hi < 0.99 * full[n][1] for n, (lo, hi) in span.items())  # some tail was clipped
     int8 = quantize_encoder(bundle, calib_dir, method="mse")
-    report = verify(tiny_model(), vocab, int8, bundle / DECODER_STEP.file, "int8", graphs=(ENCODER,), n_captions=2)
+    report = verify_onnx(tiny_model(), vocab, int8, bundle / DECODER_STEP.file, "int8", graphs=(ENCODER,), n_captions=2)
     assert report.passed, report.to_dict()

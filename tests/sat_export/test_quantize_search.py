@@ -9,7 +9,7 @@ import torch
 import sat_export.quantize_search as qs
 from engines.ort import OrtBackend
 from sat_export.bundle import load_bundle
-from sat_export.quantize_search import caption_agreement, node_groups, search_int8_encoder, split_held_back
+from sat_export.quantize_search import node_groups, search_int8_encoder, split_held_back
 from training.shapes import make_shapes
 
 
@@ -23,12 +23,6 @@ def test_every_fourth_calibration_image_is_held_back():
     calib, held = split_held_back(files)
     assert held == ["3.jpg", "7.jpg"] and calib == [f for f in files if f not in held]
     assert split_held_back(["a", "b"]) == (["a"], ["b"])
-
-
-def test_caption_agreement_is_the_share_of_identical_token_lists():
-    assert caption_agreement([[1, 2], [3], []], [[1, 2], [3, 4], []]) == pytest.approx(2 / 3)
-    with pytest.raises(ValueError, match="equal"):
-        caption_agreement([[1]], [])
 
 
 def test_groups_follow_the_module_tree_of_the_export(tiny_bundle):

@@ -11,12 +11,12 @@ import pytest
 from typer.testing import CliRunner
 
 from engines.torch_eager import TorchBackend
-from sat_export.errors import SatError
+from sat_export.cli.infer import app
 from sat_export.infer import InferOptions, plan, run
-from sat_export.infer_cli import app
 from sat_export.ray_infer import RayOptions, check_reachable, run_ray
 from tests.sat_export.test_infer import (assert_one_captioned_row_per_image, encoded, image, kill_9_mid_run,
                                         read_rows, write_images)
+from training.errors import SatError
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_compare_ray_vs_single_process_rows_and_alphas_with_bad_files(ray_addres
 def test_kill_9_of_the_driver_then_rerun_gives_exactly_one_row_per_image(ray_address, tmp_path, tiny_ckpt):
     names = write_images(tmp_path / "in", 120)
     out = tmp_path / "c.jsonl"
-    cmd = [sys.executable, "-m", "sat_export.infer_cli", str(tmp_path / "in"), "--out", str(out),
+    cmd = [sys.executable, "-m", "sat_export.cli.infer", str(tmp_path / "in"), "--out", str(out),
            "--model", str(tiny_ckpt), "--backend", "torch", "--batch-size", "2", "--alphas", str(tmp_path / "alphas"),
            "--ray", "--ray-address", ray_address]
     n_before = kill_9_mid_run(cmd, out, 6, len(names))

@@ -9,11 +9,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import sat_export.tensorrt_build as tb
+import sat_export.tensorrt as tb
+from engines.trt_build import check_profile
 from sat_export.bundle import load_bundle, write_manifest
-from sat_export.cli import app
-from sat_export.contract import MANIFEST_FILE
+from sat_export.bundle import MANIFEST_FILE
+from sat_export.cli.export import app
 from sat_export.errors import BundleError
+from sat_export.registry import open_backend
 from tests.conftest import tiny_model
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
@@ -31,7 +33,7 @@ def test_trt_where_tensorrt_or_cuda_is_missing_fails_in_one_line_before_exportin
 @pytest.mark.parametrize("profile", [(0, 1, 2), (4, 2, 8), (1, 8, 4), (1, 2)])
 def test_check_profile_refuses_bad_batch_ranges(profile):
     with pytest.raises(ValueError, match="min <= opt <= max"):
-        tb.check_profile(profile)
+        check_profile(profile)
 
 
 def test_bad_profile_on_the_command_line_is_a_usage_error(tiny_ckpt, tmp_path):
@@ -86,8 +88,6 @@ def test_check_verifies_engine_checksums_and_says_engines_were_not_checked(bundl
 @pytest.mark.requires_cuda
 def test_build_engines_from_the_tiny_bundle_and_compare_vs_eager(tmp_path, tiny_bundle):
     pytest.importorskip("tensorrt", reason="TensorRT is not installed: pip install -e .[trt] (needs an NVIDIA GPU)")
-    from engines.trt import TensorRTBackend
-
     bundle = shutil.copytree(tiny_bundle, tmp_path / "b")
     manifest = json.loads((bundle / MANIFEST_FILE).read_text())
     manifest["tensorrt"] = tb.build_engines(bundle, profile=(1, 4, 8))
@@ -97,6 +97,6 @@ def test_build_engines_from_the_tiny_bundle_and_compare_vs_eager(tmp_path, tiny_
     tb.check_engines(load_bundle(bundle))
     model = tiny_model()
     images = torch.randn(3, 3, 64, 64)
-    with TensorRTBackend.from_bundle(bundle) as trt, torch.inference_mode():
+    with open_backend(bundle, "tensorrt") as trt, torch.inference_mode():
         for ref, got in zip(model.encode(images), trt.encode(images.cuda())):
             assert torch.linalg.vector_norm(got.cpu() - ref) <= 1e-2 * torch.linalg.vector_norm(ref)

@@ -1,13 +1,12 @@
-import io
 import os
 import pickle
 
 import pytest
 import torch
 
-from sat_export.errors import CheckpointError
-from training.checkpoint import FORMAT, load_checkpoint, read_payload, save_checkpoint
 from tests.conftest import tiny_model
+from training.checkpoint import FORMAT, load_checkpoint, read_payload, save_checkpoint
+from training.errors import CheckpointError
 
 
 def test_round_trip_gives_bit_identical_outputs(tiny_ckpt):

@@ -5,11 +5,12 @@ import pytest
 import torch
 from PIL import Image
 
-from sat_export.evaluate import load_boxes
-from sat_export.metrics import box_coverage
 from training.config import PreprocessConfig
-from training.data import (CaptionDataset, DatasetError, EpochBatches, ImageInputs, assign_splits, boxes_next_to,
+from training.data import (CaptionDataset, EpochBatches, ImageInputs, assign_splits, boxes_next_to, load_boxes, upright_size,
                            check_images, collate, load_captions)
+from training.errors import DatasetError
+from training.images import load_rgb
+from training.metrics import box_coverage
 from training.shapes import make_shapes
 from training.train import attention_targets
 from training.vocab import Vocab
@@ -163,3 +164,11 @@ def test_attention_targets_put_each_boxed_words_coverage_on_its_row(tmp_path):
             else:
                 assert not target[t].any()
         assert not target[0].any() and not target[-1].any()  # <start>, <end>
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_upright_size_is_the_size_load_rgb_gives(tmp_path, orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.new("RGB", (40, 24)).save(tmp_path / "a.jpg", exif=exif)
+    assert upright_size(tmp_path / "a.jpg") == load_rgb(tmp_path / "a.jpg").size

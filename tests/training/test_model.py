@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from sat_export.contract import DECODER_STEP, ENCODER
-from training.model import caption_loss, make_model
+from engines.contract import DECODER_STEP, ENCODER
 from tests.conftest import tiny_config, tiny_model
+from training.model import caption_loss, make_model
 
 
 @pytest.mark.parametrize("n_img", [1, 3, 32])

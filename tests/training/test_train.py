@@ -5,8 +5,8 @@ import torch
 from typer.testing import CliRunner
 
 from sat_export.assets import demo_checkpoint_path
+from sat_export.cli.train import app
 from training.checkpoint import load_checkpoint, read_payload
-from training.cli import app
 from training.data import load_captions
 from training.shapes import make_shapes
 from training.train import TrainConfig, Trainer, box_attention_loss, resume, train

@@ -7,7 +7,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from sat_export.errors import SatError
+from training.errors import SatError
 
 console = Console(stderr=True)
 

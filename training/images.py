@@ -14,14 +14,17 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from training.config import PreprocessConfig
+from training.errors import ImageDecodeError
 
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default warning threshold (~0.25 GiB of RGB24)
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
              "nearest": Image.Resampling.NEAREST}
 
 
-class ImageDecodeError(ValueError):
-    """The file is not a decodable image within the limits; the message is the row's ``error``."""
+def image_suffixes() -> frozenset[str]:
+    """File name suffixes of every format Pillow can open, lower case with the dot."""
+    Image.init()
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
 
 
 def load_rgb(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:

@@ -8,10 +8,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from sat_export.console import user_errors
-from sat_export.errors import SatError
+from sat_export.cli.common import user_errors
+from sat_export.errors import UsageError
 from sat_export.evaluate import compare as compare_runs
-from sat_export.evaluate import evaluate, load_preprocess
+from sat_export.evaluate import evaluate
+from sat_export.registry import model_config
 from sat_export.report_html import LABELS, LISTS, write_html
 
 app = typer.Typer(add_completion=False)
@@ -45,12 +46,12 @@ def main(
     preprocess = None
     if compare is not None:
         if pred or refs:
-            raise SatError("--compare takes two captions files on its own; drop --pred/--refs")
+            raise UsageError("--compare takes two captions files on its own; drop --pred/--refs")
         report = compare_runs(*compare)
     elif pred is None or refs is None:
-        raise SatError("pass --pred and --refs (or --compare A.jsonl B.jsonl); see sat-eval --help")
+        raise UsageError("pass --pred and --refs (or --compare A.jsonl B.jsonl); see sat-eval --help")
     else:
-        preprocess = load_preprocess(model) if boxes or html else None
+        preprocess = model_config(model).preprocess if boxes or html else None
         report = evaluate(pred, refs, split, images, boxes, alphas, preprocess)
     print_report(report)
     if json_out:

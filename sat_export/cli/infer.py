@@ -9,16 +9,15 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
-from engines import BACKEND_NAMES
-from engines.decode import DecodeOptions
-from engines.ort import usable_cores
-from sat_export.console import console, user_errors
-from sat_export.errors import SatError
-from sat_export.images import DEFAULT_MAX_PIXELS
-from sat_export.infer import InferOptions, Summary, open_engine, plan, run, run_settings
+from sat_export.cli.common import console, user_errors
+from sat_export.infer import InferOptions, Summary, open_for_readers, plan, run, run_settings
 from sat_export.ray_infer import RayOptions, run_ray
+from sat_export.registry import BACKEND_NAMES
+from training.decode import DecodeOptions
+from training.errors import SatError
 
 app = typer.Typer(add_completion=False)
+DEFAULTS, RAY_DEFAULTS = InferOptions(), RayOptions()
 
 
 class ImagesPerSecond(ProgressColumn):
@@ -35,11 +34,11 @@ def main(
     out: Path = typer.Option(Path("captions.jsonl"), "--out", "-o", help="JSONL output; rerunning resumes it."),
     model: str = typer.Option(None, help="Checkpoint (.pth) or bundle folder [default: the embedded demo model]."),
     backend: str = typer.Option("auto", help=f"One of {', '.join(BACKEND_NAMES)}."),
-    batch_size: int = typer.Option(16, min=1, help="Images per model call."),
-    beam: int = typer.Option(1, min=1, help="Beam width (1 is greedy)."),
-    max_len: int = typer.Option(20, min=1, help="Most words per caption."),
-    workers: int = typer.Option(min(4, usable_cores()), min=1, help="Threads decoding images ahead of the model."),
-    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, min=1, help="Larger images are error rows (decompression bombs)."),
+    batch_size: int = typer.Option(DEFAULTS.batch_size, min=1, help="Images per model call."),
+    beam: int = typer.Option(DEFAULTS.decode.beam, min=1, help="Beam width (1 is greedy)."),
+    max_len: int = typer.Option(DEFAULTS.decode.max_len, min=1, help="Most words per caption."),
+    workers: int = typer.Option(DEFAULTS.workers, min=1, help="Threads decoding images ahead of the model."),
+    max_pixels: int = typer.Option(DEFAULTS.max_pixels, min=1, help="Larger images are error rows (decompression bombs)."),
     threads: int = typer.Option(None, min=1, help="Inference threads [default: cores left by --workers, at least 1]."),
     alphas: Path = typer.Option(None, help="Write each image's attention (T, grid, grid) to DIR/<image>.npz."),
     overlays: Path = typer.Option(None, help="Write one attention overlay PNG per word and DIR/index.html."),
@@ -47,9 +46,11 @@ def main(
     overwrite: bool = typer.Option(False, help="Start over instead of resuming --out."),
     ray: bool = typer.Option(False, "--ray", help="Caption on a Ray cluster (extra: ray); only this process writes."),
     ray_address: str = typer.Option(None, help="Cluster to join: auto or HOST:PORT (default: $RAY_ADDRESS or local)."),
-    ray_actors: int = typer.Option(1, min=1, help="Captioning actors, each loading the model once."),
-    ray_cpus_per_actor: float = typer.Option(1.0, min=0.01, help="CPUs per actor; its inference threads too."),
-    ray_gpus_per_actor: float = typer.Option(0.0, min=0, help="GPUs per actor (fractions share one)."),
+    ray_actors: int = typer.Option(RAY_DEFAULTS.actors, min=1, help="Captioning actors, each loading the model once."),
+    ray_cpus_per_actor: float = typer.Option(RAY_DEFAULTS.cpus_per_actor, min=0.01,
+                                             help="CPUs per actor; its inference threads too."),
+    ray_gpus_per_actor: float = typer.Option(RAY_DEFAULTS.gpus_per_actor, min=0,
+                                             help="GPUs per actor (fractions share one)."),
 ):
     """Caption every image under PATHS into one JSON row per file, written batch by batch.
 
@@ -62,7 +63,7 @@ def main(
     options = InferOptions(batch_size, DecodeOptions(beam, max_len), workers, max_pixels, alphas, overlays)
     work = plan(paths, out, overwrite, run_settings(model, options.decode))
     if work.todo:
-        with (nullcontext() if ray else open_engine(model, backend, workers, threads)) as engine, Progress(
+        with (nullcontext() if ray else open_for_readers(model, backend, workers, threads)) as opened, Progress(
                 TextColumn("captioning"), BarColumn(), MofNCompleteColumn(), ImagesPerSecond(), TimeRemainingColumn(),
                 console=console, transient=True, disable=not console.is_terminal) as progress:
             task = progress.add_task("captioning", total=len(work.todo))
@@ -71,7 +72,7 @@ def main(
                 cluster = RayOptions(ray_address, ray_actors, ray_cpus_per_actor, ray_gpus_per_actor)
                 summary = run_ray(model, work, options, cluster, backend, threads, on_rows=advance)
             else:
-                summary = run(engine, work, options, on_rows=advance)
+                summary = run(opened, work, options, on_rows=advance)
     else:
         summary = Summary(skipped=work.done)
     console.print(f"{out}: captioned {summary.captioned}, errors {summary.errors}, already done {summary.skipped} "

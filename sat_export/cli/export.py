@@ -7,10 +7,12 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from sat_export.console import console, user_errors
-from sat_export.contract import DEFAULT_OPSET
+from sat_export.build import BuildOptions
+from sat_export.cli.common import console, user_errors
 from sat_export.quantize import METHODS
 from training.checkpoint import load_checkpoint
+
+DEFAULTS = BuildOptions()
 
 app = typer.Typer(
     help="Export Show-Attend-Tell checkpoints to ONNX / TensorRT bundles.\n\n"
@@ -43,23 +45,25 @@ def info(ckpt: Path = typer.Argument(..., help="Checkpoint (.pth) to describe.")
 def build(
     ckpt: Path = typer.Option(..., "--ckpt", help="Checkpoint (.pth) to export."),
     out: Path = typer.Option(Path("bundle"), "--out", help="Bundle folder to write."),
-    opset: int = typer.Option(DEFAULT_OPSET, "--opset", help="ONNX opset of both graphs."),
+    opset: int = typer.Option(DEFAULTS.opset, "--opset", help="ONNX opset of both graphs."),
     fp16: bool = typer.Option(False, "--fp16", help="Also write an fp16 ONNX pair (float32 I/O), with its own parity report."),
     int8_encoder: bool = typer.Option(False, "--int8-encoder", help="Also write a static int8 (QDQ) encoder; needs --calib."),
     calib: Path | None = typer.Option(None, "--calib", help="Folder of your images to calibrate --int8-encoder on."),
-    calib_method: str = typer.Option("mse", "--calib-method", help=f"int8 calibration: {', '.join(METHODS)}."),
-    int8_target: float = typer.Option(0.97, "--int8-target", help="Share of held-back calibration images whose caption "
+    calib_method: str = typer.Option(DEFAULTS.int8_method, "--calib-method",
+                                     help=f"int8 calibration: {', '.join(METHODS)}."),
+    int8_target: float = typer.Option(DEFAULTS.int8_target, "--int8-target", help="Share of held-back calibration images whose caption "
                                       "must stay identical to fp32; sensitive layers stay fp32 until it is reached."),
     trt: bool = typer.Option(False, "--trt", help="Also build TensorRT engines (needs the [trt] extra and a GPU)."),
-    trt_profile: str = typer.Option("1,16,64", "--trt-profile", help="TensorRT min,opt,max batch."),
+    trt_profile: str = typer.Option(",".join(map(str, DEFAULTS.trt_profile)), "--trt-profile",
+                                    help="TensorRT min,opt,max batch."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Parity gate against PyTorch eager."),
 ):
     """Export a checkpoint to a verified bundle: encoder.onnx, decoder_step.onnx, manifest.json.
 
     Example:  sat-export build --ckpt small.pth --out small_bundle --fp16
     """
-    from sat_export.build import BuildOptions, build_bundle
-    from sat_export.tensorrt_build import check_profile
+    from engines.trt_build import check_profile
+    from sat_export.build import build_bundle
 
     if int8_encoder != (calib is not None):
         raise typer.BadParameter("--int8-encoder and --calib DIR go together")
@@ -81,7 +85,7 @@ def check(bundle: Path = typer.Argument(..., help="Bundle folder written by `sat
 
     Example:  sat-export check small_bundle
     """
-    from sat_export.bundle import check_bundle
+    from sat_export.check import check_bundle
 
     summary = check_bundle(bundle)
     trt = f"; TensorRT engines {summary['tensorrt']}" if "tensorrt" in summary else ""

@@ -1,5 +1,5 @@
 """Metrics against their reference implementations (nltk corpus_bleu, pycocoevalcap CIDEr-D) and the
-grounding geometry against ``sat_export.images.preprocess`` itself."""
+grounding geometry against ``training.images.preprocess`` itself."""
 from __future__ import annotations
 
 import math
@@ -12,10 +12,10 @@ from nltk.translate.bleu_score import corpus_bleu as nltk_corpus_bleu
 from PIL import Image, ImageDraw
 from pycocoevalcap.cider.cider import Cider
 
-from sat_export.images import preprocess
-from sat_export.metrics import (attention_grounding, box_coverage, cider_d, corpus_bleu, crop_window,
-                                summarize_grounding)
 from training.config import PreprocessConfig
+from training.images import preprocess
+from training.metrics import (attention_grounding, box_coverage, caption_agreement, cider_d, corpus_bleu, crop_window,
+                                summarize_grounding)
 
 WORDS = ["a", "red", "blue", "circle", "square", "on", "the", "left", "of"]
 caption = st.lists(st.sampled_from(WORDS), max_size=9)
@@ -148,3 +148,9 @@ def test_attention_grounding_refuses_misaligned_alphas():
         attention_grounding(np.zeros((2, 4, 4)), ["a"], {}, (64, 64), cfg)
     with pytest.raises(ValueError, match="not a square grid"):
         attention_grounding(np.zeros((1, 15)), ["a"], {}, (64, 64), cfg)
+
+
+def test_caption_agreement_is_the_share_of_identical_token_lists():
+    assert caption_agreement([[1, 2], [3], []], [[1, 2], [3, 4], []]) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="equal"):
+        caption_agreement([[1]], [])

@@ -15,8 +15,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-StepFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor, Tensor]]
 EncoderOutputs = tuple[Tensor, Tensor, Tensor, Tensor]  # features, features_proj, h0, c0
+StepOutputs = tuple[Tensor, Tensor, Tensor, Tensor]  # logprobs, alpha, h_next, c_next
+StepFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], StepOutputs]
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from engines.decode import DecodeOptions, beam_search, decode, greedy_search
 from tests.conftest import tiny_model
+from training.decode import DecodeOptions, beam_search, decode, greedy_search
 
 SPECIALS = {"pad": 0, "start": 1, "end": 2, "unk": 3}
 

@@ -8,9 +8,10 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from sat_export.console import console, user_errors
-from sat_export.errors import SatError
+from sat_export.cli.common import console, user_errors
+from sat_export.errors import UsageError
 from training.config import PRESETS
+from training.train import TrainConfig
 
 app = typer.Typer(
     help="Train Show-Attend-Tell captioners.\n\n"
@@ -18,9 +19,7 @@ app = typer.Typer(
     no_args_is_help=True, add_completion=False,
 )
 
-
-class UsageError(SatError):
-    """Options that do not fit together."""
+DEFAULTS = TrainConfig(data="")
 
 
 @app.callback()
@@ -53,36 +52,36 @@ def make_shapes_cmd(
 @user_errors
 def train_cmd(
     data: Optional[Path] = typer.Argument(None, help="captions.txt, Flickr8k.token.txt, dataset_*.json or a folder."),
-    out: Path = typer.Option(Path("runs/train"), help="Folder for best.pth, last.pth and history.jsonl."),
+    out: Path = typer.Option(Path(DEFAULTS.out), help="Folder for best.pth, last.pth and history.jsonl."),
     images: Optional[Path] = typer.Option(None, help="Image folder (default: Images/ or images/ next to DATA)."),
-    fmt: str = typer.Option("auto", "--format", help="auto, csv, token or karpathy."),
+    fmt: str = typer.Option(DEFAULTS.format, "--format", help="auto, csv, token or karpathy."),
     resume: Optional[Path] = typer.Option(None, help="Continue exactly from a run's last.pth (other options ignored)."),
-    preset: str = typer.Option("small", help=f"Decoder size: {', '.join(PRESETS)}."),
-    backbone: str = typer.Option("resnet101", help="Encoder backbone (see training.backbones)."),
-    grid: int = typer.Option(14, help="Attention grid side (n_pix = grid*grid)."),
-    resize: int = typer.Option(256, help="Resize the short side to this many pixels."),
-    crop: int = typer.Option(224, help="Centre crop side in pixels."),
+    preset: str = typer.Option(DEFAULTS.preset, help=f"Decoder size: {', '.join(PRESETS)}."),
+    backbone: str = typer.Option(DEFAULTS.backbone, help="Encoder backbone (see training.backbones)."),
+    grid: int = typer.Option(DEFAULTS.grid, help="Attention grid side (n_pix = grid*grid)."),
+    resize: int = typer.Option(DEFAULTS.resize, help="Resize the short side to this many pixels."),
+    crop: int = typer.Option(DEFAULTS.crop, help="Centre crop side in pixels."),
     pretrained: bool = typer.Option(False, "--pretrained", help="Start the backbone from ImageNet weights."),
     pretrained_weights: Optional[Path] = typer.Option(None, help="Local torchvision .pth for the backbone."),
     finetune_encoder: bool = typer.Option(False, "--finetune-encoder", help="Train the backbone end to end."),
-    cache: bool = typer.Option(True, help="With a frozen encoder, train from cached grid features."),
-    cache_dir: Path = typer.Option(Path(".cache/features"), help="Where cached features live."),
-    epochs: int = typer.Option(20),
-    batch_size: int = typer.Option(64),
-    lr: float = typer.Option(4e-4, help="AdamW learning rate of the decoder."),
-    encoder_lr: float = typer.Option(1e-4, help="Learning rate of the backbone with --finetune-encoder."),
-    alpha_c: float = typer.Option(1.0, help="Weight of the doubly stochastic attention loss."),
-    box_loss: float = typer.Option(0.0, help="Weight of attention supervision: -log attention mass inside the "
+    cache: bool = typer.Option(DEFAULTS.cache, help="With a frozen encoder, train from cached grid features."),
+    cache_dir: Path = typer.Option(Path(DEFAULTS.cache_dir), help="Where cached features live."),
+    epochs: int = typer.Option(DEFAULTS.epochs),
+    batch_size: int = typer.Option(DEFAULTS.batch_size),
+    lr: float = typer.Option(DEFAULTS.lr, help="AdamW learning rate of the decoder."),
+    encoder_lr: float = typer.Option(DEFAULTS.encoder_lr, help="Learning rate of the backbone with --finetune-encoder."),
+    alpha_c: float = typer.Option(DEFAULTS.alpha_c, help="Weight of the doubly stochastic attention loss."),
+    box_loss: float = typer.Option(DEFAULTS.box_loss, help="Weight of attention supervision: -log attention mass inside the "
                                    "box of each boxed word (needs boxes.json, e.g. from make-shapes)."),
     boxes: Optional[Path] = typer.Option(None, help="boxes.json for --box-loss (default: next to DATA)."),
-    dropout: float = typer.Option(0.5),
-    grad_clip: float = typer.Option(5.0, help="Clip the gradient norm to this."),
+    dropout: float = typer.Option(DEFAULTS.dropout),
+    grad_clip: float = typer.Option(DEFAULTS.grad_clip, help="Clip the gradient norm to this."),
     amp: bool = typer.Option(False, "--amp", help="bfloat16 autocast on CPU."),
-    min_freq: int = typer.Option(1, help="Words seen fewer times become <unk>."),
-    val_frac: float = typer.Option(0.05, help="Share of images for validation (formats without splits)."),
-    test_frac: float = typer.Option(0.05, help="Share of images held out for testing (formats without splits)."),
-    patience: int = typer.Option(5, help="Stop after this many epochs without a better val BLEU-4."),
-    seed: int = typer.Option(0),
+    min_freq: int = typer.Option(DEFAULTS.min_freq, help="Words seen fewer times become <unk>."),
+    val_frac: float = typer.Option(DEFAULTS.val_frac, help="Share of images for validation (formats without splits)."),
+    test_frac: float = typer.Option(DEFAULTS.test_frac, help="Share of images held out for testing (formats without splits)."),
+    patience: int = typer.Option(DEFAULTS.patience, help="Stop after this many epochs without a better val BLEU-4."),
+    seed: int = typer.Option(DEFAULTS.seed),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimiser steps (resume later)."),
     threads: Optional[int] = typer.Option(None, help="torch threads (default: one per core; 1 on busy cores)."),
 ):
@@ -92,10 +91,10 @@ def train_cmd(
 
     Example (resume):  sat-train train --resume runs/train/last.pth
     """
-    from training.train import TrainConfig, resume as resume_run, train
+    from training.train import resume as resume_run, train
 
     if resume is not None:
-        record = resume_run(resume, max_steps)
+        record = resume_run(resume, max_steps, console)
     else:
         if data is None:
             raise UsageError("give DATA (a captions file or folder), or --resume CKPT")
@@ -111,7 +110,7 @@ def train_cmd(
                 threads=threads)
         except ValueError as err:
             raise UsageError(str(err)) from None
-        record = train(cfg)
+        record = train(cfg, console)
     typer.echo(json.dumps(record, indent=1))
 
 
@@ -145,7 +144,8 @@ def demo_cmd(
 
     Example:  sat-train demo --out runs/demo
     """
+    from sat_export.assets import demo_checkpoint_path
     from training.evaluate import demo
 
-    report = demo(out, asset)
+    report = demo(out, asset or demo_checkpoint_path(must_exist=False), console=console)
     typer.echo(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=1))

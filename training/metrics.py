@@ -1,4 +1,4 @@
-"""Caption metrics (corpus BLEU-1..4, CIDEr-D) and attention grounding.
+"""Caption metrics (corpus BLEU-1..4, CIDEr-D, agreement of two captioners) and attention grounding.
 
 BLEU is nltk's ``corpus_bleu`` itself (cumulative weights, no smoothing). CIDEr-D reproduces the COCO
 caption evaluation code (``pycocoevalcap.cider``) quirk for quirk. Grounding measures how much
@@ -6,7 +6,7 @@ of a word's attention falls inside the boxes of the object it names, in original
 
 Attention grid -> image mapping
 -------------------------------
-``sat_export.images.preprocess`` resizes the image so its short side is ``resize`` (each side at least
+``training.images.preprocess`` resizes the image so its short side is ``resize`` (each side at least
 ``crop``), then centre-crops ``crop x crop``. The ``g x g`` attention grid covers exactly that crop:
 flattened pixel ``p`` is row ``p // g``, column ``p % g`` (``features.flatten(2)`` is row-major), and
 cell ``(r, c)`` covers crop pixels ``[c, c+1) * crop/g`` by ``[r, r+1) * crop/g``. Mapped back to the
@@ -48,6 +48,13 @@ def corpus_bleu(references: list[list[list[str]]], hypotheses: list[list[str]]) 
         warnings.simplefilter("ignore", UserWarning)
         return {f"bleu{n}": float(_nltk_corpus_bleu(references, hypotheses, weights=(1.0 / n,) * n))
                 for n in range(1, 5)}
+
+
+def caption_agreement(reference: Sequence[Sequence], other: Sequence[Sequence]) -> float:
+    """Share of captions (token or word lists) identical to the reference's, in [0, 1]."""
+    if len(reference) != len(other) or not reference:
+        raise ValueError(f"need two equal, non-empty lists of captions, got {len(reference)} and {len(other)}")
+    return sum(list(a) == list(b) for a, b in zip(reference, other)) / len(reference)
 
 
 def _check_corpus(references: list, hypotheses: list) -> None:
@@ -112,7 +119,7 @@ def cider_d(references: list[list[list[str]]], hypotheses: list[list[str]],
 def crop_window(image_size: tuple[int, int], preprocess: PreprocessConfig) -> tuple[float, float, float, float]:
     """The centre crop the encoder sees, as ``(x0, y0, x1, y1)`` in original-image pixels.
 
-    Mirrors ``sat_export.images.preprocess`` exactly (same rounding of the resized size and the
+    Mirrors ``training.images.preprocess`` exactly (same rounding of the resized size and the
     same integer crop offset).
     """
     w, h = image_size

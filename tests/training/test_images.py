@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sat_export.images import ImageDecodeError, load_image, load_rgb, preprocess, to_rgb
 from training.config import PreprocessConfig
+from training.images import ImageDecodeError, load_image, load_rgb, preprocess, to_rgb
 
 CFG = PreprocessConfig(resize=40, crop=32)
 

@@ -1,0 +1,26 @@
+"""Typed errors for users: every message names the file or tensor and what was expected.
+
+``SatError`` is the base of every error a user sees as one line; each layer adds its own in its
+``errors`` module (``engines.errors``, ``sat_export.errors``). Command-line tools print
+``str(err)`` (no traceback) and exit non-zero.
+"""
+
+
+class SatError(Exception):
+    """Base class for errors shown to users as one line."""
+
+
+class CheckpointError(SatError):
+    """A checkpoint file is missing, corrupt, unsafe or does not match its config."""
+
+
+class WeightsUnavailable(SatError):
+    """Pretrained backbone weights cannot be downloaded or read."""
+
+
+class DatasetError(SatError):
+    """A captions or boxes file is missing or malformed; the message names the file and line."""
+
+
+class ImageDecodeError(ValueError):
+    """The file is not a decodable image within the limits; the message is the row's ``error``."""
