@@ -33,6 +33,7 @@ from training.data import (MAX_LEN, CaptionDataset, EpochBatches, ImageCaptions,
 from training.decode import Caption, DecodeOptions, decode
 from training.errors import CheckpointError, DatasetError
 from training.features import build_feature_cache
+from training.machine import cpu_info
 from training.metrics import box_coverage, corpus_bleu, crop_window
 from training.model import ShowAttendTell, caption_loss, make_model
 from training.vocab import Vocab
@@ -69,7 +70,7 @@ class TrainConfig:
     alpha_c: float = 1.0
     box_loss: float = 0.0  # weight of the attention supervision from boxes.json (ground-truth attention)
     boxes: str | None = None  # boxes.json for box_loss; default: the one next to the captions
-    amp: bool = False
+    amp: bool = False  # bf16 autocast, where the CPU has native bf16 (else fp32, with a warning)
     max_len: int = MAX_LEN
     min_freq: int = 1
     val_frac: float = 0.05
@@ -186,6 +187,10 @@ class Trainer:
                  state_dict: dict | None = None, console: Console | None = None):
         self.cfg, self.out = cfg, Path(cfg.out)
         self.console = console or Console(stderr=True)
+        self.amp = cfg.amp and cpu_info().native_bf16
+        if cfg.amp and not self.amp:
+            self.console.print(f"[yellow]--amp: bf16 is emulated on this CPU[/] ({cpu_info().describe()}), "
+                               "slower than fp32: training in fp32", highlight=False, soft_wrap=True)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
@@ -244,7 +249,7 @@ class Trainer:
     def loss(self, inputs: torch.Tensor, captions: torch.Tensor, targets: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(total, nll)`` of one batch (a ``loader`` tuple), bf16 autocast for the forward when ``amp``."""
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.amp):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.amp):
             features = grid_features(self.model, inputs, self.cached)  # (n_img, n_pix, enc_dim)
             logprobs, alphas = self.model.decode_teacher_forced(features, captions)  # (n_img, T, vocab|n_pix)
         total, nll = caption_loss(logprobs.float(), alphas.float(), captions, self.data.vocab.pad, self.cfg.alpha_c)
@@ -297,8 +302,8 @@ class Trainer:
         score = [round(metrics["bleu4"], 4), -metrics["val_loss"]]
         improved = self.best is None or score > self.best["score"]
         record = {"epoch": self.epoch, "step": self.step, "train_nll": self.running, **metrics,
-                  "lr": self.scheduler.get_last_lr()[0], "train_seconds": round(train_seconds, 1),
-                  "val_seconds": round(time.perf_counter() - started, 1)}
+                  "lr": self.scheduler.get_last_lr()[0], "precision": "bf16" if self.amp else "fp32",
+                  "train_seconds": round(train_seconds, 1), "val_seconds": round(time.perf_counter() - started, 1)}
         self.history.append(record)
         if improved:
             self.best, self.bad_epochs = {"epoch": self.epoch, "score": score, **metrics}, 0

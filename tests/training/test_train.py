@@ -108,3 +108,22 @@ def test_shipped_demo_checkpoint_loads_safely_and_is_small():
     assert path.stat().st_size <= 10 * 2**20
     ck = load_checkpoint(path)  # weights_only=True, validated against its config
     assert ck.config.backbone == "mobilenet_v3_small_s16" and "resume" not in ck.train
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_amp_trains_in_bf16_only_where_the_cpu_has_it_and_says_so(shapes, tmp_path, monkeypatch, native):
+    import io
+
+    from rich.console import Console
+
+    import training.train
+    from training.machine import CpuInfo
+
+    features = dict(avx2=True, avx512=native, vnni=native, avx512_bf16=native, amx=False)
+    monkeypatch.setattr(training.train, "cpu_info", lambda: CpuInfo("test cpu", "AVX2", features))
+    out = io.StringIO()
+    trainer = Trainer(tiny(shapes, tmp_path, epochs=1, amp=True), console=Console(file=out, width=200))
+    assert trainer.amp is native
+    assert ("bf16 is emulated on this CPU" in out.getvalue()) is not native
+    record = trainer.fit()
+    assert record["precision"] == ("bf16" if native else "fp32")
