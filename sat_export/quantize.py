@@ -23,6 +23,7 @@ from sat_export.errors import BundleError
 from training.config import PreprocessConfig
 from training.errors import ImageDecodeError
 from training.images import image_suffixes, load_image
+from training.machine import cpu_info
 
 METHODS = ("minmax", "entropy", "percentile", "mse")
 MSE_BINS = 2048  # histogram bins over each tensor's min/max range
@@ -108,8 +109,13 @@ def quantize_encoder(bundle_dir: str | Path, calib_images: str | Path | Sequence
         prepared = Path(tmp) / "encoder.pre.onnx"
         quant_pre_process(str(encoder), str(prepared))
         name_nodes(prepared)
-        quantize_prepared(prepared, out, reader, method)
+        quantize_prepared(prepared, out, reader, method, reduce_range=reduced_range())
     return out
+
+
+def reduced_range() -> bool:
+    """Quantise weights to 7 bits on this CPU: it has no VNNI/AMX (see ``quantize_prepared``)."""
+    return not cpu_info().int8_dot
 
 
 def name_nodes(path: Path) -> onnx.ModelProto:
@@ -212,13 +218,15 @@ def _least_error_range(hist: np.ndarray, lo: float, hi: float) -> tuple[float, f
 
 
 def quantize_prepared(prepared: Path, out: Path, reader, method: str, nodes_to_exclude: Sequence[str] = (),
-                      ranges: Path | None = None) -> None:
+                      ranges: Path | None = None, reduce_range: bool = False) -> None:
     """Static QDQ quantisation of a pre-processed graph: per-channel int8 weights, uint8 activations.
 
     The head (``head_nodes``) and ``nodes_to_exclude`` stay fp32.
 
     uint8 activations with int8 weights is onnxruntime's choice for x86 CPUs with VNNI (their
-    product is one VPDPBUSD); int8 activations measured 2x slower there. ``ranges``: a
+    product is one VPDPBUSD); int8 activations measured 2x slower there. ``reduce_range``: 7-bit
+    weights, for CPUs without VNNI, where onnxruntime's u8 x s8 kernels sum pairs of products in
+    16 bits (``VPMADDUBSW``), which 8-bit weights can saturate (``training.machine``). ``ranges``: a
     calibration cache file, written on the first call and reused (``reader`` unused) afterwards.
     ``mse`` calibrates min/max ranges and shrinks them per tensor (``mse_ranges``).
     """
@@ -235,8 +243,8 @@ def quantize_prepared(prepared: Path, out: Path, reader, method: str, nodes_to_e
         cached = ranges is not None and ranges.is_file()
         try:
             quantize_static(str(prepared), str(out), None if cached else reader, quant_format=QuantFormat.QDQ,
-                            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            nodes_to_exclude=exclude, calibrate_method=calibrate,
+                            per_channel=True, reduce_range=reduce_range, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, nodes_to_exclude=exclude, calibrate_method=calibrate,
                             calibration_cache_path=None if ranges is None else str(ranges))
         except ValueError as err:  # onnxruntime's histogram collector cannot bin a near-constant tensor
             raise BundleError(f"int8 calibration ({method}) failed: {err}; try another calibration method") from None

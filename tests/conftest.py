@@ -24,6 +24,14 @@ def tiny_model(seed: int = 0, **overrides) -> ShowAttendTell:
     return ShowAttendTell(tiny_config(**overrides)).eval()
 
 
+def fake_verdict(ratio: float, target: float = 0.9) -> dict:
+    """A ``training.faithful.judge`` result whose two task metrics keep ``ratio`` of the reference's."""
+    metric = {"reference": 1.0, "candidate": ratio, "difference": ratio - 1, "ci95": [ratio - 1.1, ratio - 0.9],
+              "ratio": ratio, "kept": ratio >= target}
+    return {"faithful": ratio >= target, "ratio_required": target, "images": 6, "agreement": ratio,
+            "bleu4": metric, "cider_d": metric}
+
+
 @pytest.fixture(scope="session")
 def vocab() -> Vocab:
     return Vocab.build([WORDS])

@@ -51,8 +51,12 @@ def build(
     calib: Path | None = typer.Option(None, "--calib", help="Folder of your images to calibrate --int8-encoder on."),
     calib_method: str = typer.Option(DEFAULTS.int8_method, "--calib-method",
                                      help=f"int8 calibration: {', '.join(METHODS)}."),
-    int8_target: float = typer.Option(DEFAULTS.int8_target, "--int8-target", help="Share of held-back calibration images whose caption "
-                                      "must stay identical to fp32; sensitive layers stay fp32 until it is reached."),
+    int8_target: float = typer.Option(DEFAULTS.int8_target, "--int8-target", help="Share of fp32's BLEU-4 and "
+                                      "CIDEr-D the int8 encoder must keep on held-back calibration images; sensitive "
+                                      "layers stay fp32 until it does."),
+    calib_captions: Path | None = typer.Option(None, "--calib-captions", help="Captions of the calibration images "
+                                               "(any format sat-train reads) [default: one found in --calib or its "
+                                               "parent; else fp32's own captions are the references]."),
     trt: bool = typer.Option(False, "--trt", help="Also build TensorRT engines (needs the [trt] extra and a GPU)."),
     trt_profile: str = typer.Option(",".join(map(str, DEFAULTS.trt_profile)), "--trt-profile",
                                     help="TensorRT min,opt,max batch."),
@@ -71,7 +75,8 @@ def build(
         raise typer.BadParameter(f"--calib-method must be one of {', '.join(METHODS)}; --int8-target in (0, 1]")
     try:
         profile = tuple(int(b) for b in trt_profile.split(","))
-        options = BuildOptions(opset, fp16, calib, trt, check_profile(profile), verify, calib_method, int8_target)
+        options = BuildOptions(opset, fp16, calib, trt, check_profile(profile), verify, calib_method, int8_target,
+                               calib_captions)
     except ValueError as err:
         raise typer.BadParameter(f"--trt-profile: {err}") from None
     build_bundle(ckpt, out, options, console)

@@ -18,7 +18,7 @@ from sat_export.parity import verify_onnx
 from sat_export.quantize import (ImageCalibrationReader, _least_error_range, _Replay, calibration_files, head_nodes,
                                  mse_ranges, quantize_encoder)
 from sat_export.quantize_search import HeldBack
-from tests.conftest import tiny_model
+from tests.conftest import fake_verdict, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -101,12 +101,12 @@ def test_build_with_int8_encoder_registers_it_and_check_runs_it(tmp_path, tiny_c
 
 def test_build_says_when_the_int8_target_is_not_reached(tmp_path, tiny_ckpt, calib_dir, copy_instead_of_export,
                                                         monkeypatch):
-    monkeypatch.setattr(HeldBack, "score", lambda self, encoder: (0.25, 0.3))  # never reaches 97 %
+    monkeypatch.setattr(HeldBack, "score", lambda self, encoder: (fake_verdict(0.25), 0.3))  # never faithful
     out = tmp_path / "bundle"
     result = CliRunner().invoke(app, ["build", "--ckpt", str(tiny_ckpt), "--out", str(out), "--int8-encoder",
                                       "--calib", str(calib_dir)])
     assert result.exit_code == 0, result.output
-    assert "int8 target not reached" in result.output and "25.0%" in result.output
+    assert "int8 target not reached" in result.output and "keeps 25.0%" in result.output
     assert json.loads((out / MANIFEST_FILE).read_text())["int8"]["reached"] is False
 
 
@@ -143,3 +143,19 @@ def test_mse_calibration_shrinks_ranges_and_gives_a_runnable_int8_encoder(tmp_pa
     int8 = quantize_encoder(bundle, calib_dir, method="mse")
     report = verify_onnx(tiny_model(), vocab, int8, bundle / DECODER_STEP.file, "int8", graphs=(ENCODER,), n_captions=2)
     assert report.passed, report.to_dict()
+
+
+def test_without_vnni_weights_are_quantised_to_7_bits(tmp_path, tiny_bundle, calib_dir, monkeypatch):
+    import sat_export.quantize
+    from training.machine import CpuInfo
+
+    features = dict(avx2=True, avx512=False, vnni=False, avx512_bf16=False, amx=False)
+    bundle = shutil.copytree(tiny_bundle, tmp_path / "b")
+    ranges = {}
+    for vnni in (True, False):
+        cpu = CpuInfo("test cpu", "AVX2", {**features, "vnni": vnni})
+        monkeypatch.setattr(sat_export.quantize, "cpu_info", lambda cpu=cpu: cpu)
+        graph = onnx.load(str(quantize_encoder(bundle, calib_dir, out=tmp_path / f"vnni{vnni}.onnx"))).graph
+        weights = [onnx.numpy_helper.to_array(t) for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
+        ranges[vnni] = max(int(np.abs(w.astype(np.int32)).max()) for w in weights)
+    assert ranges[True] > 64 and ranges[False] <= 64  # reduce_range: 7-bit weights, no VPMADDUBSW saturation
