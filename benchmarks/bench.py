@@ -4,12 +4,17 @@ Per configuration (``benchmarks.configs``), as nanoGPT's ``bench.py`` measures:
 
 1. open it; the time and the resident memory it adds are recorded, and a failure becomes the
    row's status while the other rows go on;
-2. caption pass: every bench image once, at the largest batch size; its captions are compared
-   with PyTorch eager fp32 (agreement; BLEU-4 where references exist). It is also the first
-   warm-up (lazy initialisation, ``torch.compile``);
+2. accuracy pass: every bench image once (the prepared model's 500 held-out images), at the
+   largest batch size; its captions are judged against PyTorch eager fp32's by the task rule
+   (``training.faithful``: corpus BLEU-4 and CIDEr-D >= 99 % of eager's, paired-bootstrap
+   intervals; the references are the images' human captions, or eager's own captions where there
+   are none), exact-caption agreement beside it. It is also the first warm-up (lazy
+   initialisation, ``torch.compile``). A row whose precision this CPU only emulates (bf16 without
+   native bf16) runs it on the timing images only, and says so;
 3. ``warmup`` untimed batches per batch size;
-4. ``repeats`` rounds, interleaved: in each round every batch size runs once on every
-   configuration (the order alternates between rounds), so drift in machine load is shared.
+4. ``repeats`` rounds on the first ``timing_images`` images, interleaved: in each round every
+   batch size runs once on every configuration (the order alternates between rounds), so drift
+   in machine load is shared.
 
 A batch is timed end to end, from preprocessed images to captions (``time.perf_counter``, after a
 CUDA synchronise where there is one), split into encoder and decode loop. Image decoding and
@@ -32,7 +37,7 @@ import torch
 from rich.console import Console
 
 from benchmarks.ceilings import encoder_macs, gemm_rates
-from benchmarks.configs import BASELINE, CONFIGS, BenchConfig, open_config
+from benchmarks.configs import BASELINE, CONFIGS, BenchConfig, emulated, open_config
 from benchmarks.prepare import BenchModel
 from engines.base import Backend
 from engines.errors import BackendUnavailable
@@ -40,8 +45,10 @@ from training.checkpoint import load_checkpoint
 from training.config import PreprocessConfig
 from training.decode import Caption, DecodeOptions, decode
 from training.errors import ImageDecodeError
+from training.faithful import judge
 from training.images import load_image
-from training.metrics import caption_agreement, corpus_bleu
+from training.machine import cpu_info, usable_cores
+from training.metrics import caption_agreement
 from training.vocab import Vocab
 
 PAUSE_S = 0.05  # between timed batches: lets the previous runtime's spinning threads go idle
@@ -56,12 +63,15 @@ class BenchOptions:
     max_len: int = 20
     warmup: int = 1
     repeats: int = 5
+    timing_images: int = 64  # the first images of the set; the accuracy pass captions them all
     keys: tuple[str, ...] = ()
     quick: bool = False
 
     def __post_init__(self):
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise ValueError(f"batch sizes must be positive integers, got {self.batch_sizes}")
+        if self.timing_images < 1:
+            raise ValueError(f"timing_images must be at least 1, got {self.timing_images}")
         if self.repeats < 1 or self.warmup < 0:
             raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {self.repeats} and {self.warmup}")
         known = {c.key for c in CONFIGS}
@@ -90,9 +100,9 @@ class Row:
     setup_s: float | None = None
     first_batch_s: float | None = None
     load_rss_mb: float | None = None
-    captions: list[list[int]] | None = None
+    captions: list[list[int]] | None = None  # every image, or only the timing images (emulated rows)
     agreement: float | None = None
-    bleu4: float | None = None
+    accuracy: dict | None = None  # training.faithful.judge against the baseline, on every image
     timings: dict[int, list[Timing]] = field(default_factory=dict)
 
     @property
@@ -211,16 +221,18 @@ def _caption_all(row: Row, images: torch.Tensor, batch: int, special_ids: dict, 
 
 
 def _score(rows: list[Row], model: BenchModel, kept: list[Path], vocab: Vocab) -> None:
-    """Agreement with the baseline's captions; BLEU-4 against the references, where there are some."""
+    """Each row against the baseline: the task rule on every image it captioned, and exact agreement."""
     base = next((r for r in rows if r.config is BASELINE and r.ok), None)
+    if base is None:
+        return
+    words = [vocab.decode(t) for t in base.captions]
+    refs = [model.references[p.name] for p in kept] if model.references else [[w] for w in words]
     for row in rows:
-        if not row.ok:
-            continue
-        if base is not None:
-            row.agreement = caption_agreement(base.captions, row.captions)
-        if model.references:
-            refs = [model.references[p.name] for p in kept]
-            row.bleu4 = corpus_bleu(refs, [vocab.decode(t) for t in row.captions])["bleu4"]
+        if row.ok:
+            n = len(row.captions)
+            row.agreement = caption_agreement(base.captions[:n], row.captions)
+            if n == len(base.captions):
+                row.accuracy = judge(refs, words, [vocab.decode(t) for t in row.captions])
 
 
 def run_bench(model: BenchModel, options: BenchOptions = BenchOptions(), console: Console | None = None,
@@ -231,6 +243,8 @@ def run_bench(model: BenchModel, options: BenchOptions = BenchOptions(), console
     environment = collect_environment()
     ckpt = load_checkpoint(model.ckpt)
     images, kept, image_info = load_images(model.images, ckpt.config.preprocess)
+    timing = images[:options.timing_images]
+    image_info.update(timing_images=timing.size(0), references="human" if model.references else "eager's captions")
     special_ids = ckpt.vocab.special_ids()
     ceilings = {"gemm_gmac_s": gemm_rates(512 if options.quick else 2048),
                 "encoder_macs_per_image": encoder_macs(ckpt.build_model().eval(), images[0])}
@@ -239,8 +253,9 @@ def run_bench(model: BenchModel, options: BenchOptions = BenchOptions(), console
     for row in rows:
         _open(row, model, options)
         if row.ok:
-            _guard(row, "captioning the bench images",
-                   lambda: _caption_all(row, images, max(options.batch_sizes), special_ids, decode_options))
+            subset = timing if emulated(row.config) else images
+            _guard(row, f"captioning the {subset.size(0)} bench images",
+                   lambda: _caption_all(row, subset, max(options.batch_sizes), special_ids, decode_options))
         console.print(f"{row.config.label}: {row.status}" + (f" ({row.description}, first batch "
                       f"{row.first_batch_s:.2f} s)" if row.ok else ""), highlight=False, soft_wrap=True)
     _score(rows, model, kept, ckpt.vocab)
@@ -248,11 +263,11 @@ def run_bench(model: BenchModel, options: BenchOptions = BenchOptions(), console
     for row in live:
         for size in options.batch_sizes:
             for w in range(options.warmup):
-                _guard(row, "warming up", lambda: _run_batch(row.backend, _batch(images, size, w), special_ids,
+                _guard(row, "warming up", lambda: _run_batch(row.backend, _batch(timing, size, w), special_ids,
                                                              decode_options))
     for round_ in range(options.repeats):
         for size in options.batch_sizes:
-            batch = _batch(images, size, round_)
+            batch = _batch(timing, size, round_)
             for row in live if round_ % 2 == 0 else live[::-1]:
                 if row.ok:
                     time.sleep(PAUSE_S)
@@ -275,20 +290,10 @@ def collect_environment() -> dict:
     import onnxruntime
     import torchvision
 
-    cpu = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in ("model name", "flags") and key.strip() not in cpu:
-                    cpu[key.strip()] = value.strip()
-    except OSError:
-        pass
-    flags = set(cpu.get("flags", "").split())
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+    cpu = cpu_info()
     return {
-        "machine": {"cpu": cpu.get("model name", platform.processor()), "usable_cores": len(os.sched_getaffinity(0)),
-                    "cpu_flags": [f for f in wanted if f in flags], "platform": platform.platform(),
+        "machine": {"cpu": cpu.model, "isa": cpu.describe(), "cpu_features": cpu.to_dict(),
+                    "usable_cores": usable_cores(), "platform": platform.platform(),
                     "memory_gb": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30, 1),
                     "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
         "libraries": {"python": platform.python_version(), "torch": torch.__version__,

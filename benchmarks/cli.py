@@ -36,12 +36,17 @@ def main(
                                  "[default: resnet101; mobilenet_v3_small_s16 with --quick]."),
     images: Path = typer.Option(None, help="Folder of images to caption [default: the reference model's "
                                 "held-out images]."),
+    refs: Path = typer.Option(None, help="Captions of --images (any format sat-train reads), to judge accuracy "
+                              "by BLEU-4/CIDEr-D [default: eager fp32's own captions are the references]."),
     calib: Path = typer.Option(None, help="Calibration images of the int8 encoder [default: --images with --ckpt]."),
     calib_method: str = typer.Option("mse", help=f"int8 calibration: {', '.join(METHODS)}."),
-    int8_target: float = typer.Option(DEFAULT_TARGET, help="Caption agreement the int8 encoder must keep."),
+    int8_target: float = typer.Option(DEFAULT_TARGET, help="Share of fp32's BLEU-4 and CIDEr-D the int8 encoder "
+                                      "must keep on its held-back calibration images."),
     batch_sizes: str = typer.Option(None, help="Comma-separated batch sizes [default: 1,8,32; --quick: 1,4]."),
     beam: int = typer.Option(1, help="Beam size (1: greedy)."),
     repeats: int = typer.Option(None, help="Timed rounds [default: 5; --quick: 2]."),
+    timing_images: int = typer.Option(BenchOptions.timing_images, help="Images the timed rounds draw from (the "
+                                      "first ones); the accuracy pass captions them all."),
     configs: str = typer.Option("", help="Comma-separated configuration keys to run [default: all]."),
     json_path: Path = typer.Option(Path("sat-bench.json"), "--json", help="Where to write every measurement."),
     plot: Path = typer.Option(Path("sat-bench.png"), help="Where to write the PNG plot (needs matplotlib)."),
@@ -61,7 +66,7 @@ def main(
     cache = cache or default_cache()
     int8 = Int8Options(calib_method, int8_target)
     if ckpt is not None:
-        model = from_checkpoint(ckpt, images, calib, int8, cache, console)
+        model = from_checkpoint(ckpt, images, calib, int8, cache, console, refs)
     else:
         base = QUICK_RECIPE if quick else Recipe()
         recipe = replace(base, preset=preset, backbone=backbone or base.backbone)
@@ -72,8 +77,8 @@ def main(
     prepared = time.perf_counter() - start
     try:
         options = BenchOptions(batch_sizes=_sizes(batch_sizes or ("1,4" if quick else "1,8,32")), beam=beam,
-                               repeats=repeats or (2 if quick else 5), keys=tuple(k for k in configs.split(",") if k),
-                               quick=quick)
+                               repeats=repeats or (2 if quick else 5), timing_images=timing_images,
+                               keys=tuple(k for k in configs.split(",") if k), quick=quick)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     result = run_bench(model, options, console)

@@ -9,12 +9,17 @@ torch-bf16             + bf16 autocast (channels-last)               torch      
 torch-compile          ``torch.compile`` of the encoder              torch        fp32       cpu
 ort-fp32               the bundle's fp32 graphs                      onnxruntime  fp32       cpu
 ort-int8               int8 (QDQ) encoder + fp32 decoder step        onnxruntime  int8       cpu
+torch-cuda-fp32        PyTorch eager on the GPU                      torch        fp32       cuda
+torch-cuda-fp16        + fp16 autocast + channels-last               torch        fp16       cuda
+torch-cuda-compile     ``torch.compile`` of the encoder, fp16        torch        fp16       cuda
 ort-cuda               the bundle's fp32 graphs, CUDA provider       onnxruntime  fp32       cuda
 trt-fp16               the bundle's TensorRT fp16 engines            tensorrt     fp16       cuda
 =====================  ============================================  ===========  =========  =========
 
 Every row is opened by ``sat_export.registry.open_backend`` (the one place that maps a runtime
 name to its backend); a row that cannot run here gets a status that says why, and the others go on.
+A row whose precision this CPU only emulates (bf16 without AVX-512 BF16 or AMX) runs, is timed and
+marked ``emulated`` (``emulated``).
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import torch
 from engines.base import Backend
 from engines.errors import BackendUnavailable
 from sat_export.registry import open_backend
+from training.machine import cpu_info
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,11 @@ CONFIGS: tuple[BenchConfig, ...] = (
     BenchConfig("torch-compile", "PyTorch torch.compile", "torch", options={"compile": True}, quick=False),
     BenchConfig("ort-fp32", "onnxruntime fp32", "onnxruntime"),
     BenchConfig("ort-int8", "onnxruntime int8 encoder", "onnxruntime", "int8"),
+    BenchConfig("torch-cuda-fp32", "PyTorch eager fp32 on CUDA", "torch", device="cuda"),
+    BenchConfig("torch-cuda-fp16", "PyTorch fp16 autocast + channels-last on CUDA", "torch", "fp16", "cuda",
+                options={"channels_last": True, "autocast": torch.float16}),
+    BenchConfig("torch-cuda-compile", "PyTorch torch.compile, fp16 autocast on CUDA", "torch", "fp16", "cuda",
+                options={"autocast": torch.float16, "compile": True}, quick=False),
     BenchConfig("ort-cuda", "onnxruntime CUDA fp32", "onnxruntime", device="cuda"),
     BenchConfig("trt-fp16", "TensorRT fp16", "tensorrt", "fp16", device="cuda"),
 )
@@ -61,6 +72,13 @@ def config_by_key(key: str) -> BenchConfig:
         if config.key == key:
             return config
     raise ValueError(f"unknown configuration {key!r}; choose from {', '.join(c.key for c in CONFIGS)}")
+
+
+def emulated(config: BenchConfig) -> str | None:
+    """Why ``config`` runs only emulated on this CPU (bf16 without native bf16), or None."""
+    if config.device == "cpu" and config.precision == "bf16" and not cpu_info().native_bf16:
+        return f"bf16 is emulated on this CPU ({cpu_info().describe()})"
+    return None
 
 
 def unavailable(config: BenchConfig) -> str | None:

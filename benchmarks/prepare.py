@@ -10,8 +10,10 @@ resolution, the decoder on the frozen backbone's cached features at that resolut
 on held-out images is reported beside every agreement, so a collapsed model shows.
 
 Everything is reproducible from the ``Recipe`` (seeded data and training) and cached under
-``<cache>/reference-<hash of the recipe>/``; ``prepared.json`` is written last, so an
-interrupted preparation is redone. Bundles (fp32 graphs and the accuracy-aware int8 encoder;
+``<cache>/reference-<hash of the recipe>-<bf16|fp32>/``: training runs under bf16 autocast where
+the CPU has native bf16 and in fp32 elsewhere (emulated bf16 is several times slower than fp32),
+and the two give different weights, so the cache key says which. ``prepared.json`` is written
+last, so an interrupted preparation is redone. Bundles (fp32 graphs and the accuracy-aware int8 encoder;
 TensorRT engines too where there is a GPU) are built with ``sat-export build``'s library and
 cached beside the checkpoint they come from.
 """
@@ -31,11 +33,13 @@ from rich.console import Console
 from sat_export.bundle import MANIFEST_FILE, sha256
 from sat_export.errors import ParityError
 from sat_export.quantize import calibration_files
+from sat_export.quantize_search import DEFAULT_TARGET
 from training.checkpoint import save_checkpoint
 from training.errors import SatError
+from training.machine import cpu_info
 
-CACHE_VERSION = 1  # bump when preparation changes the reference model it produces
-BUNDLE_VERSION = 2  # bump when the bench bundle's build changes (2: the int8 head stays fp32)
+CACHE_VERSION = 2  # bump when preparation changes the reference model it produces (2: 500 test images)
+BUNDLE_VERSION = 3  # bump when the bench bundle's build changes (3: int8 search judged by the task rule)
 PREPARED = "prepared.json"
 BUILT = "bench-built.json"  # written beside the manifest once the bench bundle is complete
 
@@ -52,7 +56,7 @@ class Int8Options:
     """How the int8 encoder of a bench bundle is calibrated and how close to fp32 it must stay."""
 
     method: str = "mse"
-    target: float = 0.97
+    target: float = DEFAULT_TARGET
 
 
 @dataclass(frozen=True)
@@ -63,8 +67,8 @@ class Recipe:
     preset: str = "small"
     image_size: int = 128  # side of the generated shapes images
     n_train: int = 768
-    n_calib: int = 96  # a quarter is held back by the int8 search
-    n_test: int = 64  # the bench images; held out from training and calibration
+    n_calib: int = 256  # half of them held back by the int8 search, to judge it
+    n_test: int = 500  # the bench images (accuracy; timing on the first 64); held out from the others
     grid: int = 14
     # (resize, crop, epochs, fine-tune the backbone): end to end at low resolution, where a step is
     # cheap, then the decoder on the frozen backbone's cached features at the benchmark's resolution.
@@ -142,27 +146,41 @@ def _has_tensorrt() -> bool:
 
 
 def from_checkpoint(ckpt: Path, images: Path, calib: Path | None, int8: Int8Options, cache: Path,
-                    console: Console) -> BenchModel:
-    """The user's checkpoint and images; the int8 encoder is calibrated on ``calib`` (default: ``images``)."""
+                    console: Console, refs: Path | None = None) -> BenchModel:
+    """The user's checkpoint and images; the int8 encoder is calibrated on ``calib`` (default: ``images``).
+
+    ``refs``: the images' captions file (any format ``training.data`` reads); without it the
+    accuracy of every row is judged against eager fp32's own captions.
+    """
     files = calibration_files(images)
     if not files:
         raise SatError(f"{images}: no images to benchmark with")
+    references = None
+    if refs is not None:
+        from training.data import load_captions
+
+        by_path = {it.path.resolve(): it.captions for it in load_captions(refs, images, val_frac=0.0, test_frac=0.0)}
+        files = [f for f in files if f.resolve() in by_path]
+        if not files:
+            raise SatError(f"{refs}: none of the images under {images} has a reference caption")
+        references = {f.name: by_path[f.resolve()] for f in files}
     bundle, info = bench_bundle(ckpt, calib or images, int8, cache, console)
     info.update(source="--ckpt", checkpoint=str(ckpt), checkpoint_sha256=sha256(ckpt), images=str(images),
-                calibration_images=str(calib or images),
+                references=str(refs) if refs else None, calibration_images=str(calib or images),
                 note=None if calib else "the int8 encoder was calibrated on the bench images themselves")
-    return BenchModel(ckpt, bundle, files, None, info)
+    return BenchModel(ckpt, bundle, files, references, info)
 
 
 def reference_model(recipe: Recipe, int8: Int8Options, cache: Path, console: Console) -> BenchModel:
-    """The prepared reference model (cached by recipe), its bundle, and its held-out test images."""
-    root = cache / f"reference-{recipe.key()}"
+    """The prepared reference model (cached by recipe and training precision), its bundle, its test images."""
+    precision = "bf16" if cpu_info().native_bf16 else "fp32"
+    root = cache / f"reference-{recipe.key()}-{precision}"
     if not (root / PREPARED).is_file():
         start = time.perf_counter()
-        console.print(f"preparing the reference model (first run only, cached in {root})", highlight=False,
-                      soft_wrap=True)
+        console.print(f"preparing the reference model (first run only, cached in {root}), training in {precision} "
+                      f"on {cpu_info().describe()}", highlight=False, soft_wrap=True)
         shutil.rmtree(root, ignore_errors=True)
-        record = _prepare(recipe, root, console)
+        record = _prepare(recipe, root, console, precision)
         record["prepare_s"] = round(time.perf_counter() - start, 1)
         (root / PREPARED).write_text(json.dumps(record, indent=1) + "\n")
     else:
@@ -180,21 +198,23 @@ def reference_model(recipe: Recipe, int8: Int8Options, cache: Path, console: Con
     return BenchModel(ckpt, bundle, [it.path for it in test], {it.path.name: it.captions for it in test}, info)
 
 
-def _prepare(recipe: Recipe, root: Path, console: Console) -> dict:
-    """Generate the three image sets, train in phases, keep the final checkpoint as ``model.pth``."""
+def _prepare(recipe: Recipe, root: Path, console: Console, precision: str) -> dict:
+    """Generate the three image sets, train in phases (``precision`` bf16 or fp32), keep ``model.pth``."""
     from training.shapes import make_shapes
     from training.train import Trainer, TrainConfig
 
     start = time.perf_counter()
     for name, n, offset in (("train", recipe.n_train, 0), ("calib", recipe.n_calib, 1), ("test", recipe.n_test, 2)):
         make_shapes(root / name, n, seed=recipe.seed + offset, size=recipe.image_size)
-    record = {"generated_s": round(time.perf_counter() - start, 1), "phases": []}
+    record = {"generated_s": round(time.perf_counter() - start, 1), "precision": precision,
+              "cpu": cpu_info().describe(), "phases": []}
     vocab, state_dict = None, None
     for i, (resize, crop, epochs, finetune) in enumerate(recipe.phases):
         cfg = TrainConfig(data=str(root / "train"), out=str(root / f"phase{i}"), backbone=recipe.backbone,
                           preset=recipe.preset, grid=recipe.grid, resize=resize, crop=crop, finetune_encoder=finetune,
                           cache=not finetune, cache_dir=str(root / "features"), epochs=epochs,
-                          batch_size=recipe.batch_size, lr=recipe.lr, encoder_lr=recipe.encoder_lr, amp=True,
+                          batch_size=recipe.batch_size, lr=recipe.lr, encoder_lr=recipe.encoder_lr,
+                          amp=precision == "bf16",
                           box_loss=recipe.box_loss, dropout=recipe.dropout, val_frac=0.05, test_frac=0.0,
                           patience=epochs, seed=recipe.seed)
         what = "end to end" if finetune else "decoder on the frozen backbone"
@@ -202,10 +222,11 @@ def _prepare(recipe: Recipe, root: Path, console: Console) -> dict:
                       f"{epochs} epochs of {recipe.n_train} images", highlight=False, soft_wrap=True)
         start = time.perf_counter()
         if state_dict is not None and not finetune:  # batch-norm statistics at this phase's resolution
-            calibrate = Trainer(replace(cfg, finetune_encoder=True, cache=False), vocab=vocab, state_dict=state_dict)
+            calibrate = Trainer(replace(cfg, finetune_encoder=True, cache=False), vocab=vocab, state_dict=state_dict,
+                                console=console)
             calibrate.recalibrate_batchnorm(256)
             state_dict = calibrate.model.state_dict()
-        trainer = Trainer(cfg, vocab=vocab, state_dict=state_dict)
+        trainer = Trainer(cfg, vocab=vocab, state_dict=state_dict, console=console)
         last = trainer.fit()
         vocab, state_dict = trainer.data.vocab, trainer.model.state_dict()
         record["phases"].append({"resize": resize, "crop": crop, "epochs": epochs, "finetune_encoder": finetune,

@@ -17,9 +17,8 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks.bench import BenchResult, Row, Timing
-from benchmarks.configs import BASELINE
-
-AGREEMENT_TARGET = 0.97  # a configuration counts as faithful at or above this share of identical captions
+from benchmarks.configs import BASELINE, emulated
+from training.faithful import RATIO
 
 
 def batch_stats(timings: list[Timing], size: int) -> dict:
@@ -34,13 +33,14 @@ def batch_stats(timings: list[Timing], size: int) -> dict:
             "decode_runs_ms": [round(v, 2) for v in ms["decode"]]}
 
 
-def _row_doc(row: Row, n_images: int) -> dict:
+def _row_doc(row: Row) -> dict:
     c = row.config
     doc = {"key": c.key, "label": c.label, "runtime": c.runtime, "precision": c.precision, "device": c.device,
            "options": {k: str(v) for k, v in c.options.items()}, "status": row.status, "backend": row.description,
            "setup_s": _round(row.setup_s), "first_batch_s": _round(row.first_batch_s),
-           "load_rss_mb": _round(row.load_rss_mb, 0), "agreement": _round(row.agreement, 4),
-           "agreement_images": n_images if row.agreement is not None else None, "bleu4": _round(row.bleu4, 4),
+           "load_rss_mb": _round(row.load_rss_mb, 0), "emulated": emulated(c),
+           "agreement": _round(row.agreement, 4), "agreement_images": len(row.captions) if row.captions else None,
+           "accuracy": row.accuracy,
            "batches": {str(size): batch_stats(t, size) for size, t in sorted(row.timings.items()) if t}}
     return doc
 
@@ -51,7 +51,7 @@ def _round(value: float | None, digits: int = 3) -> float | None:
 
 def document(result: BenchResult, seconds: dict) -> dict:
     """The JSON document: context (machine, libraries, model, images, options), rows, verdict."""
-    rows = [_row_doc(r, result.images["n"]) for r in result.rows]
+    rows = [_row_doc(r) for r in result.rows]
     _add_speedups(rows)
     _add_ceiling_shares(rows, result.ceilings)
     return {"tool": "sat-bench", "format_version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -74,7 +74,7 @@ def _add_ceiling_shares(rows: list[dict], ceilings: dict) -> None:
     """Encoder GMAC/s of every CPU row and its share of the GEMM rate of the row's precision."""
     macs, rates = ceilings.get("encoder_macs_per_image"), ceilings.get("gemm_gmac_s", {})
     for row in rows:
-        gemm = rates.get(row["precision"]) if row["device"] == "cpu" else None
+        gemm = rates.get(row["precision"]) if row["device"] == "cpu" and not row["emulated"] else None
         for size, stats in row["batches"].items():
             rate = macs * int(size) / stats["encoder_ms"] / 1e6 if macs and stats["encoder_ms"] else None
             stats["encoder_gmac_s"] = _round(rate, 1)
@@ -82,37 +82,39 @@ def _add_ceiling_shares(rows: list[dict], ceilings: dict) -> None:
 
 
 def verdict(rows: list[dict], batch: int, ceilings: dict | None = None) -> dict:
-    """At the reference batch: fastest faithful configuration against eager and the best PyTorch option.
+    """At the reference batch: the fastest faithful configuration against eager and the best PyTorch option.
 
-    With ``ceilings``: the speed-up over the best PyTorch option an int8 encoder running at the
-    machine's int8 GEMM rate would reach, keeping that option's decode loop (an estimate, not a
-    measurement).
+    Faithful: the task rule of ``training.faithful`` against eager fp32 on every bench image. With
+    ``ceilings``: the speed-ups an int8 encoder running at the machine's int8 GEMM rate would reach,
+    keeping the decode loop of the row it is compared with (an estimate, not a measurement).
     """
     def median(row):
         return row["batches"][str(batch)]["latency_ms"]["median"]
 
     timed = [r for r in rows if str(batch) in r["batches"]]
     base = next((r for r in timed if r["key"] == BASELINE.key), None)
-    torch_rows = [r for r in timed if r["runtime"] == "torch" and r["device"] == "cpu"]
-    faithful = [r for r in timed if (r["agreement"] or 0) >= AGREEMENT_TARGET]
-    ort = next((r for r in timed if r["key"] == "ort-fp32"), None)
     if base is None:
         return {"batch": batch, "note": "no baseline (PyTorch eager fp32) figures: no ratios"}
-    best_torch = min(torch_rows, key=median)
-    fastest = min(faithful, key=median) if faithful else None
-    out = {"batch": batch, "agreement_target": AGREEMENT_TARGET, "best_torch": best_torch["key"],
-           "best_torch_agreement": best_torch["agreement"], "eager_bleu4": base["bleu4"]}
-    if fastest is not None:
-        out.update(fastest_faithful=fastest["key"], fastest_faithful_agreement=fastest["agreement"],
-                   fastest_faithful_bleu4=fastest["bleu4"], speedup_vs_eager=round(median(base) / median(fastest), 2),
-                   speedup_vs_best_torch=round(median(best_torch) / median(fastest), 2))
+    torch_rows = [r for r in timed if r["runtime"] == "torch" and r["device"] == "cpu"]
+    faithful = [r for r in timed if r["accuracy"] and r["accuracy"]["faithful"]]
+    best_torch, fastest = min(torch_rows, key=median), min(faithful, key=median)
+    accuracy = base["accuracy"]
+    out = {"batch": batch, "rule": f"BLEU-4 and CIDEr-D >= {RATIO:.0%} of eager fp32's on {accuracy['images']} "
+                                   "images, same run", "best_torch": best_torch["key"],
+           "eager_bleu4": accuracy["bleu4"]["reference"], "eager_cider_d": accuracy["cider_d"]["reference"],
+           "fastest_faithful": fastest["key"], "fastest_faithful_agreement": fastest["agreement"],
+           "speedup_vs_eager": round(median(base) / median(fastest), 2),
+           "speedup_vs_best_torch": round(median(best_torch) / median(fastest), 2),
+           "emulated": [r["key"] for r in rows if r["emulated"]]}
     ceilings = ceilings or {}
     int8_rate = ceilings.get("gemm_gmac_s", {}).get("int8")
     if int8_rate and ceilings.get("encoder_macs_per_image"):
         encoder_ms = ceilings["encoder_macs_per_image"] * batch / int8_rate / 1e6
-        at_rate_ms = encoder_ms + best_torch["batches"][str(batch)]["decode_ms"]
-        out.update(gemm_gmac_s=ceilings["gemm_gmac_s"],
-                   int8_at_gemm_rate_vs_best_torch=round(median(best_torch) / at_rate_ms, 2))
+        out.update(gemm_gmac_s=ceilings["gemm_gmac_s"], int8_at_gemm_rate_vs_eager=round(
+            median(base) / (encoder_ms + base["batches"][str(batch)]["decode_ms"]), 2),
+            int8_at_gemm_rate_vs_best_torch=round(
+                median(best_torch) / (encoder_ms + best_torch["batches"][str(batch)]["decode_ms"]), 2))
+    ort = next((r for r in timed if r["key"] == "ort-fp32"), None)
     if ort is not None:
         out.update(ort_fp32_speedup_vs_eager=round(median(base) / median(ort), 2),
                    ort_fp32_identical=ort["agreement"] == 1.0)
@@ -120,50 +122,67 @@ def verdict(rows: list[dict], batch: int, ceilings: dict | None = None) -> dict:
 
 
 def print_table(doc: dict, console: Console) -> None:
-    """One line per configuration and batch size; a row that did not run gets one line, its status below."""
-    table = Table(title=f"sat-bench: {doc['images']['n']} images {doc['images']['size'][0]}x{doc['images']['size'][1]}, "
-                        f"beam {doc['options']['beam']}, {doc['machine']['cpu']} ({doc['machine']['usable_cores']} cores)")
+    """One line per configuration and batch size; a row that did not run gets one line, its status below.
+
+    The accuracy columns (the difference of BLEU-4 and CIDEr-D to eager fp32, with the 95 %
+    paired-bootstrap interval, the task-rule verdict and the share of identical captions) are the
+    row's, on every bench image.
+    """
+    images, machine = doc["images"], doc["machine"]
+    table = Table(title=f"sat-bench: {images['n']} images {images['size'][0]}x{images['size'][1]} (timing: "
+                        f"{images['timing_images']}), beam {doc['options']['beam']}, {machine['isa']}, "
+                        f"{machine['usable_cores']} cores")
     for name in ("configuration", "status", "batch", "median ms", "p90 ms", "img/s", "x eager", "encoder ms",
-                 "enc % GEMM", "decode ms", "peak RSS MB", "agreement", "BLEU-4"):
+                 "enc % GEMM", "decode ms", "BLEU-4 diff [95% CI]", "CIDEr-D diff [95% CI]", "faithful", "identical"):
         table.add_column(name, justify="left" if name in ("configuration", "status") else "right")
     for row in doc["rows"]:
-        agree = "" if row["agreement"] is None else f"{row['agreement']:.1%}"
-        bleu = "" if row["bleu4"] is None else f"{row['bleu4']:.3f}"
-        status = row["status"].split(":")[0]
+        accuracy = _accuracy_cells(row)
+        status = "emulated" if row["status"] == "ok" and row["emulated"] else row["status"].split(":")[0]
         if not row["batches"]:
-            table.add_row(row["key"], status, *[""] * 9, agree, bleu)
+            table.add_row(row["key"], status, *[""] * 8, *accuracy)
         for size, s in row["batches"].items():
+            share = s["encoder_share_of_gemm"]
             table.add_row(row["key"], status, size, f"{s['latency_ms']['median']:.1f}",
                           f"{s['latency_ms']['p90']:.1f}", f"{s['images_per_s']:.1f}",
                           "" if s["speedup_vs_eager"] is None else f"{s['speedup_vs_eager']:.2f}",
-                          f"{s['encoder_ms']:.1f}", "" if s["encoder_share_of_gemm"] is None
-                          else f"{s['encoder_share_of_gemm']:.0%}", f"{s['decode_ms']:.1f}", str(s["peak_rss_mb"]), agree, bleu)
+                          f"{s['encoder_ms']:.1f}", "" if share is None else f"{share:.0%}", f"{s['decode_ms']:.1f}",
+                          *accuracy)
     console.print(table)
     for row in doc["rows"]:
-        if row["status"] != "ok":
-            console.print(f"{row['key']}: {row['status']}", highlight=False, soft_wrap=True)
+        if row["status"] != "ok" or row["emulated"]:
+            console.print(f"{row['key']}: {row['emulated'] or row['status']}", highlight=False, soft_wrap=True)
     for line in verdict_lines(doc["summary"]):
         console.print(line, highlight=False, soft_wrap=True)
+
+
+def _accuracy_cells(row: dict) -> list[str]:
+    agreement = "" if row["agreement"] is None else f"{row['agreement']:.1%}"
+    if row["accuracy"] is None:
+        note = "not judged" if row["emulated"] and row["agreement"] is not None else ""
+        return ["", "", note, agreement]
+    cells = [f"{m['difference']:+.3f} [{m['ci95'][0]:+.3f}, {m['ci95'][1]:+.3f}]"
+             for m in (row["accuracy"]["bleu4"], row["accuracy"]["cider_d"])]
+    return [*cells, "yes" if row["accuracy"]["faithful"] else "no", agreement]
 
 
 def verdict_lines(summary: dict) -> list[str]:
     if "note" in summary:
         return [summary["note"]]
-    lines = []
-    if "fastest_faithful" in summary:
-        lines.append(f"fastest configuration with >= {summary['agreement_target']:.0%} caption agreement at batch "
-                     f"{summary['batch']}: {summary['fastest_faithful']} ({summary['fastest_faithful_agreement']:.1%}): "
-                     f"{summary['speedup_vs_eager']:.2f}x eager fp32, {summary['speedup_vs_best_torch']:.2f}x the best "
-                     f"PyTorch option ({summary['best_torch']})")
+    lines = [f"faithful: {summary['rule']} (eager fp32: BLEU-4 {summary['eager_bleu4']:.3f}, CIDEr-D "
+             f"{summary['eager_cider_d']:.3f})",
+             f"fastest faithful configuration at batch {summary['batch']}: {summary['fastest_faithful']} "
+             f"({summary['fastest_faithful_agreement']:.1%} identical captions): {summary['speedup_vs_eager']:.2f}x "
+             f"eager fp32, {summary['speedup_vs_best_torch']:.2f}x the best PyTorch option ({summary['best_torch']})"]
     if "ort_fp32_speedup_vs_eager" in summary:
         lines.append(f"onnxruntime fp32: {summary['ort_fp32_speedup_vs_eager']:.2f}x eager fp32, captions "
                      f"{'identical' if summary['ort_fp32_identical'] else 'NOT identical'}")
     if "int8_at_gemm_rate_vs_best_torch" in summary:
-        peaks = ", ".join(f"{k} {v:.0f}" for k, v in summary["gemm_gmac_s"].items() if v)
+        peaks = ", ".join(f"{k} {'not native' if v is None else f'{v:.0f}'}" for k, v in summary["gemm_gmac_s"].items())
         lines.append(f"GEMM rates here (GMAC/s): {peaks}; an int8 encoder at the int8 rate would make the batch "
-                     f"about {summary['int8_at_gemm_rate_vs_best_torch']:.2f}x the best PyTorch option")
-    if summary.get("eager_bleu4") is not None:
-        lines.append(f"held-out BLEU-4 of the model (eager fp32): {summary['eager_bleu4']:.3f}")
+                     f"about {summary['int8_at_gemm_rate_vs_eager']:.2f}x eager fp32 and "
+                     f"{summary['int8_at_gemm_rate_vs_best_torch']:.2f}x the best PyTorch option (estimate)")
+    if summary["emulated"]:
+        lines.append(f"emulated on this CPU, timed but not judged: {', '.join(summary['emulated'])}")
     return lines
 
 
@@ -200,11 +219,12 @@ def write_plot(doc: dict, path: Path) -> str:
     dec = [r["batches"].get(big, {}).get("decode_ms", 0) / int(big) for r in rows]
     ax2.bar(range(len(rows)), enc, label="encoder")
     ax2.bar(range(len(rows)), dec, bottom=enc, label="decode loop")
-    labels = [r["key"] + ("" if r["agreement"] is None else f"\n{r['agreement']:.0%} agree") for r in rows]
+    labels = [r["key"] + ("" if r["accuracy"] is None else f"\n{'faithful' if r['accuracy']['faithful'] else 'unfaithful'}")
+              for r in rows]
     ax2.set_xticks(range(len(rows)), labels, rotation=30, ha="right")
     ax2.set_ylabel(f"ms per image at batch {big}")
     ax2.legend()
-    fig.suptitle(f"sat-bench on {doc['machine']['cpu']} ({doc['machine']['usable_cores']} cores)")
+    fig.suptitle(f"sat-bench on {doc['machine']['isa']} ({doc['machine']['usable_cores']} cores)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -32,6 +32,13 @@ def fake_verdict(ratio: float, target: float = 0.9) -> dict:
             "bleu4": metric, "cider_d": metric}
 
 
+def bench_row(key, runtime, median, agreement, faithful, emulated=None):
+    """A row of the bench JSON as ``report.document`` writes it (only what the verdict reads)."""
+    accuracy = {"faithful": faithful, "images": 500, "bleu4": {"reference": 0.3}, "cider_d": {"reference": 1.2}}
+    return {"key": key, "runtime": runtime, "device": "cpu", "agreement": agreement, "emulated": emulated,
+            "accuracy": accuracy, "batches": {"32": {"latency_ms": {"median": median}, "decode_ms": 100}}}
+
+
 @pytest.fixture(scope="session")
 def vocab() -> Vocab:
     return Vocab.build([WORDS])

@@ -12,6 +12,7 @@ from benchmarks.configs import CONFIGS
 from benchmarks.prepare import Int8Options, Recipe, reference_model
 from benchmarks.report import verdict
 from sat_export.cli.common import console
+from tests.conftest import bench_row
 from training.shapes import make_shapes
 
 
@@ -53,8 +54,11 @@ def test_quick_bench_has_a_row_with_a_status_for_every_configuration(tmp_path, t
         assert rows[key]["status"] == "ok", rows[key]
         assert set(rows[key]["batches"]) == {"1", "4"}
         assert len(rows[key]["batches"]["4"]["runs_ms"]) == 2
-        assert rows[key]["agreement_images"] == 8
+        assert rows[key]["agreement_images"] == (doc["images"]["timing_images"] if rows[key]["emulated"] else 8)
     assert rows["torch-fp32"]["agreement"] == 1.0 and rows["ort-fp32"]["agreement"] == 1.0
+    assert rows["torch-fp32"]["accuracy"]["faithful"] and rows["ort-fp32"]["accuracy"]["faithful"]
+    assert doc["images"]["references"] == "eager's captions"  # --ckpt without --refs
+    assert doc["machine"]["isa"] and doc["machine"]["cpu_features"]["capability"]
     assert rows["torch-compile"]["status"].startswith("skipped: --quick")
     if not doc["machine"]["gpu"]:
         assert rows["trt-fp16"]["status"].startswith("unavailable")
@@ -77,19 +81,16 @@ def test_a_configuration_that_fails_gets_its_error_and_the_others_go_on(tmp_path
     assert all(len(r.timings[2]) == 1 for r in result.rows if r.ok)
 
 
-def _row(key, runtime, median, agreement):
-    return {"key": key, "runtime": runtime, "device": "cpu", "agreement": agreement, "bleu4": 0.5,
-            "batches": {"32": {"latency_ms": {"median": median}}}}
-
-
 def test_verdict_takes_the_fastest_faithful_configuration_and_the_fastest_torch_option():
-    rows = [_row("torch-fp32", "torch", 1000, 1.0), _row("torch-bf16", "torch", 400, 0.9),
-            _row("ort-fp32", "onnxruntime", 600, 1.0), _row("ort-int8", "onnxruntime", 200, 0.97),
-            _row("fast-but-wrong", "onnxruntime", 50, 0.5)]
+    rows = [bench_row("torch-fp32", "torch", 1000, 1.0, True), bench_row("torch-bf16", "torch", 400, 0.9, True),
+            bench_row("ort-fp32", "onnxruntime", 600, 1.0, True),
+            bench_row("ort-int8", "onnxruntime", 200, 0.9, True),  # other words, no worse: faithful
+            bench_row("fast-but-wrong", "onnxruntime", 50, 0.95, False)]
     v = verdict(rows, 32)
     assert v["fastest_faithful"] == "ort-int8" and v["speedup_vs_eager"] == 5.0
     assert v["best_torch"] == "torch-bf16" and v["speedup_vs_best_torch"] == 2.0
     assert v["ort_fp32_speedup_vs_eager"] == 1.67 and v["ort_fp32_identical"]
+    assert v["rule"].startswith("BLEU-4 and CIDEr-D >= 99% of eager fp32's on 500 images") and not v["emulated"]
 
 
 @pytest.mark.slow

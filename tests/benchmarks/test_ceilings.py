@@ -2,8 +2,11 @@
 import torch
 from torch import nn
 
+import benchmarks.ceilings
 from benchmarks.ceilings import encoder_macs, gemm_rates
 from benchmarks.report import verdict
+from tests.conftest import bench_row
+from training.machine import CpuInfo, cpu_info
 
 
 class _Encoder(nn.Module):
@@ -24,15 +27,18 @@ def test_encoder_macs_counts_convolutions_and_linear_layers_that_encode_runs():
     assert macs == 8 * 10 * 10 * 3 * 9 + 8 * 10 * 10 * 9 + 4 * 8
 
 
-def test_gemm_rates_are_measured_for_every_precision():
+def test_gemm_rates_are_measured_for_every_precision_bf16_only_where_native(monkeypatch):
     rates = gemm_rates(size=128, repeats=1)
     assert set(rates) == {"fp32", "bf16", "int8"}
     assert rates["fp32"] > 0 and rates["int8"] > 0
+    assert (rates["bf16"] is not None) == cpu_info().native_bf16
+    no_bf16 = CpuInfo("test cpu", "AVX2", dict(avx2=True, avx512=False, vnni=False, avx512_bf16=False, amx=False))
+    monkeypatch.setattr(benchmarks.ceilings, "cpu_info", lambda: no_bf16)
+    assert gemm_rates(size=64, repeats=1)["bf16"] is None  # "not native", not an emulation's rate
 
 
 def test_verdict_estimates_int8_at_the_int8_gemm_rate_with_the_torch_decode_loop():
-    rows = [{"key": "torch-fp32", "runtime": "torch", "device": "cpu", "agreement": 1.0, "bleu4": 0.5,
-             "batches": {"32": {"latency_ms": {"median": 1000}, "decode_ms": 100}}}]
+    rows = [bench_row("torch-fp32", "torch", 1000, 1.0, True)]
     # 1e9 MACs per image x 32 at 64 GMAC/s = 500 ms, + 100 ms of decode loop: 1000 / 600
     v = verdict(rows, 32, {"gemm_gmac_s": {"fp32": 10, "int8": 64}, "encoder_macs_per_image": 10 ** 9})
-    assert v["int8_at_gemm_rate_vs_best_torch"] == 1.67
+    assert v["int8_at_gemm_rate_vs_best_torch"] == 1.67 and v["int8_at_gemm_rate_vs_eager"] == 1.67
