@@ -122,32 +122,39 @@ def verdict(rows: list[dict], batch: int, ceilings: dict | None = None) -> dict:
 
 
 def print_table(doc: dict, console: Console) -> None:
-    """One line per configuration and batch size; a row that did not run gets one line, its status below.
-
-    The accuracy columns (the difference of BLEU-4 and CIDEr-D to eager fp32, with the 95 %
-    paired-bootstrap interval, the task-rule verdict and the share of identical captions) are the
-    row's, on every bench image.
-    """
+    """Timing: one line per configuration and batch size (a row that did not run gets one line, its
+    status below). Accuracy: one line per configuration, on every bench image: BLEU-4 and CIDEr-D,
+    their difference to eager fp32 with the 95 % paired-bootstrap interval, the task-rule verdict
+    and the share of identical captions."""
     images, machine = doc["images"], doc["machine"]
-    table = Table(title=f"sat-bench: {images['n']} images {images['size'][0]}x{images['size'][1]} (timing: "
-                        f"{images['timing_images']}), beam {doc['options']['beam']}, {machine['isa']}, "
-                        f"{machine['usable_cores']} cores")
+    timing = Table(title=f"sat-bench timing: {images['timing_images']} images {images['size'][0]}x"
+                         f"{images['size'][1]}, beam {doc['options']['beam']}, {machine['isa']}, "
+                         f"{machine['usable_cores']} cores")
     for name in ("configuration", "status", "batch", "median ms", "p90 ms", "img/s", "x eager", "encoder ms",
-                 "enc % GEMM", "decode ms", "BLEU-4 diff [95% CI]", "CIDEr-D diff [95% CI]", "faithful", "identical"):
-        table.add_column(name, justify="left" if name in ("configuration", "status") else "right")
+                 "enc % GEMM", "decode ms", "peak RSS MB", "faithful"):
+        timing.add_column(name, justify="left" if name in ("configuration", "status") else "right")
+    accuracy = Table(title=f"sat-bench accuracy: {images['n']} images, references: {images['references']}")
+    for name in ("configuration", "BLEU-4", "diff [95% CI]", "CIDEr-D", "diff [95% CI]", "faithful", "identical"):
+        accuracy.add_column(name, justify="left" if name == "configuration" else "right")
     for row in doc["rows"]:
-        accuracy = _accuracy_cells(row)
+        faithful = _faithful(row)
         status = "emulated" if row["status"] == "ok" and row["emulated"] else row["status"].split(":")[0]
         if not row["batches"]:
-            table.add_row(row["key"], status, *[""] * 8, *accuracy)
+            timing.add_row(row["key"], status, *[""] * 9, faithful)
         for size, s in row["batches"].items():
             share = s["encoder_share_of_gemm"]
-            table.add_row(row["key"], status, size, f"{s['latency_ms']['median']:.1f}",
-                          f"{s['latency_ms']['p90']:.1f}", f"{s['images_per_s']:.1f}",
-                          "" if s["speedup_vs_eager"] is None else f"{s['speedup_vs_eager']:.2f}",
-                          f"{s['encoder_ms']:.1f}", "" if share is None else f"{share:.0%}", f"{s['decode_ms']:.1f}",
-                          *accuracy)
-    console.print(table)
+            timing.add_row(row["key"], status, size, f"{s['latency_ms']['median']:.1f}",
+                           f"{s['latency_ms']['p90']:.1f}", f"{s['images_per_s']:.1f}",
+                           "" if s["speedup_vs_eager"] is None else f"{s['speedup_vs_eager']:.2f}",
+                           f"{s['encoder_ms']:.1f}", "" if share is None else f"{share:.0%}", f"{s['decode_ms']:.1f}",
+                           str(s["peak_rss_mb"]), faithful)
+        if row["agreement"] is not None:
+            metrics = [row["accuracy"][m] for m in ("bleu4", "cider_d")] if row["accuracy"] else []
+            cells = [c for m in metrics for c in (f"{m['candidate']:.3f}",
+                                                  f"{m['difference']:+.3f} [{m['ci95'][0]:+.3f}, {m['ci95'][1]:+.3f}]")]
+            accuracy.add_row(row["key"], *(cells or ["", "", "", ""]), faithful, f"{row['agreement']:.1%}")
+    console.print(timing)
+    console.print(accuracy)
     for row in doc["rows"]:
         if row["status"] != "ok" or row["emulated"]:
             console.print(f"{row['key']}: {row['emulated'] or row['status']}", highlight=False, soft_wrap=True)
@@ -155,14 +162,10 @@ def print_table(doc: dict, console: Console) -> None:
         console.print(line, highlight=False, soft_wrap=True)
 
 
-def _accuracy_cells(row: dict) -> list[str]:
-    agreement = "" if row["agreement"] is None else f"{row['agreement']:.1%}"
-    if row["accuracy"] is None:
-        note = "not judged" if row["emulated"] and row["agreement"] is not None else ""
-        return ["", "", note, agreement]
-    cells = [f"{m['difference']:+.3f} [{m['ci95'][0]:+.3f}, {m['ci95'][1]:+.3f}]"
-             for m in (row["accuracy"]["bleu4"], row["accuracy"]["cider_d"])]
-    return [*cells, "yes" if row["accuracy"]["faithful"] else "no", agreement]
+def _faithful(row: dict) -> str:
+    if row["accuracy"] is not None:
+        return "yes" if row["accuracy"]["faithful"] else "no"
+    return "not judged" if row["emulated"] and row["agreement"] is not None else ""
 
 
 def verdict_lines(summary: dict) -> list[str]:
