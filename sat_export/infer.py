@@ -77,6 +77,7 @@ class Summary:
     errors: int = 0
     skipped: int = 0
     seconds: float = 0.0
+    nodes: set[str] = field(default_factory=set)  # the Ray nodes whose actors captioned (``--ray``)
 
     @property
     def images_per_s(self) -> float:

@@ -87,13 +87,17 @@ def read_batch(batch: dict[str, np.ndarray], cfg: PreprocessConfig, max_pixels: 
 class Captioner:
     """Actor: opens the model once, then captions ``read_batch`` outputs into JSON rows.
 
-    Returns columns ``row`` (the row as JSON, without ``alphas``) and ``alphas`` (the row's
-    ``(T, grid, grid)`` attention as float16 bytes; empty for error rows or when not kept).
+    Returns columns ``row`` (the row as JSON, without ``alphas``), ``alphas`` (the row's
+    ``(T, grid, grid)`` attention as float16 bytes; empty for error rows or when not kept) and
+    ``node`` (the Ray node the actor runs on).
     """
 
     def __init__(self, model: str | None, backend: str, threads: int, decode: DecodeOptions, keep_alphas: bool):
+        import ray
+
         self.backend = open_for_readers(model, backend, workers=0, threads=threads)
         self.decode, self.keep_alphas = decode, keep_alphas
+        self.node = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         loaded = [Loaded(InputItem(Path(path), key), None if error else pixels, error or None)
@@ -101,7 +105,8 @@ class Captioner:
         pairs = caption_rows(self.backend, loaded, self.decode)
         return {"row": np.array([json.dumps(row, ensure_ascii=False) for row, _ in pairs], dtype=object),
                 "alphas": np.array([alphas.astype(np.float16).tobytes() if alphas is not None and self.keep_alphas
-                                    else b"" for _, alphas in pairs], dtype=object)}
+                                    else b"" for _, alphas in pairs], dtype=object),
+                "node": np.array([self.node] * len(pairs), dtype=object)}
 
 
 def run_ray(model: str | Path | None, plan: Plan, options: InferOptions = InferOptions(),
@@ -147,6 +152,7 @@ def run_ray(model: str | Path | None, plan: Plan, options: InferOptions = InferO
                 written = _finish_rows(batch, config.grid, options.alphas_dir, plan.out.parent)
                 append_rows(sink, written)
                 summary.add(written)
+                summary.nodes.update(batch["node"])
                 if on_rows is not None:
                     on_rows(len(written))
     finally:

@@ -75,8 +75,9 @@ def main(
                 summary = run(opened, work, options, on_rows=advance)
     else:
         summary = Summary(skipped=work.done)
+    on_nodes = f" on {len(summary.nodes)} Ray node(s)" if summary.nodes else ""
     console.print(f"{out}: captioned {summary.captioned}, errors {summary.errors}, already done {summary.skipped} "
-                  f"in {summary.seconds:.1f} s ({summary.images_per_s:.1f} images/s)",
+                  f"in {summary.seconds:.1f} s ({summary.images_per_s:.1f} images/s){on_nodes}",
                   highlight=False, soft_wrap=True)
     errors = summary.errors + work.done_errors
     if strict and errors:
