@@ -12,6 +12,7 @@ back, and resuming finds the same file.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -53,11 +54,10 @@ def check_output_paths(out: Path, folders: Iterable[Path | None] = ()) -> None:
     if out.exists() and not out.is_file():
         raise OutputError(f"{out}: not a regular file (a FIFO or device?); --out names the JSONL file to write")
     _check_creatable(out)
-    for folder in folders:
-        if folder is not None and folder.exists() and not folder.is_dir():
+    for folder in filter(None, folders):
+        if folder.exists() and not folder.is_dir():
             raise OutputError(f"{folder}: is a file, not a folder; --alphas and --overlays name folders to write into")
-        if folder is not None:
-            _check_creatable(folder)
+        _check_creatable(folder)
 
 
 def _check_creatable(path: Path) -> None:
@@ -92,7 +92,8 @@ class OutputLock:
         try:  # O_NOFOLLOW: a planted link must not make us write a pid into another file
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         except OSError as err:
-            raise OutputError(f"{self.path}: cannot open the lock file ({err.strerror}; a symlink?)") from None
+            what = "it is a symlink" if err.errno == errno.ELOOP else err.strerror
+            raise OutputError(f"{self.path}: cannot open the lock file ({what})") from None
         self._file = os.fdopen(fd, "r+b", buffering=0)  # closed (lock dropped) by release, or by the GC
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):

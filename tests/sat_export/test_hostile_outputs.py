@@ -140,10 +140,14 @@ def make_list(tmp_path: Path, kind: str) -> Path:
 
 
 @pytest.mark.parametrize("kind, message", [("fifo", "not a regular file"), ("NUL bytes", "holds NUL bytes"),
-                                           ("symlink loop", "cannot read the list of images")])
-def test_a_list_of_every_wrong_kind_is_refused_in_one_line(tmp_path, tiny_ckpt, kind, message):
+                                           ("symlink loop", "cannot read the list of images"),
+                                           ("unreadable", "cannot read the list of images (Permission denied)")])
+def test_a_list_of_every_wrong_kind_is_refused_in_one_line(tmp_path, tiny_ckpt, monkeypatch, kind, message):
     write_images(tmp_path / "in", 1)
     listed = make_list(tmp_path, kind)
+    if kind == "unreadable":
+        listed.write_text("in/img 0000.png\n")
+        deny_reading(listed, monkeypatch)
     result = CliRunner().invoke(app, [str(listed), "--out", str(tmp_path / "c.jsonl"), "--model", str(tiny_ckpt)])
     one_line_error(result, str(listed), message)
 
