@@ -26,10 +26,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 import torch
-
-import sat_export
 from pydantic import ValidationError
 
+import sat_export
 from engines.contract import DECODER_STEP, ENCODER, GRAPHS, GraphSpec
 from sat_export.errors import BundleError
 from sat_export.manifest_schema import Manifest
@@ -186,7 +185,7 @@ def _read_manifest(bundle_dir: Path) -> tuple[dict, Manifest]:
         raw = f.read()
     try:
         manifest = json.loads(raw.decode())
-    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+    except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
         reason = "nested too deeply" if isinstance(err, RecursionError) else str(err)[:160]
         raise BundleError(f"{path}: not valid JSON ({reason}); the manifest is corrupt or truncated") from None
     if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:

@@ -13,9 +13,10 @@ image file     the path as given on the command line (``photos/a.jpg``)
 =============  ==========================================================
 
 Keys are POSIX paths and unique: two different files with one key are refused up front. A
-name that is not valid UTF-8 keeps its bytes (``surrogateescape``; see ``sat_export.outputs``
-for how rows write it); so do the lines of a list. A directory named like an image, or a folder that cannot be listed, is an item too: the
-pipeline turns it into an error row, so nothing a user pointed at disappears silently.
+name that is not valid UTF-8 keeps its bytes (``surrogateescape``; ``sat_export.outputs`` says
+how rows write it), and so does a list's line. A directory named like an image, or a folder
+that cannot be listed, is an item too: the pipeline turns it into an error row, so nothing a
+user pointed at disappears silently.
 """
 from __future__ import annotations
 

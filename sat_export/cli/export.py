@@ -11,8 +11,8 @@ from rich.markup import escape
 
 from sat_export.build import BuildOptions
 from sat_export.cli.common import console, user_errors
-from sat_export.text import printable
 from sat_export.quantize import METHODS
+from sat_export.text import printable
 from training.checkpoint import load_checkpoint
 
 DEFAULTS = BuildOptions()
@@ -39,7 +39,7 @@ def info(ckpt: Path = typer.Argument(..., readable=False, help="Checkpoint (.pth
     """
     ck = load_checkpoint(ckpt)
     n_params = sum(t.numel() for t in ck.state_dict.values() if t.is_floating_point())
-    train = {k: v for k, v in islice(ck.train.items(), 4 * SHOWN_ITEMS) if not isinstance(v, dict)}
+    train = {k: v for k, v in ck.train.items() if not isinstance(v, dict)}  # not the config and resume state
     summary = {"file": str(ckpt), "params": n_params, "vocab_size": len(ck.vocab),
                "config": ck.config.to_dict(), "train": shown(train)}
     console.print_json(json.dumps(summary))
@@ -116,8 +116,8 @@ def check(bundle: Path = typer.Argument(..., readable=False, help="Bundle folder
     summary = check_bundle(bundle)
     trt = f"; TensorRT engines {summary['tensorrt']}" if "tensorrt" in summary else ""
     console.print("[green]✓[/] " + escape(printable(
-        f"{bundle}: {len(summary['files'])} files verified (integrity: unchanged since sealed; the unkeyed seal "
-        f"does not prove who made it, not authenticity), smoke inference passed for "
+        f"{bundle}: {len(summary['files'])} files verified (integrity, not authenticity: the seal shows nothing "
+        f"changed since it was written, not who wrote it), smoke inference passed for "
         f"{', '.join(summary['precisions'])}{trt}")), highlight=False, soft_wrap=True)
 
 
