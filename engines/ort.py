@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from engines.base import Backend, EncoderOutputs, StepOutputs
-from engines.contract import DECODER_STEP, ENCODER, GraphSpec
-from engines.errors import BackendUnavailable, EngineError
+from engines.contract import BATCH, DECODER_STEP, ENCODER, GraphSpec
+from engines.errors import BackendUnavailable, EngineError, ShapeError
 from training.config import ModelConfig
 from training.machine import usable_cores
 from training.vocab import Vocab
@@ -53,12 +53,30 @@ class OrtBackend(Backend):
                           for spec, path in ((ENCODER, encoder_path), (DECODER_STEP, decoder_path))}
 
     def _session(self, ort, spec: GraphSpec, path: Path, providers: list):
-        """One ``InferenceSession``; a file onnxruntime refuses is one ``EngineError`` line naming it."""
+        """One ``InferenceSession`` whose I/O is checked against the contract; a file onnxruntime refuses
+        is one ``EngineError`` line naming it."""
         try:
-            return ort.InferenceSession(str(path), self._options(ort, spec), providers=providers)
+            session = ort.InferenceSession(str(path), self._options(ort, spec), providers=providers)
         except Exception as err:  # noqa: BLE001 - onnxruntime raises its own exception types for bad graphs
             reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
             raise EngineError(f"{path}: onnxruntime cannot load this {spec.name} graph ({reason})") from None
+        self._check_io(session, spec, path)
+        return session
+
+    def _check_io(self, session, spec: GraphSpec, path: Path) -> None:
+        """Names, dtypes and sizes of the graph's inputs and outputs are the contract's for this config, so a
+        graph that does not fit its config (a hand-edited manifest) is refused before any image is read."""
+        dims = self.config.dims()
+        for kind, found, wanted in (("input", session.get_inputs(), spec.inputs),
+                                    ("output", session.get_outputs(), spec.outputs)):
+            if [t.name for t in found] != [t.name for t in wanted]:
+                raise ShapeError(f"{path}: {kind}s {[t.name for t in found]}, the contract says "
+                                 f"{[t.name for t in wanted]}")
+            for got, want in zip(found, wanted):
+                shape = tuple(BATCH if d is None or isinstance(d, str) else d for d in got.shape)
+                if _ORT_DTYPES.get(got.type) != want.dtype or shape != want.shape(dims):
+                    raise ShapeError(f"{path}: {kind} '{got.name}' is {got.type} {list(shape)}, the model config "
+                                     f"says {want.dtype} {list(want.shape(dims))}")
 
     def _options(self, ort, spec: GraphSpec):
         opts = ort.SessionOptions()
@@ -107,3 +125,4 @@ class OrtBackend(Backend):
 
 
 _NP_DTYPES = {"float32": np.float32, "int64": np.int64, "float16": np.float16}
+_ORT_DTYPES = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(float16)": "float16"}

@@ -5,23 +5,34 @@ A bundle is a folder: ``encoder.onnx``, ``decoder_step.onnx`` (plus ``*.fp16.onn
 manifest lists every file with its size and sha256, and carries its own sha256 (computed with that
 field empty); it must also be byte-for-byte the canonical JSON this module writes. So any changed
 byte of a graph or of the manifest is refused, with a message naming the file.
+
+The seal is an unkeyed hash: it proves integrity (nothing changed by accident since the manifest
+was written), not authenticity (whoever edits a bundle can reseal it). A bundle from someone else
+is therefore read as untrusted input: the manifest is checked against one typed schema
+(``manifest_schema``) and no file is read through a symlink, or unless it is a regular file in
+the bundle folder itself.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import platform
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
+from pydantic import ValidationError
 
 import sat_export
 from engines.contract import DECODER_STEP, ENCODER, GRAPHS, GraphSpec
 from sat_export.errors import BundleError
-from training.config import ModelConfig
-from training.errors import CheckpointError
+from sat_export.manifest_schema import Manifest
+from training.config import ModelConfig, first_error
 from training.vocab import Vocab
 
 MANIFEST_FILE = "manifest.json"
@@ -29,9 +40,6 @@ BUNDLE_FORMAT = "sat-bundle"
 BUNDLE_VERSION = 1
 TIMING_CACHE = "timing.cache"  # TensorRT's, reused across builds
 DIGEST_KEY = "manifest_sha256"
-REQUIRED = {"format": str, "version": int, "model": dict, "vocab": dict, "special_ids": dict, "preprocess": dict,
-            "opset": int, "graphs": dict, "precisions": dict, "parity": dict, "tools": dict, "files": dict,
-            DIGEST_KEY: str}
 
 
 @dataclass(frozen=True)
@@ -71,11 +79,34 @@ def graph_file(spec: GraphSpec, precision: str = "fp32", suffix: str = ".onnx") 
     return f"{stem}{suffix}" if precision == "fp32" else f"{stem}.{precision}{suffix}"
 
 
+def open_regular(path: Path, follow: bool = True) -> BinaryIO:
+    """``path`` opened for reading if it is a regular file (a FIFO or device would block or never end);
+    with ``follow=False``, not through a symlink either. Refused before a byte is read, as ``BundleError``."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    try:
+        f = os.fdopen(os.open(path, flags), "rb")
+    except FileNotFoundError:
+        raise BundleError(f"{path}: missing") from None
+    except OSError as err:
+        link = err.errno == errno.ELOOP and not follow
+        raise BundleError(f"{path}: a symlink; a bundle holds its own files, not links" if link
+                          else f"{path}: cannot read ({err.strerror})") from None
+    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        f.close()
+        raise BundleError(f"{path}: not a regular file")
+    return f
+
+
 def sha256(path: Path) -> str:
+    """sha256 of a regular file (``open_regular``)."""
+    with open_regular(path) as f:
+        return _sha256(f)
+
+
+def _sha256(f: BinaryIO) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        h.update(chunk)
     return h.hexdigest()
 
 
@@ -136,64 +167,69 @@ def write_manifest(bundle_dir: str | Path, manifest: dict) -> Path:
 
 
 def read_manifest(bundle_dir: str | Path) -> dict:
-    """Parse and schema-check ``manifest.json``, verifying its own digest and canonical form."""
-    path = Path(bundle_dir) / MANIFEST_FILE
-    if not Path(bundle_dir).is_dir():
+    """``manifest.json``, its seal (digest and canonical form) verified and the whole of it checked
+    against ``manifest_schema.Manifest``; refused (``BundleError`` naming the field) before use."""
+    return _read_manifest(Path(bundle_dir))[0]
+
+
+def _read_manifest(bundle_dir: Path) -> tuple[dict, Manifest]:
+    path = bundle_dir / MANIFEST_FILE
+    if not bundle_dir.is_dir():
         raise BundleError(f"{bundle_dir}: bundle folder not found")
-    if not path.is_file():
+    links = sorted(entry.name for entry in os.scandir(bundle_dir) if entry.is_symlink())
+    if links:
+        raise BundleError(f"{bundle_dir / links[0]}: a symlink; a bundle holds its own files, not links")
+    if not os.path.lexists(path):
         raise BundleError(f"{path}: not found; is {bundle_dir} a bundle? Build one with `sat-export build --ckpt CKPT`")
-    raw = path.read_bytes()
+    with open_regular(path, follow=False) as f:
+        raw = f.read()
     try:
         manifest = json.loads(raw.decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BundleError(f"{path}: not valid JSON ({err}); the manifest is corrupt or truncated") from None
+    except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
+        reason = "nested too deeply" if isinstance(err, RecursionError) else str(err)[:160]
+        raise BundleError(f"{path}: not valid JSON ({reason}); the manifest is corrupt or truncated") from None
     if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{path}: not a sat-export bundle manifest (format must be {BUNDLE_FORMAT!r})")
-    for key, kind in REQUIRED.items():
-        if not isinstance(manifest.get(key), kind):
-            raise BundleError(f"{path}: manifest field {key!r} is missing or not a {kind.__name__}")
-    if manifest["version"] > BUNDLE_VERSION:
-        raise BundleError(f"{path}: bundle version {manifest['version']} is newer than this tool reads "
-                          f"({BUNDLE_VERSION})")
-    if manifest[DIGEST_KEY] != _digest(manifest) or _render(manifest) != raw:
+    version = manifest.get("version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > BUNDLE_VERSION:
+        raise BundleError(f"{path}: bundle version {version} is newer than this tool reads ({BUNDLE_VERSION})")
+    if manifest.get(DIGEST_KEY) != _digest(manifest) or _render(manifest) != raw:
         raise BundleError(f"{path}: manifest was modified after it was written (its sha256 or layout does not match)")
-    return manifest
+    try:
+        return manifest, Manifest.model_validate_json(raw)
+    except ValidationError as err:
+        raise BundleError(f"{path}: manifest {first_error(err)}") from None
 
 
 def verify_files(bundle_dir: Path, manifest: dict) -> None:
-    """Every referenced file is listed, present, of the recorded size and sha256."""
+    """Every referenced file is listed, a regular file in the folder (not a link), of the recorded size and sha256."""
     listed = manifest["files"]
     for name in referenced_files(manifest):
         if name not in listed:
             raise BundleError(f"{bundle_dir / name}: used by the manifest but has no checksum entry")
     for name, entry in listed.items():
         path = bundle_dir / name
-        if Path(name).is_absolute() or ".." in Path(name).parts:
-            raise BundleError(f"{bundle_dir / MANIFEST_FILE}: file entry {name!r} points outside the bundle")
-        if not path.is_file():
-            raise BundleError(f"{path}: missing from the bundle")
-        size = path.stat().st_size
-        if size != entry.get("bytes"):
-            raise BundleError(f"{path}: {size} bytes, the manifest says {entry.get('bytes')} (truncated or replaced)")
-        if sha256(path) != entry.get("sha256"):
-            raise BundleError(f"{path}: sha256 does not match the manifest (the file was modified or is corrupt)")
+        with open_regular(path, follow=False) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size != entry["bytes"]:
+                raise BundleError(f"{path}: {size} bytes, the manifest says {entry['bytes']} (truncated or replaced)")
+            if _sha256(f) != entry["sha256"]:
+                raise BundleError(f"{path}: sha256 does not match the manifest (the file was modified or is corrupt)")
 
 
 def load_bundle(bundle_dir: str | Path) -> Bundle:
-    """Read a bundle: manifest schema and digest, file checksums, config, vocabulary, I/O table.
+    """Read a bundle: manifest seal and schema, file checksums, config, vocabulary, I/O table.
 
-    Raises ``BundleError`` naming the offending file.
+    Raises ``BundleError`` naming the offending file (and field).
     """
     bundle_dir = Path(bundle_dir)
-    manifest = read_manifest(bundle_dir)
+    manifest, parsed = _read_manifest(bundle_dir)
     mpath = bundle_dir / MANIFEST_FILE
     verify_files(bundle_dir, manifest)
+    config = parsed.model
     try:
-        config = ModelConfig.from_dict(manifest["model"], source=str(mpath))
-        vocab = Vocab(manifest["vocab"]["itos"])
-    except CheckpointError as err:
-        raise BundleError(str(err)) from None
-    except (KeyError, TypeError, ValueError) as err:
+        vocab = Vocab(parsed.vocab.itos)
+    except ValueError as err:
         raise BundleError(f"{mpath}: invalid vocabulary ({err})") from None
     if len(vocab) != config.vocab_size or manifest["special_ids"] != vocab.special_ids():
         raise BundleError(f"{mpath}: vocabulary ({len(vocab)} words, specials {manifest['special_ids']}) "

@@ -11,7 +11,11 @@ class ParityError(SatError):
 
 
 class InputError(SatError):
-    """An input path is missing or unreadable, two inputs share a key, or the output is not JSONL."""
+    """An input path is missing or unreadable, or two inputs share a key."""
+
+
+class OutputError(SatError):
+    """An output cannot be written: not sat-infer's, in use by another run, of the wrong kind, or the disk is full."""
 
 
 class EvalError(SatError):

@@ -9,6 +9,7 @@ its style with the ``sat-eval`` report (``sat_export.report_html``).
 from __future__ import annotations
 
 import json
+import os
 import re
 from html import escape
 from pathlib import Path
@@ -20,10 +21,12 @@ from PIL import Image
 from sat_export.inputs import sidecar_path
 from sat_export.overlays import overlay
 from sat_export.report_html import THUMB, card_html, figure_html, page_head, steps_html
+from sat_export.text import printable
 from training.config import PreprocessConfig
 from training.vocab import Vocab
 
 _UNSAFE = re.compile(r"[^\w-]+")
+WORD_CHARS = 48  # of a word in its overlay's file name: 4 bytes each at most, far inside the 255 a name may have
 
 
 def overlay_folder(key: str, root: Path) -> Path:
@@ -32,7 +35,7 @@ def overlay_folder(key: str, root: Path) -> Path:
 
 
 def overlay_name(step: int, word: str) -> str:
-    return f"{step:02d}_{_UNSAFE.sub('_', word)}.png"
+    return f"{step:02d}_{_UNSAFE.sub('_', word)[:WORD_CHARS]}.png"
 
 
 def write_overlays(folder: Path, image: Image.Image, alphas: np.ndarray, words: list[str],
@@ -55,7 +58,8 @@ def write_gallery(rows_file: Path, root: Path, vocab: Vocab) -> Path:
         for line in f:
             row = json.loads(line)
             if "error" in row:
-                errors.append(f"<li>{escape(row['image'])} <span class='src'>— {escape(row['error'])}</span></li>")
+                errors.append(f"<li>{escape(printable(row['image']))} <span class='src'>— "
+                              f"{escape(printable(row['error']))}</span></li>")
             elif overlay_folder(row["image"], root).is_dir():
                 cards.append(_card(row, root, [vocab.itos[t] for t in row["tokens"]]))
     title = f"sat-infer: {rows_file.name}"
@@ -65,14 +69,14 @@ def write_gallery(rows_file: Path, root: Path, vocab: Vocab) -> Path:
             + "\n".join(cards) + "</body></html>")
     index = root / "index.html"
     root.mkdir(parents=True, exist_ok=True)
-    index.write_text(page, encoding="utf-8")
+    index.write_text(page, encoding="utf-8", errors="backslashreplace")  # as sat-eval's page
     return index
 
 
 def _card(row: dict, root: Path, words: list[str]) -> str:
-    base = quote(overlay_folder(row["image"], root).relative_to(root).as_posix())
+    base = quote(os.fsencode(overlay_folder(row["image"], root).relative_to(root).as_posix()))  # a name's own bytes
     lazy = " loading='lazy'"
     figures = [figure_html(f"{base}/image.jpg", "(image)", lazy)]
     figures += [figure_html(f"{base}/{quote(overlay_name(step, word))}", escape(word), lazy)
                 for step, word in enumerate(words)]
-    return card_html(row["caption"], f"{escape(row['image'])} · score {row['score']:.3f}", steps_html(figures))
+    return card_html(row["caption"], f"{escape(printable(row['image']))} · score {row['score']:.3f}", steps_html(figures))

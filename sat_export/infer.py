@@ -3,23 +3,24 @@
 ``plan`` finds the inputs and what an earlier run of the same output already did (resume);
 ``run`` captions the rest. Images are decoded and preprocessed by a thread pool (Pillow
 releases the GIL) at most ``prefetch`` items ahead of inference, so memory does not grow
-with the folder. Each batch's alphas files are written first, then its rows are appended,
-flushed and fsynced, so a killed run leaves only whole rows (plus at most one torn line,
-which the next ``plan`` cuts off) and every row's files exist.
+with the folder. Each batch's alphas files are written first, then its rows are appended and
+fsynced, so a killed run leaves only whole rows (plus at most one torn line, which the next
+``plan`` cuts off) and every row's files exist. A plan holds ``out``'s lock (``outputs.OutputLock``)
+until it is closed, so two runs never append to one file.
 """
 from __future__ import annotations
 
-import json
 import os
 import stat
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TextIO
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -27,8 +28,9 @@ from PIL import Image
 
 from engines.base import Backend
 from sat_export.gallery import THUMB, overlay_folder, write_gallery, write_overlays
-from sat_export.inputs import (InputItem, check_run_record, discover, resume_output, sidecar_path,
-                               write_run_record)
+from sat_export.errors import OutputError
+from sat_export.inputs import InputItem, discover, sidecar_path
+from sat_export.outputs import OutputLock, check_output_paths, resume_output, row_line
 from sat_export.registry import model_sha256, open_backend
 from training.config import PreprocessConfig
 from training.decode import Caption, DecodeOptions, decode
@@ -61,12 +63,26 @@ class InferOptions:
 
 @dataclass(frozen=True)
 class Plan:
-    """The items still to caption, and how many rows (and error rows) the output already holds."""
+    """The items still to caption, how many rows (and error rows) the output already holds, and its lock.
+
+    Close it (or use it as a context manager) once the run is over: that releases the lock.
+    """
 
     out: Path
     todo: list[InputItem]
     done: int
     done_errors: int
+    lock: OutputLock | None = None
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+    def __enter__(self) -> Plan:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 @dataclass
@@ -118,25 +134,34 @@ def run_settings(model: str | Path | None, decode: DecodeOptions) -> dict:
             "length_penalty": decode.length_penalty}
 
 
-def plan(paths: Iterable[str | Path], out: str | Path, overwrite: bool = False, settings: dict | None = None) -> Plan:
-    """Discover the inputs and prepare ``out`` (torn line cut, or emptied with ``overwrite``).
+def plan(paths: Iterable[str | Path], out: str | Path, overwrite: bool = False, settings: dict | None = None,
+         folders: Iterable[Path | None] = ()) -> Plan:
+    """Discover the inputs, lock ``out`` and prepare it (``outputs.resume_output``: validated, then a
+    torn line cut, or emptied with ``overwrite``). The plan holds the lock until it is closed.
 
     With ``settings`` (``run_settings``), an ``out`` whose rows were made with other settings is
-    refused rather than resumed, and the settings are recorded beside it.
+    refused rather than resumed, and the settings are recorded beside it. ``folders`` (alphas,
+    overlays) are checked up front with ``out``, before anything is read or written.
 
-    Raises ``InputError`` for a missing input, a key clash, an output that is not sat-infer JSONL
-    or one made with other settings.
+    Raises ``InputError`` for a missing input or a key clash; ``OutputError`` for an output of the
+    wrong kind, not sat-infer JSONL, made with other settings, or locked by another run.
     """
     out = Path(out)
+    check_output_paths(out, folders)
     items = discover(paths)
-    if settings is not None:
-        check_run_record(out, settings, overwrite)
-    done = resume_output(out, overwrite)
-    if settings is not None:
-        write_run_record(out, settings)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"{out.parent}: cannot create the output folder ({err.strerror})") from None
+    lock = OutputLock(out)
+    try:
+        done = resume_output(out, overwrite, settings)
+    except BaseException:
+        lock.release()
+        raise
     todo = [item for item in items if item.key not in done]
     done_errors = sum(done[item.key] for item in items if item.key in done)
-    return Plan(out, todo, len(items) - len(todo), done_errors)
+    return Plan(out, todo, len(items) - len(todo), done_errors, lock)
 
 
 def run(backend: Backend, plan: Plan, options: InferOptions = InferOptions(),
@@ -150,22 +175,42 @@ def run(backend: Backend, plan: Plan, options: InferOptions = InferOptions(),
     start = time.perf_counter()
     pool = ThreadPoolExecutor(options.workers, thread_name_prefix="sat-reader")
     try:
-        with plan.out.open("a", encoding="utf-8") as sink:
+        with appending(plan, summary) as append:
             thumb = THUMB if options.overlays_dir is not None else None
             reader = partial(read_item, cfg=backend.config.preprocess, max_pixels=options.max_pixels, thumbnail=thumb)
             loaded = prefetch(pool, reader, plan.todo, options.prefetch)
             for batch in batches(loaded, options.batch_size):
                 rows = caption_batch(backend, batch, options, plan.out.parent)
-                append_rows(sink, rows)
-                summary.add(rows)
+                append(rows)
                 if on_rows is not None:
                     on_rows(len(rows))
+            if options.overlays_dir is not None:
+                write_gallery(plan.out, options.overlays_dir, backend.vocab)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         summary.seconds = time.perf_counter() - start
-    if options.overlays_dir is not None:
-        write_gallery(plan.out, options.overlays_dir, backend.vocab)
     return summary
+
+
+@contextmanager
+def appending(plan: Plan, summary: Summary) -> Iterator[Callable[[list[dict]], None]]:
+    """``append(rows)``: rows onto ``plan.out``, on disk when it returns, counted in ``summary``.
+
+    An ``OSError`` in the block (a full disk, while writing rows or their alphas and overlay files)
+    becomes one ``OutputError`` line naming the file and the rows kept; rerunning resumes. The file
+    is unbuffered, so closing it after a failed write does not fail again.
+    """
+    try:
+        with plan.out.open("ab", buffering=0) as sink:
+            def append(rows: list[dict]) -> None:
+                append_rows(sink, rows)
+                summary.add(rows)
+
+            yield append
+    except OSError as err:
+        kept = plan.done + summary.captioned + summary.errors
+        raise OutputError(f"{err.filename or plan.out}: cannot write ({err.strerror or err}); {plan.out} keeps "
+                          f"its {kept} whole rows: make room and rerun the same command to resume") from None
 
 
 def read_item(item: InputItem, cfg: PreprocessConfig, max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -269,10 +314,11 @@ def save_alphas(row: dict, alphas: np.ndarray, alphas_dir: Path, out_dir: Path) 
     row["alphas"] = Path(os.path.relpath(npz, out_dir)).as_posix()
 
 
-def append_rows(sink: TextIO, rows: list[dict]) -> None:
-    """Append ``rows`` as JSON lines to ``sink``, flushed and fsynced: on disk when this returns."""
-    sink.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-    sink.flush()
+def append_rows(sink: BinaryIO, rows: list[dict]) -> None:
+    """Append ``rows`` as JSON lines (``outputs.row_line``) to the unbuffered ``sink``, fsynced: on disk when this returns."""
+    data = memoryview(b"".join(row_line(row) for row in rows))
+    while data:  # an unbuffered write may write part; the next one raises (ENOSPC) or goes on
+        data = data[sink.write(data):]
     os.fsync(sink.fileno())
 
 

@@ -1,4 +1,4 @@
-"""What ``sat-infer`` captions, and what an earlier run already wrote.
+"""What ``sat-infer`` captions: the inputs, their keys, and where a key's side files go.
 
 Inputs are folders (walked recursively, sorted), text files listing images (``.txt``/``.lst``,
 one path a line, relative to the list's folder, ``#`` comments), or image files. Each input
@@ -12,14 +12,17 @@ list file      the line as written (``shots/a.png``)
 image file     the path as given on the command line (``photos/a.jpg``)
 =============  ==========================================================
 
-Keys are POSIX paths and unique: two different files with one key are refused up front.
-A directory named like an image, or a folder that cannot be listed, is an item too: the
-pipeline turns it into an error row, so nothing a user pointed at disappears silently.
+Keys are POSIX paths and unique: two different files with one key are refused up front. A
+name that is not valid UTF-8 keeps its bytes (``surrogateescape``; ``sat_export.outputs`` says
+how rows write it), and so does a list's line. A directory named like an image, or a folder
+that cannot be listed, is an item too: the pipeline turns it into an error row, so nothing a
+user pointed at disappears silently.
 """
 from __future__ import annotations
 
-import json
+import hashlib
 import os
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -28,6 +31,7 @@ from sat_export.errors import InputError
 from training.images import image_suffixes
 
 LIST_SUFFIXES = (".txt", ".lst")
+SIDECAR_NAME_MAX = 255 - len(".tmp")  # most file systems' name limit, less the suffix of atomic writes
 
 
 @dataclass(frozen=True)
@@ -84,10 +88,14 @@ def _walk(root: Path, suffixes: frozenset[str]) -> Iterator[InputItem]:
 
 def _read_list(list_file: Path) -> Iterator[InputItem]:
     try:
-        lines = list_file.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise InputError(f"{list_file}: cannot read the list of images ({err})") from None
-    for line in lines:
+        if not stat.S_ISREG(list_file.stat().st_mode):  # a FIFO would block the run forever
+            raise InputError(f"{list_file}: not a regular file; a list of images must be a text file")
+        text = list_file.read_bytes()
+    except OSError as err:
+        raise InputError(f"{list_file}: cannot read the list of images ({err.strerror or err})") from None
+    if b"\0" in text:
+        raise InputError(f"{list_file}: holds NUL bytes, not a list of image paths (one a line)")
+    for line in os.fsdecode(text).split("\n"):
         entry = line.strip()
         if entry and not entry.startswith("#"):
             yield InputItem(list_file.parent / entry, _posix(entry))
@@ -102,70 +110,10 @@ def sidecar_path(key: str, root: Path, suffix: str) -> Path:
 
     The whole file name is kept (``a.jpg`` -> ``a.jpg.npz``) so ``a.jpg`` and ``a.png`` do not
     collide; an absolute key loses its anchor and ``..`` becomes ``__`` so nothing leaves ``root``.
+    A name that would pass ``SIDECAR_NAME_MAX`` bytes is cut and ends with a hash of the whole name.
     """
     parts = ["__" if p == ".." else p for p in PurePosixPath(key).parts if p not in ("/", ".")]
-    return root.joinpath(*parts[:-1], parts[-1] + suffix)
-
-
-def run_record_path(out: Path) -> Path:
-    """``captions.jsonl`` -> ``captions.jsonl.run.json``: what produced the rows of ``out``."""
-    return out.with_name(out.name + ".run.json")
-
-
-def check_run_record(out: Path, settings: dict, overwrite: bool = False) -> None:
-    """Refuse to resume ``out`` with other ``settings`` (model, decoding) than the rows were made with.
-
-    An output without a record (written before records were kept) is resumed as it is; the caller
-    (re)writes the record with ``write_run_record`` once ``out`` is accepted.
-
-    Raises
-    ------
-    InputError
-        ``out`` holds rows and its record differs from ``settings``; nothing is changed.
-    """
-    record = run_record_path(out)
-    if not overwrite and record.is_file() and out.is_file() and out.stat().st_size:
-        try:
-            before = json.loads(record.read_text())
-        except ValueError:
-            raise InputError(f"{record}: unreadable run record; pass --overwrite to start over") from None
-        changed = [f"{key} {before.get(key)!r} -> {value!r}" for key, value in settings.items()
-                   if before.get(key) != value]
-        if changed:
-            raise InputError(f"{out}: its rows were made with other settings ({'; '.join(changed)}); pass "
-                             "--overwrite to start over or choose another --out")
-
-
-def write_run_record(out: Path, settings: dict) -> None:
-    """Record beside ``out`` the settings its rows are made with (``check_run_record`` reads it)."""
-    run_record_path(out).write_text(json.dumps(settings, indent=1) + "\n")
-
-
-def resume_output(out: Path, overwrite: bool = False) -> dict[str, bool]:
-    """Prepare ``out`` for appending; map the key of each row it already holds to "is an error row".
-
-    A torn last line (a run killed mid-write) is cut off; ``overwrite`` empties the file.
-
-    Raises
-    ------
-    InputError
-        A complete line is not a JSON object with an ``image`` key: the file is not ours to append to.
-    """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if overwrite or not out.exists():
-        out.write_bytes(b"")
-        return {}
-    data = out.read_bytes()
-    complete = data[: data.rfind(b"\n") + 1]
-    if len(complete) < len(data):
-        with out.open("r+b") as f:
-            f.truncate(len(complete))
-    done = {}
-    for number, line in enumerate(complete.splitlines(), 1):
-        try:
-            row = json.loads(line)
-            done[row["image"]] = "error" in row
-        except (ValueError, TypeError, KeyError):
-            raise InputError(f"{out}: line {number} is not a sat-infer row; pass --overwrite to start over "
-                             "or choose another --out") from None
-    return done
+    name = os.fsencode(parts[-1])
+    if len(name) + len(suffix) > SIDECAR_NAME_MAX:
+        name = name[:SIDECAR_NAME_MAX - len(suffix) - 17] + b"~" + hashlib.sha256(name).hexdigest()[:16].encode()
+    return root.joinpath(*parts[:-1], os.fsdecode(name) + suffix)

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from engines.errors import BackendUnavailable
-from sat_export.infer import (InferOptions, Loaded, Plan, Summary, append_rows, caption_rows, open_for_readers,
-                              read_item, save_alphas)
+from sat_export.infer import (InferOptions, Loaded, Plan, Summary, appending, caption_rows, open_for_readers, read_item,
+                              save_alphas)
 from sat_export.inputs import InputItem
 from sat_export.registry import model_config, resolve_model
 from training.config import ModelConfig, PreprocessConfig
@@ -147,11 +147,10 @@ def run_ray(model: str | Path | None, plan: Plan, options: InferOptions = InferO
     try:
         _check_fits(ray.cluster_resources(), ray_options)
         rows = _caption_dataset(ray, plan, model, backend, config, options, ray_options, threads)
-        with plan.out.open("a", encoding="utf-8") as sink:
+        with appending(plan, summary) as append:
             for batch in rows.iter_batches(batch_size=None, batch_format="numpy"):
                 written = _finish_rows(batch, config.grid, options.alphas_dir, plan.out.parent)
-                append_rows(sink, written)
-                summary.add(written)
+                append(written)
                 summary.nodes.update(batch["node"])
                 if on_rows is not None:
                     on_rows(len(written))

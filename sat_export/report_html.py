@@ -50,7 +50,7 @@ def write_html(report: dict, path: str | Path, preprocess: PreprocessConfig | No
     """Write the report page to ``path``; overlays need ``preprocess`` (without it: images only)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_html(report, preprocess, gallery), encoding="utf-8")
+    path.write_text(render_html(report, preprocess, gallery), encoding="utf-8", errors="backslashreplace")
     return path
 
 

@@ -72,6 +72,15 @@ def copy_instead_of_export(monkeypatch, tiny_bundle):
     monkeypatch.setattr(sat_export.build, "export_onnx", fake_export)
 
 
+def one_line_error(result, *names: str) -> str:
+    """A CLI ``result`` refused as it should be: exit 1, one ``error:`` line naming each of ``names``, no traceback."""
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert all(name in lines[0] for name in names), (names, result.output)
+    return lines[0]
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if "requires_cuda" in item.keywords and not torch.cuda.is_available():

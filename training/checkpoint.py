@@ -67,8 +67,10 @@ def save_checkpoint(path: str | Path, model: ShowAttendTell, vocab: Vocab, train
 def read_payload(path: str | Path) -> dict:
     """``torch.load(weights_only=True)`` with every failure turned into one ``CheckpointError`` line."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"{path}: checkpoint file not found")
+    if not path.is_file():  # a FIFO would block, a folder is not a checkpoint
+        raise CheckpointError(f"{path}: not a regular file, not a checkpoint")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint")
     try:
@@ -80,6 +82,8 @@ def read_payload(path: str | Path) -> dict:
                 f"({_reason(err)}; loading it could execute code). Convert trusted files with `sat-export import --trust-pickle`."
             ) from None
         raise CheckpointError(f"{path}: corrupt file, not a PyTorch checkpoint ({_reason(err)})") from None
+    except PermissionError as err:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({err.strerror})") from None
     except (RuntimeError, zipfile.BadZipFile, EOFError, OSError) as err:
         raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({_reason(err)})") from None
     except Exception as err:  # noqa: BLE001 - the unpickler raises arbitrary types on garbage input
@@ -96,7 +100,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         hint = (" (it looks like a bare state_dict: convert it with `sat-export import`)"
                 if "format" not in payload and all(isinstance(v, torch.Tensor) for v in payload.values()) else "")
         raise CheckpointError(f"{path}: not a sat-export checkpoint (format={payload.get('format')!r}){hint}")
-    if not isinstance(payload.get("version"), int) or payload["version"] > VERSION:
+    version = payload.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version > VERSION:
         raise CheckpointError(
             f"{path}: checkpoint version {payload.get('version')!r} is not supported (this tool reads <= {VERSION})")
     missing = [k for k in REQUIRED_KEYS if k not in payload]
@@ -109,21 +114,24 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{path}: invalid vocabulary ({err})") from None
     if len(vocab) != config.vocab_size:
         raise CheckpointError(f"{path}: vocabulary has {len(vocab)} words, config says vocab_size={config.vocab_size}")
+    train = payload.get("train") or {}
+    if not isinstance(train, dict):
+        raise CheckpointError(f"{path}: training record is a {type(train).__name__}, expected a dict")
     state_dict = payload["state_dict"]
     _check_state_dict(path, config, state_dict)
-    return Checkpoint(config, vocab, state_dict, payload.get("train") or {}, path)
+    return Checkpoint(config, vocab, state_dict, train, path)
 
 
 def _check_state_dict(path: Path, config: ModelConfig, state_dict: dict) -> None:
     try:
         with torch.device("meta"):
             expected = ShowAttendTell(config).state_dict()
-    except ValueError as err:
-        raise CheckpointError(f"{path}: invalid config: {err}") from None
+    except (ValueError, RuntimeError, OverflowError) as err:  # an unknown backbone, sizes torch cannot make
+        raise CheckpointError(f"{path}: invalid config: {str(err)[:160]}") from None
     if not isinstance(state_dict, dict):
         raise CheckpointError(f"{path}: state_dict is a {type(state_dict).__name__}, expected a dict of tensors")
     missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
+    unexpected = sorted(map(str, set(state_dict) - set(expected)))
     if missing or unexpected:
         raise CheckpointError(
             f"{path}: state_dict does not match config: missing {_few(missing)}, unexpected {_few(unexpected)}")
@@ -140,6 +148,7 @@ def _few(keys: list[str], n: int = 3) -> str:
 
 def _reason(err: Exception) -> str:
     """The most specific line of a (possibly multi-line) torch error, cut short."""
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    specific = [ln for ln in lines if ln.startswith(("Unsupported", "Trying to load", "PytorchStreamReader"))]
+    lines = [ln.strip().removeprefix("WeightsUnpickler error: ") for ln in str(err).splitlines() if ln.strip()]
+    specific = [ln.split(" was not an allowed global")[0] for ln in lines
+                if ln.startswith(("Unsupported", "Trying to load", "PytorchStreamReader"))]
     return (specific or lines or [type(err).__name__])[0][:160]

@@ -1,7 +1,18 @@
-"""Model and preprocessing configuration, stored verbatim in every checkpoint and bundle manifest."""
+"""Model and preprocessing configuration, stored verbatim in every checkpoint and bundle manifest.
+
+A stored config is JSON data, read back through one strict schema: these dataclasses' own types,
+checked by pydantic (``__pydantic_config__``: no coercion, so ``grid: 8.0`` or ``crop: "128"`` is
+refused, and no unknown keys), then their ``__post_init__`` ranges. ``ModelConfig.from_dict``
+applies it to a checkpoint's config; the bundle manifest's schema embeds ``ModelConfig`` itself.
+"""
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import asdict, dataclass, field, fields
+from functools import cache
+
+from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from training.errors import CheckpointError
 
@@ -23,6 +34,8 @@ PRESETS: dict[str, dict[str, int]] = {
 class PreprocessConfig:
     """How an image becomes the encoder's input: resize the short side, centre crop, normalise."""
 
+    __pydantic_config__ = ConfigDict(strict=True, extra="forbid")
+
     resize: int = 256
     crop: int = 224
     mean: tuple[float, float, float] = IMAGENET_MEAN
@@ -30,17 +43,23 @@ class PreprocessConfig:
     interpolation: str = "bilinear"
 
     def __post_init__(self):
-        if self.crop > self.resize:
-            raise ValueError(f"crop ({self.crop}) must not exceed resize ({self.resize})")
+        if not 1 <= self.crop <= self.resize:
+            raise ValueError(f"crop ({self.crop}) must be at least 1 and not exceed resize ({self.resize})")
         if self.interpolation not in ("bilinear", "bicubic", "nearest"):
             raise ValueError(f"interpolation must be bilinear, bicubic or nearest, not {self.interpolation!r}")
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
         object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError(f"mean and std need 3 values (R, G, B), got {len(self.mean)} and {len(self.std)}")
+        if not all(map(math.isfinite, self.mean)) or not all(math.isfinite(s) and s > 0 for s in self.std):
+            raise ValueError(f"mean must be finite and std positive, got {self.mean} and {self.std}")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything needed to rebuild a model: ``ShowAttendTell(ModelConfig(**ckpt["config"]))``."""
+
+    __pydantic_config__ = ConfigDict(strict=True, extra="forbid")
 
     vocab_size: int
     backbone: str = "resnet101"
@@ -85,14 +104,29 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> ModelConfig:
-        """Build from a stored dict, refusing unknown or missing keys with a message naming ``source``."""
+        """Build from a stored dict through the strict schema, refusing it with a message naming
+        ``source`` and the field."""
         if not isinstance(d, dict):
             raise CheckpointError(f"{source}: config is a {type(d).__name__}, expected a dict")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(map(str, set(d) - {f.name for f in fields(cls)}))
         if unknown:
             raise CheckpointError(f"{source}: unknown config keys {unknown}")
         try:
-            return cls(**d)
-        except (TypeError, ValueError) as err:
-            raise CheckpointError(f"{source}: invalid config: {err}") from None
+            return _schema().validate_json(json.dumps(d))  # stored configs are JSON data: one schema for all
+        except ValidationError as err:
+            raise CheckpointError(f"{source}: invalid config: {first_error(err)}") from None
+        except (TypeError, ValueError, RecursionError) as err:  # json.dumps: not JSON data
+            raise CheckpointError(f"{source}: invalid config: {type(err).__name__}: {str(err)[:160]}") from None
+
+
+@cache
+def _schema() -> TypeAdapter:
+    return TypeAdapter(ModelConfig)
+
+
+def first_error(err: ValidationError) -> str:
+    """The first problem of a pydantic ``err`` as ``field 'a.b': what is wrong`` (values not echoed)."""
+    first = err.errors(include_url=False, include_input=False)[0]
+    where = ".".join(str(part) for part in first["loc"])
+    what = first["msg"].removeprefix("Value error, ")
+    return f"field {where!r}: {what}" if where else what

@@ -55,6 +55,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
     """Any Pillow mode -> 8-bit RGB (16-bit/int/float greyscale rescaled, alpha composited on white)."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(arr).all():
+            raise ImageDecodeError("image has NaN or infinite pixel values")
         lo, hi = (0.0, 65535.0) if img.mode.startswith("I;16") else (arr.min(), arr.max())
         arr = np.clip((arr - lo) / max(hi - lo, 1e-12) * 255.0 + 0.5, 0, 255).astype(np.uint8)
         img = Image.fromarray(arr)  # mode L

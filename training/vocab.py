@@ -20,8 +20,15 @@ class Vocab:
     """Word <-> id. Ids 0..3 are ``<pad> <start> <end> <unk>``."""
 
     def __init__(self, itos: Sequence[str]):
+        """Raises ``ValueError`` for a word that is not a string or not valid UTF-8 (it could not be written
+        to a manifest or a row), missing specials or duplicates; words are not echoed."""
+        for i, word in enumerate(itos):
+            if not isinstance(word, str):
+                raise ValueError(f"vocabulary word {i} is a {type(word).__name__}, not a string")
+            if not _utf8(word):
+                raise ValueError(f"vocabulary word {i} is not valid UTF-8")
         if tuple(itos[: len(SPECIALS)]) != SPECIALS:
-            raise ValueError(f"vocabulary must start with {list(SPECIALS)}, got {list(itos[:4])}")
+            raise ValueError(f"vocabulary must start with {' '.join(SPECIALS)}")
         if len(set(itos)) != len(itos):
             raise ValueError("vocabulary has duplicate words")
         self.itos = list(itos)
@@ -56,3 +63,11 @@ class Vocab:
 
     def special_ids(self) -> dict[str, int]:
         return {"pad": self.pad, "start": self.start, "end": self.end, "unk": self.unk}
+
+
+def _utf8(word: str) -> bool:
+    try:
+        word.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates, e.g. a pickled str decoded with surrogateescape
+        return False
+    return True

@@ -14,6 +14,7 @@ from sat_export.evaluate import compare as compare_runs
 from sat_export.evaluate import evaluate
 from sat_export.registry import model_config
 from sat_export.report_html import LABELS, LISTS, write_html
+from sat_export.text import printable
 
 app = typer.Typer(add_completion=False)
 SHOWN = 10  # names printed per list; --json and --html have them all
@@ -55,7 +56,9 @@ def main(
         report = evaluate(pred, refs, split, images, boxes, alphas, preprocess)
     print_report(report)
     if json_out:
-        json_out.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        # backslashreplace: an undecodable file name byte becomes its JSON escape, as in the rows
+        json_out.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8",
+                            errors="backslashreplace")
     if html:
         write_html(report, html, preprocess, gallery)
 
@@ -77,6 +80,6 @@ def print_report(report: dict) -> None:
             out.print(f"{heading} ({len(items)}):", highlight=False)
             for item in items[:SHOWN]:
                 line = f"{item['image']}: {item.get('reason') or item.get('error')}" if isinstance(item, dict) else item
-                out.print(f"  {line}", highlight=False, markup=False)
+                out.print(f"  {printable(line)}", highlight=False, markup=False)
             if len(items) > SHOWN:
                 out.print(f"  ... and {len(items) - SHOWN} more (see --json)", highlight=False)

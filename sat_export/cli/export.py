@@ -2,17 +2,21 @@
 from __future__ import annotations
 
 import json
+from itertools import islice
 from pathlib import Path
 
+import torch
 import typer
 from rich.markup import escape
 
 from sat_export.build import BuildOptions
 from sat_export.cli.common import console, user_errors
 from sat_export.quantize import METHODS
+from sat_export.text import printable
 from training.checkpoint import load_checkpoint
 
 DEFAULTS = BuildOptions()
+SHOWN_ITEMS, SHOWN_DEPTH, SHOWN_CHARS = 8, 3, 120  # what `info` prints of the training record, at most
 
 app = typer.Typer(
     help="Export Show-Attend-Tell checkpoints to ONNX / TensorRT bundles.\n\n"
@@ -28,16 +32,37 @@ def main() -> None:
 
 @app.command()
 @user_errors
-def info(ckpt: Path = typer.Argument(..., help="Checkpoint (.pth) to describe.")):
-    """Validate a checkpoint and print its config, vocabulary size and training record.
+def info(ckpt: Path = typer.Argument(..., readable=False, help="Checkpoint (.pth) to describe.")):
+    """Validate a checkpoint and print its config, vocabulary size and training record (its first items).
 
     Example:  sat-export info small.pth
     """
     ck = load_checkpoint(ckpt)
     n_params = sum(t.numel() for t in ck.state_dict.values() if t.is_floating_point())
+    train = {k: v for k, v in ck.train.items() if not isinstance(v, dict)}  # not the config and resume state
     summary = {"file": str(ckpt), "params": n_params, "vocab_size": len(ck.vocab),
-               "config": ck.config.to_dict(), "train": {k: v for k, v in ck.train.items() if not isinstance(v, dict)}}
-    console.print_json(json.dumps(summary, default=str))
+               "config": ck.config.to_dict(), "train": shown(train)}
+    console.print_json(json.dumps(summary))
+
+
+def shown(value, depth: int = SHOWN_DEPTH):
+    """``value`` cut for printing: ``SHOWN_ITEMS`` items per list or dict, ``SHOWN_DEPTH`` levels, ``SHOWN_CHARS``
+    per string; what is cut is counted, never walked (a checkpoint's record can be any size or depth)."""
+    if isinstance(value, str):
+        return value if len(value) <= SHOWN_CHARS else f"{value[:SHOWN_CHARS]}... ({len(value)} characters)"
+    if isinstance(value, int | float) or value is None:  # weights_only unpickles ints of at most 255 bytes
+        return value
+    if isinstance(value, dict | list | tuple):
+        if depth == 0:
+            return f"<{type(value).__name__} of {len(value)}>"
+        if isinstance(value, dict):
+            return {str(k)[:SHOWN_CHARS]: shown(v, depth - 1) for k, v in islice(value.items(), SHOWN_ITEMS)} | (
+                {"...": f"{len(value) - SHOWN_ITEMS} more"} if len(value) > SHOWN_ITEMS else {})
+        more = [f"... {len(value) - SHOWN_ITEMS} more"] if len(value) > SHOWN_ITEMS else []
+        return [shown(v, depth - 1) for v in value[:SHOWN_ITEMS]] + more
+    if isinstance(value, torch.Tensor):
+        return f"<tensor {list(value.shape)} {str(value.dtype).removeprefix('torch.')}>"
+    return f"<{type(value).__name__}>"
 
 
 @app.command()
@@ -85,8 +110,9 @@ def build(
 
 @app.command()
 @user_errors
-def check(bundle: Path = typer.Argument(..., help="Bundle folder written by `sat-export build`.")):
-    """Verify a bundle: checksums, manifest schema, graph I/O against the contract, a smoke inference.
+def check(bundle: Path = typer.Argument(..., readable=False, help="Bundle folder written by `sat-export build`.")):
+    """Verify a bundle: seal and checksums (integrity, not authenticity), manifest schema, graph I/O against
+    the contract, a smoke inference.
 
     Example:  sat-export check small_bundle
     """
@@ -94,8 +120,10 @@ def check(bundle: Path = typer.Argument(..., help="Bundle folder written by `sat
 
     summary = check_bundle(bundle)
     trt = f"; TensorRT engines {summary['tensorrt']}" if "tensorrt" in summary else ""
-    console.print("[green]✓[/] " + escape(f"{bundle}: {len(summary['files'])} files verified, smoke inference passed "
-                                          f"for {', '.join(summary['precisions'])}{trt}"), highlight=False, soft_wrap=True)
+    console.print("[green]✓[/] " + escape(printable(
+        f"{bundle}: {len(summary['files'])} files verified (integrity, not authenticity: the seal shows nothing "
+        f"changed since it was written, not who wrote it), smoke inference passed for "
+        f"{', '.join(summary['precisions'])}{trt}")), highlight=False, soft_wrap=True)
 
 
 @app.command("import")
@@ -122,3 +150,7 @@ def import_(
     else:
         path = import_sgrvinod(src, wordmap, out, trust_pickle)
     console.print("[green]✓[/] " + escape(f"wrote {path} (inspect it with `sat-export info {path}`)"), highlight=False, soft_wrap=True)
+
+
+if __name__ == "__main__":
+    app()

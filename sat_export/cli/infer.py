@@ -13,6 +13,7 @@ from sat_export.cli.common import console, user_errors
 from sat_export.infer import InferOptions, Summary, open_for_readers, plan, run, run_settings
 from sat_export.ray_infer import RayOptions, run_ray
 from sat_export.registry import BACKEND_NAMES
+from sat_export.text import printable
 from training.decode import DecodeOptions
 from training.errors import SatError
 
@@ -30,8 +31,10 @@ class ImagesPerSecond(ProgressColumn):
 @app.command()
 @user_errors
 def main(
-    paths: list[Path] = typer.Argument(..., help="Folders (recursive), .txt/.lst files listing images, or images."),
-    out: Path = typer.Option(Path("captions.jsonl"), "--out", "-o", help="JSONL output; rerunning resumes it."),
+    paths: list[Path] = typer.Argument(..., readable=False,  # an unreadable file becomes an error row
+                                       help="Folders (recursive), .txt/.lst files listing images, or images."),
+    out: Path = typer.Option(Path("captions.jsonl"), "--out", "-o", readable=False,
+                             help="JSONL output; rerunning resumes it."),
     model: str = typer.Option(None, help="Checkpoint (.pth) or bundle folder [default: the embedded demo model]."),
     backend: str = typer.Option("auto", help=f"One of {', '.join(BACKEND_NAMES)}."),
     batch_size: int = typer.Option(DEFAULTS.batch_size, min=1, help="Images per model call."),
@@ -40,8 +43,10 @@ def main(
     workers: int = typer.Option(DEFAULTS.workers, min=1, help="Threads decoding images ahead of the model."),
     max_pixels: int = typer.Option(DEFAULTS.max_pixels, min=1, help="Larger images are error rows (decompression bombs)."),
     threads: int = typer.Option(None, min=1, help="Inference threads [default: cores left by --workers, at least 1]."),
-    alphas: Path = typer.Option(None, help="Write each image's attention (T, grid, grid) to DIR/<image>.npz."),
-    overlays: Path = typer.Option(None, help="Write one attention overlay PNG per word and DIR/index.html."),
+    alphas: Path = typer.Option(None, readable=False,
+                                help="Write each image's attention (T, grid, grid) to DIR/<image>.npz."),
+    overlays: Path = typer.Option(None, readable=False,
+                                  help="Write one attention overlay PNG per word and DIR/index.html."),
     strict: bool = typer.Option(False, help="Exit 1 when any file could not be captioned."),
     overwrite: bool = typer.Option(False, help="Start over instead of resuming --out."),
     ray: bool = typer.Option(False, "--ray", help="Caption on a Ray cluster (extra: ray); only this process writes."),
@@ -61,24 +66,24 @@ def main(
     On a Ray cluster:  sat-infer /shared/photos --out /shared/captions.jsonl --ray --ray-address auto --ray-actors 8
     """
     options = InferOptions(batch_size, DecodeOptions(beam, max_len), workers, max_pixels, alphas, overlays)
-    work = plan(paths, out, overwrite, run_settings(model, options.decode))
-    if work.todo:
-        with (nullcontext() if ray else open_for_readers(model, backend, workers, threads)) as opened, Progress(
-                TextColumn("captioning"), BarColumn(), MofNCompleteColumn(), ImagesPerSecond(), TimeRemainingColumn(),
-                console=console, transient=True, disable=not console.is_terminal) as progress:
-            task = progress.add_task("captioning", total=len(work.todo))
-            advance = partial(progress.advance, task)
-            if ray:
-                cluster = RayOptions(ray_address, ray_actors, ray_cpus_per_actor, ray_gpus_per_actor)
-                summary = run_ray(model, work, options, cluster, backend, threads, on_rows=advance)
-            else:
-                summary = run(opened, work, options, on_rows=advance)
-    else:
-        summary = Summary(skipped=work.done)
+    with plan(paths, out, overwrite, run_settings(model, options.decode), (alphas, overlays)) as work:  # out locked
+        if work.todo:
+            with (nullcontext() if ray else open_for_readers(model, backend, workers, threads)) as opened, Progress(
+                    TextColumn("captioning"), BarColumn(), MofNCompleteColumn(), ImagesPerSecond(),
+                    TimeRemainingColumn(), console=console, transient=True, disable=not console.is_terminal) as progress:
+                task = progress.add_task("captioning", total=len(work.todo))
+                advance = partial(progress.advance, task)
+                if ray:
+                    cluster = RayOptions(ray_address, ray_actors, ray_cpus_per_actor, ray_gpus_per_actor)
+                    summary = run_ray(model, work, options, cluster, backend, threads, on_rows=advance)
+                else:
+                    summary = run(opened, work, options, on_rows=advance)
+        else:
+            summary = Summary(skipped=work.done)
     on_nodes = f" on {len(summary.nodes)} Ray node(s)" if summary.nodes else ""
-    console.print(f"{out}: captioned {summary.captioned}, errors {summary.errors}, already done {summary.skipped} "
-                  f"in {summary.seconds:.1f} s ({summary.images_per_s:.1f} images/s){on_nodes}",
-                  highlight=False, soft_wrap=True)
+    console.print(printable(f"{out}: captioned {summary.captioned}, errors {summary.errors}, already done "
+                            f"{summary.skipped} in {summary.seconds:.1f} s ({summary.images_per_s:.1f} images/s)"
+                            f"{on_nodes}"), highlight=False, markup=False, soft_wrap=True)
     errors = summary.errors + work.done_errors
     if strict and errors:
         raise SatError(f"{errors} file(s) could not be captioned (--strict): see the rows with \"error\" in {out}")

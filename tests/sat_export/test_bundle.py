@@ -106,7 +106,7 @@ def test_load_bundle_refuses_a_manifest_missing_a_field(bundle, field):
     manifest = json.loads((bundle / MANIFEST_FILE).read_text())
     del manifest[field]
     _reseal_as_is(bundle, manifest)
-    with pytest.raises(BundleError, match=f"manifest.json: manifest field '{field}' is missing"):
+    with pytest.raises(BundleError, match=f"manifest.json: manifest field '{field}': Field required"):
         load_bundle(bundle)
 
 

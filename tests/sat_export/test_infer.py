@@ -23,7 +23,9 @@ from urllib.parse import unquote
 from engines.torch_eager import TorchBackend
 from sat_export.cli.infer import app
 from sat_export.infer import InferOptions, Loaded, batches, plan, prefetch, read_item, run, run_settings
-from sat_export.inputs import InputError, InputItem, run_record_path
+from sat_export.errors import OutputError
+from sat_export.inputs import InputItem
+from sat_export.outputs import lock_path, run_record_path
 from training.decode import DecodeOptions, decode
 
 GOOD = {  # file name -> (mode, format): many formats and modes, 64 px
@@ -198,9 +200,9 @@ def test_resume_after_a_torn_write_ends_with_exactly_one_row_per_file(tmp_path, 
     complete = read_rows(out)
     lines = out.read_bytes().splitlines(keepends=True)
     out.write_bytes(b"".join(lines[:11]) + lines[11][:25])  # killed while writing row 12
-    work = plan([tmp_path / "in"], out)
-    assert (len(work.todo), work.done) == (19, 11)
-    summary = run(backend, work, InferOptions(batch_size=8))
+    with plan([tmp_path / "in"], out) as work:
+        assert (len(work.todo), work.done) == (19, 11)
+        summary = run(backend, work, InferOptions(batch_size=8))
     assert (summary.captioned, summary.skipped) == (19, 11)
     assert read_rows(out) == complete and len(complete) == len(names)
     assert plan([tmp_path / "in"], out, overwrite=True).todo[0].key == names[0]
@@ -213,9 +215,9 @@ def test_resuming_with_another_model_or_decoding_is_refused_and_changes_nothing(
     greedy = run_settings(tiny_ckpt, DecodeOptions())
     run(backend, plan([tmp_path / "in"], out, settings=greedy), InferOptions())
     before = out.read_bytes()
-    with pytest.raises(InputError, match="beam 1 -> 3.*--overwrite"):
+    with pytest.raises(OutputError, match="beam 1 -> 3.*--overwrite"):
         plan([tmp_path / "in"], out, settings=run_settings(tiny_ckpt, DecodeOptions(beam=3)))
-    with pytest.raises(InputError, match="model_sha256"):
+    with pytest.raises(OutputError, match="model_sha256"):
         plan([tmp_path / "in"], out, settings=run_settings(tiny_bundle, DecodeOptions()))
     assert out.read_bytes() == before
     assert plan([tmp_path / "in"], out, settings=greedy).done == 3  # same settings: resumed
@@ -227,7 +229,7 @@ def test_an_output_refused_as_not_ours_gets_no_run_record(tmp_path, tiny_ckpt):
     write_images(tmp_path / "in", 2)
     out = tmp_path / "notes.jsonl"
     out.write_text("my own notes\n")
-    with pytest.raises(InputError, match="line 1 is not a sat-infer row"):
+    with pytest.raises(OutputError, match="line 1 is not a sat-infer row"):
         plan([tmp_path / "in"], out, settings=run_settings(tiny_ckpt, DecodeOptions()))
     assert out.read_text() == "my own notes\n" and not run_record_path(out).exists()
 
@@ -309,6 +311,9 @@ def test_kill_9_mid_run_then_rerun_gives_exactly_one_valid_row_per_image(tmp_pat
            "--model", str(tiny_ckpt), "--backend", "torch", "--batch-size", "4",
            "--alphas", str(tmp_path / "alphas")]
     n_before = kill_9_mid_run(cmd, out, 20, len(names))
+    killed = int(lock_path(out).read_text())  # the lock file still names the killed run; its lock died with it
+    with pytest.raises(ProcessLookupError):
+        os.kill(killed, 0)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert f"already done {n_before}" in done.stderr

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from sat_export.inputs import InputError, discover, resume_output, sidecar_path
+from sat_export.errors import InputError, OutputError
+from sat_export.inputs import discover, sidecar_path
+from sat_export.outputs import resume_output
 
 
 def touch(path: Path) -> Path:
@@ -58,8 +60,19 @@ def test_missing_input_and_unreadable_list_are_refused(tmp_path):
     with pytest.raises(InputError, match="nope: no such file or folder"):
         discover([tmp_path / "nope"])
     (tmp_path / "bad.txt").write_bytes(b"\xff\xfe\x00bad")
-    with pytest.raises(InputError, match="cannot read the list of images"):
+    with pytest.raises(InputError, match="bad.txt: holds NUL bytes"):
         discover([tmp_path / "bad.txt"])
+    os.mkfifo(tmp_path / "fifo.lst")  # reading it would block forever
+    with pytest.raises(InputError, match="fifo.lst: not a regular file"):
+        discover([tmp_path / "fifo.lst"])
+
+
+def test_a_list_keeps_names_that_are_not_utf8(tmp_path):
+    name = os.fsdecode(b"caf\xe9.png")  # Latin-1, as `find . > list.txt` writes it
+    touch(tmp_path / name)
+    (tmp_path / "todo.txt").write_bytes(b"caf\xe9.png\n")
+    [item] = discover([tmp_path / "todo.txt"])
+    assert item.key == name and item.path.is_file()
 
 
 def test_a_folder_that_cannot_be_listed_becomes_an_error_item(tmp_path, monkeypatch):
@@ -92,21 +105,30 @@ def write_rows(path: Path, rows: list[dict], tail: bytes = b"") -> None:
 
 def test_resume_cuts_a_torn_last_line_and_reports_done_keys(tmp_path):
     out = tmp_path / "c.jsonl"
-    rows = [{"image": "a.jpg", "caption": "a"}, {"image": "b.jpg", "error": "empty file (0 bytes)"}]
+    rows = [{"image": "a.jpg", "caption": "a", "tokens": [4]}, {"image": "b.jpg", "error": "empty file (0 bytes)"}]
     write_rows(out, rows, tail=b'{"image": "c.jpg", "capt')
     assert resume_output(out) == {"a.jpg": False, "b.jpg": True}
     assert out.read_bytes().endswith(b'(0 bytes)"}\n') and len(out.read_text().splitlines()) == 2
 
 
 def test_resume_with_overwrite_or_no_file_starts_empty(tmp_path):
-    out = tmp_path / "new" / "c.jsonl"
+    out = tmp_path / "c.jsonl"
     assert resume_output(out) == {} and out.read_bytes() == b""
-    write_rows(out, [{"image": "a.jpg", "caption": "a"}])
+    write_rows(out, [{"image": "a.jpg", "caption": "a", "tokens": [4]}])
     assert resume_output(out, overwrite=True) == {} and out.read_bytes() == b""
 
 
-def test_resume_refuses_a_file_that_is_not_sat_infer_output(tmp_path):
+@pytest.mark.parametrize("content, what", [
+    (b'{"image": "a.jpg", "error": "x"}\nnot json\n{"image": "b.jpg", "error": "x"}\n', "line 2 is not a sat-infer row"),
+    (b'{"image": "a.jpg"}\n', "line 1 is not a sat-infer row"),  # neither a caption nor an error
+    (b'{"lr": 0.1, "epochs": 3}', "its last line is not a sat-infer row"),  # one line, no final newline
+    (b'{"image": "a.jpg", "error": "x"}\nmy notes', "its last line is not a sat-infer row"),
+    (b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\n\x01\x02", "line 1 is not a sat-infer row"),  # a JPEG
+])
+def test_resume_refuses_a_file_that_is_not_sat_infer_output_and_leaves_it_as_it_was(tmp_path, content, what):
     out = tmp_path / "c.jsonl"
-    out.write_text('{"image": "a.jpg"}\nnot json\n{"image": "b.jpg"}\n')
-    with pytest.raises(InputError, match="line 2 is not a sat-infer row"):
-        resume_output(out)
+    out.write_bytes(content)
+    for overwrite in (False, True):
+        with pytest.raises(OutputError, match=f"{what}: not a sat-infer output, left as it is"):
+            resume_output(out, overwrite)
+        assert out.read_bytes() == content
