@@ -90,7 +90,7 @@ class TrainConfig:
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         backbone_spec(self.backbone)  # raises for an unknown backbone
-        self.preprocess  # raises for an unknown resize mode or a crop larger than the resize
+        self.preprocess  # noqa: B018 - raises for an unknown resize mode or a crop larger than the resize
 
     @property
     def preprocess(self) -> PreprocessConfig:
