@@ -220,7 +220,8 @@ def test_tutorial_era_legacy_file_imports_without_source_warnings(tmp_path, sgrv
     for cut in (len(data) // 1000, len(data) // 2):  # inside the pickled modules; inside the tensors
         (tmp_path / "cut.pth.tar").write_bytes(data[:cut])
         result, seen = _import_recording_warnings(app, ["import", str(tmp_path / "cut.pth.tar"), "--wordmap",
-                                                        str(wordmap), "--out", str(tmp_path / "o.pth"), "--trust-pickle"])
+                                                        str(wordmap), "--out", str(tmp_path / "o.pth"),
+                                                        "--trust-pickle"])
         assert result.exit_code == 1 and "SourceChangeWarning" not in seen, seen
         assert result.output.startswith("error:") and "cut.pth.tar: the file is truncated" in result.output
         assert len(result.output.strip().splitlines()) == 1, result.output

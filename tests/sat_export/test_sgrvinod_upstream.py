@@ -105,15 +105,20 @@ def test_compare_encoder_input_vs_upstream_caption_py(imported):
                                       upstream_code.upstream_preprocess(photo).numpy(), err_msg=photo.name)
 
 
-def test_compare_greedy_captions_vs_upstream_beam_1(imported):
+def _eager_vs_upstream(imported, beam):
+    """Per photo: its name, upstream's (words, alphas, score) and ours, from the imported checkpoint."""
     ck = load_checkpoint(imported.ckpt)
     model = ck.build_model()
     for photo in imported.photos:
-        words, alphas, score = _upstream_caption(imported, photo, beam=1)
-        ours, our_alphas, our_score = _our_caption(model, ck.vocab, ck.config.preprocess, photo, beam=1)
-        assert ours == words, photo.name
+        yield photo.name, _upstream_caption(imported, photo, beam), _our_caption(
+            model, ck.vocab, ck.config.preprocess, photo, beam)
+
+
+def test_compare_greedy_captions_vs_upstream_beam_1(imported):
+    for name, (words, alphas, score), (ours, our_alphas, our_score) in _eager_vs_upstream(imported, beam=1):
+        assert ours == words, name
         assert len(words) >= 5, "captions long enough to tell images apart"
-        np.testing.assert_allclose(our_alphas, alphas, atol=1e-5, err_msg=photo.name)
+        np.testing.assert_allclose(our_alphas, alphas, atol=1e-5, err_msg=name)
         assert our_score == pytest.approx(score, abs=1e-4)
 
 
@@ -130,12 +135,8 @@ def test_compare_bundle_greedy_captions_vs_upstream_beam_1(imported):
 def test_compare_beam_3_captions_vs_upstream(imported):
     # Upstream's beam shrinks as hypotheses finish; ours keeps k live beams until k have finished.
     # Where the two searches pick different captions, ours must score at least as well.
-    ck = load_checkpoint(imported.ckpt)
-    model = ck.build_model()
-    for photo in imported.photos:
-        words, _, score = _upstream_caption(imported, photo, beam=3)
-        ours, _, our_score = _our_caption(model, ck.vocab, ck.config.preprocess, photo, beam=3)
+    for name, (words, _, score), (ours, _, our_score) in _eager_vs_upstream(imported, beam=3):
         if ours == words:
-            assert our_score == pytest.approx(score, abs=1e-4), photo.name
+            assert our_score == pytest.approx(score, abs=1e-4), name
         else:
-            assert our_score >= score - 1e-4, (photo.name, ours, words, our_score, score)
+            assert our_score >= score - 1e-4, (name, ours, words, our_score, score)

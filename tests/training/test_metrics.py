@@ -95,8 +95,8 @@ def test_crop_window_is_what_preprocess_keeps(size, mode):
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.integers(20, 120), st.integers(20, 120), st.floats(0, 1), st.floats(0, 1), st.floats(0.2, 1), st.floats(0.2, 1),
-       st.sampled_from(["shorter_side", "squash", "torchvision"]))
+@given(st.integers(20, 120), st.integers(20, 120), st.floats(0, 1), st.floats(0, 1), st.floats(0.2, 1),
+       st.floats(0.2, 1), st.sampled_from(["shorter_side", "squash", "torchvision"]))
 def test_box_coverage_matches_preprocessed_pixels(w, h, fx, fy, fw, fh, mode):
     # a white box drawn in the original image ends up, after preprocess, in the cells box_coverage says
     cfg = PreprocessConfig(resize=64, crop=48, mean=(0, 0, 0), std=(1, 1, 1), interpolation="bilinear",
