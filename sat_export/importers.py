@@ -12,6 +12,13 @@ Two layouts are understood:
   needs ``trust_pickle=True``; the classes need not be importable (stand-ins receive the state).
 
 Dimensions come from weight shapes, the ResNet depth from the number of blocks per stage.
+
+Each importer records the preprocessing its source project fed the encoder (``SEED_PREPROCESS``,
+``SGRVINOD_PREPROCESS``), so an imported model sees the pixels it was trained on. One deliberate
+deviation from both projects: ``training.images.load_rgb`` applies the EXIF orientation (phone photos
+come out upright; both projects fed them sideways). It also reads images they could not: alpha is
+composited on white (sgrvinod's ``caption.py`` fails on RGBA, the seed's ``convert("RGB")`` drops it)
+and 16-bit greyscale is scaled by its full range (SciPy's ``imread`` path scales by the image's min..max).
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ import json
 import pickle
 import re
 import types
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -39,6 +47,12 @@ SEED_KEYS = {"encoder.resnet.": "backbone.", "decoder.attention.features_fc.": "
              "decoder.attention.hidden_state_fc.": "attention.dec_att.",
              "decoder.attention.attention_score_fc.": "attention.full_att.", "decoder.lstm_cell.": "lstm.",
              "decoder.": ""}
+# BrunoKreiner/show-attend-tell notebooks/train.ipynb (commit 29d4b7c4, cells 7-8): Image.open(p).convert("RGB"),
+# T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize(ImageNet mean, std).
+SEED_PREPROCESS = PreprocessConfig(resize=256, crop=224, resize_mode="torchvision", reducing_gap=None)
+# sgrvinod caption.py (commit cc9c7e2f) lines 32-43: imread, imresize(img, (256, 256)) = Pillow BILINEAR resize
+# of the whole image, no crop; /255, ImageNet mean/std.
+SGRVINOD_PREPROCESS = PreprocessConfig(resize=256, crop=256, resize_mode="squash", reducing_gap=None)
 SGRVINOD_KEYS = {"encoder.resnet.": "backbone.", "decoder.attention.encoder_att.": "attention.enc_att.",
                  "decoder.attention.decoder_att.": "attention.dec_att.",
                  "decoder.attention.full_att.": "attention.full_att.", "decoder.decode_step.": "lstm.",
@@ -126,7 +140,7 @@ def import_seed(src: str | Path, captions: str | Path, out: str | Path, freq_thr
     """Convert the seed project's ``state_dict`` + captions file into a sat-export checkpoint.
 
     ``freq_threshold`` None tries 1..20 and takes the one whose vocabulary size matches the
-    embedding. The seed resized to 224 px ImageNet-normalised crops: the default ``PreprocessConfig``.
+    embedding. ``preprocess`` defaults to the seed's own (``SEED_PREPROCESS``).
     """
     src = Path(src)
     raw = read_payload(src)
@@ -134,7 +148,7 @@ def import_seed(src: str | Path, captions: str | Path, out: str | Path, freq_thr
         raise CheckpointError(f"{src}: not a seed-project state_dict (no 'decoder.lstm_cell.*' weights)")
     sd = rename(raw, SEED_KEYS, drop=("decoder.f_beta.",))  # f_beta is saved but never used by the seed
     config = infer_config(sd, resnet_name(raw, "encoder.resnet.", src), src, grid=grid, attention="tanh", gate=False,
-                          dropout=0.3, preprocess=preprocess or PreprocessConfig())
+                          dropout=0.3, preprocess=preprocess or SEED_PREPROCESS)
     texts = seed_captions(captions)
     thresholds = [freq_threshold] if freq_threshold else range(1, 21)
     itos = next((v for t in thresholds if len(v := seed_vocab(texts, t)) == config.vocab_size), None)
@@ -167,7 +181,11 @@ _PICKLE = types.SimpleNamespace(Unpickler=_Unpickler, load=pickle.load, __name__
 
 
 def load_sgrvinod(src: str | Path, trust_pickle: bool = False) -> dict:
-    """Unpickle a ``BEST_checkpoint_*.pth.tar`` (only with ``trust_pickle``: it executes pickle)."""
+    """Unpickle a ``BEST_checkpoint_*.pth.tar`` (only with ``trust_pickle``: it executes pickle).
+
+    Tutorial-era files (torch < 1.6) hold each module class's source, which torch compares with the
+    stand-in's and warns about (``SourceChangeWarning``): expected here, so silenced.
+    """
     src = Path(src)
     if not trust_pickle:
         raise CheckpointError(f"{src}: sgrvinod checkpoints are pickled Python modules and loading one can execute "
@@ -175,9 +193,14 @@ def load_sgrvinod(src: str | Path, trust_pickle: bool = False) -> dict:
     if not src.is_file():
         raise CheckpointError(f"{src}: checkpoint file not found")
     try:
-        ckpt = torch.load(src, map_location="cpu", weights_only=False, pickle_module=_PICKLE)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.serialization.SourceChangeWarning)
+            ckpt = torch.load(src, map_location="cpu", weights_only=False, pickle_module=_PICKLE)
     except Exception as err:  # noqa: BLE001 - unpickling garbage raises arbitrary types
-        raise CheckpointError(f"{src}: cannot unpickle ({type(err).__name__}: {str(err)[:160]})") from None
+        detail = " ".join(str(err).split())[:160]
+        if "EOF" in detail or "truncated" in detail:
+            raise CheckpointError(f"{src}: the file is truncated ({detail})") from None
+        raise CheckpointError(f"{src}: cannot unpickle ({type(err).__name__}: {detail})") from None
     if not isinstance(ckpt, dict) or not all(isinstance(ckpt.get(k), nn.Module) for k in ("encoder", "decoder")):
         raise CheckpointError(
             f"{src}: not an sgrvinod checkpoint (expected a dict with 'encoder' and 'decoder' modules)")
@@ -206,8 +229,8 @@ def import_sgrvinod(src: str | Path, wordmap: str | Path, out: str | Path, trust
                     preprocess: PreprocessConfig | None = None) -> Path:
     """Convert sgrvinod's checkpoint + word map; vocabulary rows are reordered to put specials first.
 
-    sgrvinod squashed images to 256x256 and ImageNet-normalised them: ``PreprocessConfig(256, 256)``
-    (a centre crop of the short side here, the same for square images).
+    ``preprocess`` defaults to upstream's own (``SGRVINOD_PREPROCESS``: the whole image squashed to
+    256x256, no crop), so greedy captions equal ``caption.py``'s at beam 1, photos of any shape.
     """
     src = Path(src)
     ckpt = load_sgrvinod(src, trust_pickle)
@@ -216,7 +239,7 @@ def import_sgrvinod(src: str | Path, wordmap: str | Path, out: str | Path, trust
     dropout = getattr(getattr(ckpt["decoder"], "dropout", None), "p", 0.5)
     grid = int(getattr(ckpt["encoder"], "enc_image_size", 14))
     config = infer_config(sd, resnet_name(raw, "encoder.resnet.", src), src, grid=grid, attention="relu", gate=True,
-                          dropout=dropout, preprocess=preprocess or PreprocessConfig(resize=256, crop=256))
+                          dropout=dropout, preprocess=preprocess or SGRVINOD_PREPROCESS)
     itos, old_ids = sgrvinod_vocab(wordmap, config.vocab_size)
     order = torch.tensor(old_ids)
     for key in ("embedding.weight", "fc.weight", "fc.bias"):

@@ -1,8 +1,9 @@
 """Attention overlays: a ``g x g`` attention map drawn over the original image.
 
-The grid covers the model's centre crop (``training.metrics.crop_window``), so the map is
-upsampled bilinearly onto that window only; the parts of the image the model never saw get the
-colour of zero attention. Used by ``sat-eval --html`` and ``sat-infer --overlays``.
+The grid covers the model's centre crop (``training.metrics.crop_window``; the whole image for a
+``squash`` without crop), so the map is upsampled bilinearly onto that window only; the parts of the
+image the model never saw get the colour of zero attention. Used by ``sat-eval --html`` and
+``sat-infer --overlays``.
 """
 from __future__ import annotations
 

@@ -70,12 +70,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def preprocess(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
-    """RGB image -> normalised ``(3, crop, crop)`` float32: resize short side, centre crop, mean/std."""
-    w, h = img.size
-    scale = cfg.resize / min(w, h)
-    size = (max(cfg.crop, round(w * scale)), max(cfg.crop, round(h * scale)))
-    img = img.resize(size, _RESAMPLE[cfg.interpolation], reducing_gap=3.0)
-    left, top = (size[0] - cfg.crop) // 2, (size[1] - cfg.crop) // 2
+    """RGB image -> normalised ``(3, crop, crop)`` float32: resize and centre crop as
+    ``cfg.placement`` says (``cfg.resize_mode``), then mean/std."""
+    size, (left, top) = cfg.placement(img.size)
+    img = img.resize(size, _RESAMPLE[cfg.interpolation], reducing_gap=cfg.reducing_gap)
     img = img.crop((left, top, left + cfg.crop, top + cfg.crop))
     arr = np.asarray(img, dtype=np.float32) / 255.0  # (crop, crop, 3)
     arr = (arr - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)

@@ -6,13 +6,15 @@ of a word's attention falls inside the boxes of the object it names, in original
 
 Attention grid -> image mapping
 -------------------------------
-``training.images.preprocess`` resizes the image so its short side is ``resize`` (each side at least
-``crop``), then centre-crops ``crop x crop``. The ``g x g`` attention grid covers exactly that crop:
+``training.images.preprocess`` resizes the image (its short side to ``resize``, or the whole image to
+``resize x resize`` with ``resize_mode="squash"``: ``PreprocessConfig.placement``), then centre-crops
+``crop x crop``. The ``g x g`` attention grid covers exactly that crop:
 flattened pixel ``p`` is row ``p // g``, column ``p % g`` (``features.flatten(2)`` is row-major), and
 cell ``(r, c)`` covers crop pixels ``[c, c+1) * crop/g`` by ``[r, r+1) * crop/g``. Mapped back to the
 original ``w x h`` image (Pillow's resize scales pixel edges by ``w / W``), the crop is the window
-``crop_window(image_size, preprocess)`` and each cell is a ``1/g`` share of it. Boxes are clipped to
-that window: the parts of an object cut away by the crop cannot receive attention.
+``crop_window(image_size, preprocess)`` and each cell is a ``1/g`` share of it (of its width and of its
+height, which differ after a squash). Boxes are clipped to that window: the parts of an object cut away
+by the crop cannot receive attention.
 """
 from __future__ import annotations
 
@@ -119,13 +121,11 @@ def cider_d(references: list[list[list[str]]], hypotheses: list[list[str]],
 def crop_window(image_size: tuple[int, int], preprocess: PreprocessConfig) -> tuple[float, float, float, float]:
     """The centre crop the encoder sees, as ``(x0, y0, x1, y1)`` in original-image pixels.
 
-    Mirrors ``training.images.preprocess`` exactly (same rounding of the resized size and the
-    same integer crop offset).
+    Maps ``preprocess.placement`` (the geometry ``training.images.preprocess`` applies) back: with
+    ``squash`` and ``crop == resize`` it is the whole image.
     """
     w, h = image_size
-    scale = preprocess.resize / min(w, h)
-    big_w, big_h = max(preprocess.crop, round(w * scale)), max(preprocess.crop, round(h * scale))
-    left, top = (big_w - preprocess.crop) // 2, (big_h - preprocess.crop) // 2
+    (big_w, big_h), (left, top) = preprocess.placement(image_size)
     sx, sy = w / big_w, h / big_h  # original pixels per resized pixel
     return left * sx, top * sy, (left + preprocess.crop) * sx, (top + preprocess.crop) * sy
 

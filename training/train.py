@@ -52,6 +52,7 @@ class TrainConfig:
     grid: int = 14
     resize: int = 256
     crop: int = 224
+    resize_mode: str = "shorter_side"  # or "squash", "torchvision" (training.config.PreprocessConfig)
     attention: str = "tanh"
     gate: bool = True
     dropout: float = 0.5
@@ -90,6 +91,12 @@ class TrainConfig:
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         backbone_spec(self.backbone)  # raises for an unknown backbone
+        self.preprocess  # noqa: B018 - raises for an unknown resize mode or a crop larger than the resize
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        """The model's preprocessing (ImageNet mean/std), recorded in its checkpoints."""
+        return PreprocessConfig(self.resize, self.crop, resize_mode=self.resize_mode)
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -134,7 +141,7 @@ def new_model(cfg: TrainConfig, vocab_size: int, load_pretrained: bool = True) -
     """The model ``cfg`` describes; ImageNet backbone weights only if asked and ``load_pretrained``."""
     pretrained = (cfg.pretrained_weights or cfg.pretrained) if load_pretrained else False
     return make_model(vocab_size, cfg.backbone, cfg.preset, pretrained, grid=cfg.grid, attention=cfg.attention,
-                      gate=cfg.gate, dropout=cfg.dropout, preprocess=PreprocessConfig(cfg.resize, cfg.crop))
+                      gate=cfg.gate, dropout=cfg.dropout, preprocess=cfg.preprocess)
 
 
 def attention_targets(items: list[ImageCaptions], boxes: dict, preprocess: PreprocessConfig,

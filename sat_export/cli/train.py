@@ -59,8 +59,12 @@ def train_cmd(
     preset: str = typer.Option(DEFAULTS.preset, help=f"Decoder size: {', '.join(PRESETS)}."),
     backbone: str = typer.Option(DEFAULTS.backbone, help="Encoder backbone (see training.backbones)."),
     grid: int = typer.Option(DEFAULTS.grid, help="Attention grid side (n_pix = grid*grid)."),
-    resize: int = typer.Option(DEFAULTS.resize, help="Resize the short side to this many pixels."),
+    resize: int = typer.Option(DEFAULTS.resize, help="Resize the short side (with --resize-mode squash: both "
+                               "sides) to this many pixels."),
     crop: int = typer.Option(DEFAULTS.crop, help="Centre crop side in pixels."),
+    resize_mode: str = typer.Option(DEFAULTS.resize_mode, help="shorter_side (keep the aspect ratio), squash (whole "
+                                    "image to resize x resize, as sgrvinod's tutorial) or torchvision (Resize + "
+                                    "CenterCrop exactly)."),
     pretrained: bool = typer.Option(False, "--pretrained", help="Start the backbone from ImageNet weights."),
     pretrained_weights: Optional[Path] = typer.Option(None, help="Local torchvision .pth for the backbone."),
     finetune_encoder: bool = typer.Option(False, "--finetune-encoder", help="Train the backbone end to end."),
@@ -101,8 +105,8 @@ def train_cmd(
         try:
             cfg = TrainConfig(
                 data=str(data), out=str(out), images=str(images) if images else None, format=fmt, backbone=backbone,
-                preset=preset, grid=grid, resize=resize, crop=crop, dropout=dropout, pretrained=pretrained,
-                pretrained_weights=str(pretrained_weights) if pretrained_weights else None,
+                preset=preset, grid=grid, resize=resize, crop=crop, resize_mode=resize_mode, dropout=dropout,
+                pretrained=pretrained, pretrained_weights=str(pretrained_weights) if pretrained_weights else None,
                 finetune_encoder=finetune_encoder, cache=cache, cache_dir=str(cache_dir), epochs=epochs,
                 batch_size=batch_size, lr=lr, encoder_lr=encoder_lr, grad_clip=grad_clip, alpha_c=alpha_c,
                 box_loss=box_loss, boxes=str(boxes) if boxes else None, amp=amp, min_freq=min_freq,

@@ -1,20 +1,28 @@
-"""Importers: small checkpoints in the seed's and sgrvinod's layouts, written by stand-in modules
-with their module/parameter names, convert into models whose outputs equal the source model's."""
+"""Importers: small checkpoints in the seed's layout (stand-in modules with its module/parameter names) and
+sgrvinod's (written by upstream's own code, tests/fixtures/sgrvinod_upstream.py) convert into models whose
+outputs equal the source model's, with the source's preprocessing."""
 import json
-import sys
-import types
+import warnings
+import zipfile
 
+import matplotlib.cbook
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+import torchvision.transforms as T
+from PIL import Image
 from torch import nn
 from typer.testing import CliRunner
 
 from sat_export.cli.export import app
-from sat_export.importers import import_seed, import_sgrvinod, resnet_name, seed_captions, seed_vocab
+from sat_export.importers import (SEED_PREPROCESS, SGRVINOD_PREPROCESS, import_seed, import_sgrvinod, resnet_name,
+                                   seed_captions, seed_vocab)
+from tests.fixtures import sgrvinod_upstream as upstream_code
 from training.checkpoint import load_checkpoint
 from training.errors import CheckpointError
+from training.images import preprocess
 from training.vocab import SPECIALS
 
 CAPTIONS = ["A dog runs on the grass .", "A black dog jumps .", "Two dogs play on the grass .", "A cat sleeps ."]
@@ -84,65 +92,6 @@ class SeedEncoderDecoder(nn.Module):
         return self.decoder(self.encoder(images), captions)
 
 
-# --- sgrvinod/a-PyTorch-Tutorial-to-Image-Captioning models.py, same names; pickled as `models.*` -------------
-class Encoder(nn.Module):
-    def __init__(self, encoded_image_size=14):
-        super().__init__()
-        self.enc_image_size = encoded_image_size
-        self.resnet = _resnet18_trunk()
-        self.adaptive_pool = nn.AdaptiveAvgPool2d((encoded_image_size, encoded_image_size))
-
-    def forward(self, images):
-        return self.adaptive_pool(self.resnet(images)).permute(0, 2, 3, 1)
-
-
-class Attention(nn.Module):
-    def __init__(self, encoder_dim, decoder_dim, attention_dim):
-        super().__init__()
-        self.encoder_att = nn.Linear(encoder_dim, attention_dim)
-        self.decoder_att = nn.Linear(decoder_dim, attention_dim)
-        self.full_att = nn.Linear(attention_dim, 1)
-        self.relu = nn.ReLU()
-        self.softmax = nn.Softmax(dim=1)
-
-    def forward(self, encoder_out, decoder_hidden):
-        att1, att2 = self.encoder_att(encoder_out), self.decoder_att(decoder_hidden)
-        alpha = self.softmax(self.full_att(self.relu(att1 + att2.unsqueeze(1))).squeeze(2))
-        return (encoder_out * alpha.unsqueeze(2)).sum(dim=1), alpha
-
-
-class DecoderWithAttention(nn.Module):
-    def __init__(self, attention_dim, embed_dim, decoder_dim, vocab_size, encoder_dim=512, dropout=0.5):
-        super().__init__()
-        self.attention = Attention(encoder_dim, decoder_dim, attention_dim)
-        self.embedding = nn.Embedding(vocab_size, embed_dim)
-        self.dropout = nn.Dropout(p=dropout)
-        self.decode_step = nn.LSTMCell(embed_dim + encoder_dim, decoder_dim, bias=True)
-        self.init_h = nn.Linear(encoder_dim, decoder_dim)
-        self.init_c = nn.Linear(encoder_dim, decoder_dim)
-        self.f_beta = nn.Linear(decoder_dim, encoder_dim)
-        self.sigmoid = nn.Sigmoid()
-        self.fc = nn.Linear(decoder_dim, vocab_size)
-
-    def forward(self, encoder_out, captions):
-        encoder_out = encoder_out.reshape(encoder_out.size(0), -1, encoder_out.size(-1))
-        embeddings = self.embedding(captions)
-        mean = encoder_out.mean(dim=1)
-        h, c = self.init_h(mean), self.init_c(mean)
-        preds, alphas = [], []
-        for t in range(captions.size(1) - 1):
-            awe, alpha = self.attention(encoder_out, h)
-            awe = self.sigmoid(self.f_beta(h)) * awe
-            h, c = self.decode_step(torch.cat([embeddings[:, t], awe], dim=1), (h, c))
-            preds.append(self.fc(self.dropout(h)))
-            alphas.append(alpha)
-        return torch.stack(preds, 1), torch.stack(alphas, 1)
-
-
-for _cls in (Encoder, Attention, DecoderWithAttention):
-    _cls.__module__ = "models"  # as pickled by sgrvinod's train.py
-
-
 def _perturb(module):
     """Random biases everywhere, so a wrong key mapping cannot go unnoticed."""
     gen = torch.Generator().manual_seed(0)
@@ -165,22 +114,14 @@ def seed_files(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sgrvinod_files(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sgrvinod")
-    words = ["dog", "runs", "grass", "cat", "black"]
-    word_map = {w: i + 1 for i, w in enumerate(words)}
-    word_map.update({"<unk>": len(words) + 1, "<start>": len(words) + 2, "<end>": len(words) + 3, "<pad>": 0})
+    word_map = upstream_code.upstream_word_map(["dog", "runs", "grass", "cat", "black"])
     (tmp / "WORDMAP_tiny.json").write_text(json.dumps(word_map))
     torch.manual_seed(0)
-    encoder, decoder = Encoder(), _perturb(DecoderWithAttention(20, 24, 28, len(word_map)))
-    models = types.ModuleType("models")  # importable while saving only, as in sgrvinod's repository
-    models.Encoder, models.Attention, models.DecoderWithAttention = Encoder, Attention, DecoderWithAttention
-    sys.modules["models"] = models
-    try:
-        torch.save({"epoch": 7, "bleu-4": 0.21, "encoder": encoder.eval(), "decoder": decoder,
-                    "encoder_optimizer": None, "decoder_optimizer": torch.optim.Adam(decoder.parameters())},
-                   tmp / "BEST_checkpoint_tiny.pth.tar")
-    finally:
-        del sys.modules["models"]
-    return (encoder, decoder), word_map, tmp / "BEST_checkpoint_tiny.pth.tar", tmp / "WORDMAP_tiny.json"
+    encoder = upstream_code.Encoder(resnet=torchvision.models.resnet18).eval()
+    decoder = _perturb(upstream_code.DecoderWithAttention(20, 24, 28, len(word_map), encoder_dim=512))
+    pth = upstream_code.save_upstream_checkpoint(tmp / "BEST_checkpoint_tiny.pth.tar", encoder, decoder, epoch=7,
+                                                 bleu4=0.21)
+    return (encoder, decoder), word_map, pth, tmp / "WORDMAP_tiny.json"
 
 
 def test_seed_vocabulary_follows_the_seeds_cleaning_and_order(seed_files):
@@ -197,6 +138,7 @@ def test_compare_seed_model_vs_imported_checkpoint(tmp_path, seed_files):
     assert (ck.config.backbone, ck.config.enc_dim, ck.config.att_dim, ck.config.dec_dim, ck.config.emb_dim) == \
         ("resnet18", 512, 20, 28, 24)
     assert ck.config.attention == "tanh" and not ck.config.gate and ck.vocab.itos[4:6] == ["dog", "runs"]
+    assert ck.config.preprocess == SEED_PREPROCESS
     images = torch.randn(2, 3, 64, 64)
     captions_ids = torch.tensor([[1, 4, 5, 6, 2], [1, 9, 10, 2, 0]])  # same ids in both vocabularies
     with torch.no_grad():
@@ -204,6 +146,15 @@ def test_compare_seed_model_vs_imported_checkpoint(tmp_path, seed_files):
         logprobs, alphas = ck.build_model()(images, captions_ids)
     torch.testing.assert_close(logprobs, torch.log_softmax(ref_logits, dim=2), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(alphas, ref_alphas, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("box", [(0, 0, 512, 600), (0, 150, 512, 451), (37, 0, 240, 600)])
+def test_compare_seed_preprocessing_vs_its_notebook_transforms(box):
+    # the seed's notebooks/train.ipynb: Image.open(p).convert("RGB"), then these four transforms
+    photo = Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB").crop(box)
+    seed = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(),
+                      T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])])
+    np.testing.assert_array_equal(preprocess(photo, SEED_PREPROCESS), seed(photo).numpy())
 
 
 def test_seed_import_infers_the_frequency_threshold_or_explains(tmp_path, seed_files):
@@ -222,13 +173,14 @@ def test_compare_sgrvinod_model_vs_imported_checkpoint(tmp_path, sgrvinod_files)
     assert ck.config.attention == "relu" and ck.config.gate and ck.config.backbone == "resnet18"
     assert ck.vocab.itos == [*SPECIALS, "dog", "runs", "grass", "cat", "black"]
     assert ck.train["imported_from"] == "sgrvinod" and ck.train["epoch"] == 7
+    assert ck.config.preprocess == SGRVINOD_PREPROCESS
     old = torch.tensor([word_map[w] for w in ck.vocab.itos])  # new id -> sgrvinod id
     words = [["<start>", "dog", "runs", "<end>"], ["<start>", "black", "cat", "grass"]]
     new_ids = torch.tensor([[ck.vocab.stoi[w] for w in c] for c in words])
     images = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        ref_logits, ref_alphas = decoder(encoder(images), old[new_ids])
-        logprobs, alphas = ck.build_model()(images, new_ids)
+    with torch.no_grad():  # upstream's training forward sorts the batch by caption length
+        ref_logits, _, _, ref_alphas, order = decoder(encoder(images), old[new_ids], torch.tensor([[4], [4]]))
+        logprobs, alphas = ck.build_model()(images[order], new_ids[order])
     torch.testing.assert_close(logprobs, torch.log_softmax(ref_logits, dim=2)[:, :, old], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(alphas, ref_alphas, atol=1e-6, rtol=1e-5)
 
@@ -243,6 +195,36 @@ def test_sgrvinod_checkpoint_needs_trust_pickle_and_cli_says_so_in_one_line(tmp_
                                       "--trust-pickle"])
     assert result.exit_code == 0, result.output
     assert load_checkpoint(tmp_path / "o.pth").config.vocab_size == 9
+
+
+def _import_recording_warnings(*args, **kwargs):
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        result = CliRunner().invoke(*args, **kwargs)
+    return result, [w.category.__name__ for w in seen]
+
+
+def test_tutorial_era_legacy_file_imports_without_source_warnings(tmp_path, sgrvinod_files):
+    (encoder, decoder), _, zip_pth, wordmap = sgrvinod_files
+    legacy = upstream_code.save_upstream_checkpoint(tmp_path / "BEST_legacy.pth.tar", encoder, decoder, legacy=True)
+    assert not zipfile.is_zipfile(legacy)  # torch < 1.6 format, with each class's source inside
+    result, seen = _import_recording_warnings(app, ["import", str(legacy), "--wordmap", str(wordmap), "--out",
+                                                    str(tmp_path / "legacy.pth"), "--trust-pickle"])
+    assert result.exit_code == 0 and "SourceChangeWarning" not in seen, (seen, result.output)
+    imported = load_checkpoint(tmp_path / "legacy.pth")
+    reference = load_checkpoint(import_sgrvinod(zip_pth, wordmap, tmp_path / "zip.pth", trust_pickle=True))
+    assert imported.config == reference.config
+    assert all(torch.equal(imported.state_dict[k], v) for k, v in reference.state_dict.items())
+
+    data = legacy.read_bytes()
+    for cut in (len(data) // 1000, len(data) // 2):  # inside the pickled modules; inside the tensors
+        (tmp_path / "cut.pth.tar").write_bytes(data[:cut])
+        result, seen = _import_recording_warnings(app, ["import", str(tmp_path / "cut.pth.tar"), "--wordmap",
+                                                        str(wordmap), "--out", str(tmp_path / "o.pth"),
+                                                        "--trust-pickle"])
+        assert result.exit_code == 1 and "SourceChangeWarning" not in seen, seen
+        assert result.output.startswith("error:") and "cut.pth.tar: the file is truncated" in result.output
+        assert len(result.output.strip().splitlines()) == 1, result.output
 
 
 def test_seed_import_via_cli_and_wrong_layout_is_refused(tmp_path, seed_files, sgrvinod_files):

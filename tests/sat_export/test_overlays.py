@@ -27,6 +27,16 @@ def test_overlay_puts_the_heat_on_the_attended_cell_of_the_crop():
     assert np.argmax(red[48]) < 64 and np.argmax(red[:, 40]) >= 32
 
 
+def test_a_squashed_grid_spans_the_whole_image():
+    img = Image.new("RGB", (128, 64), "black")
+    alpha = np.zeros((2, 2))
+    alpha[1, 0] = 1.0  # bottom-left cell: x in [0, 64), y in [32, 64) of the squashed image
+    red = np.asarray(overlay(img, alpha, PreprocessConfig(64, 64, resize_mode="squash"), opacity=1.0)).astype(int)
+    red = red[..., 0] - red[..., 2]
+    assert red[48, 8] > 100 and red[48, 56] > 100  # a centre crop would have left x < 32 blue
+    assert red[8, 8] < 0 and red[48, 120] < 0
+
+
 def test_a_flat_map_stays_cool_and_a_peaked_one_reaches_red():
     img = Image.new("RGB", (64, 64), "black")
     flat = np.asarray(overlay(img, np.full(16, 1 / 16), CFG, opacity=1.0)).astype(int)

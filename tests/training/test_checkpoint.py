@@ -25,6 +25,13 @@ def test_round_trip_gives_bit_identical_outputs(tiny_ckpt):
     assert ck.train == {"epoch": 0}
 
 
+def test_a_checkpoint_from_before_resize_modes_loads_with_todays_preprocessing(tiny_ckpt, tmp_path):
+    payload = torch.load(tiny_ckpt, weights_only=True)
+    del payload["config"]["preprocess"]["resize_mode"], payload["config"]["preprocess"]["reducing_gap"]
+    torch.save(payload, tmp_path / "old.pth")
+    assert load_checkpoint(tmp_path / "old.pth").config == load_checkpoint(tiny_ckpt).config
+
+
 def _payload(tiny_ckpt):
     return torch.load(tiny_ckpt, weights_only=True)
 

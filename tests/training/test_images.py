@@ -2,9 +2,12 @@ import io
 
 import numpy as np
 import pytest
+import torchvision.transforms as T
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
-from training.config import PreprocessConfig
+from training.config import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
 from training.images import ImageDecodeError, load_image, load_rgb, preprocess, to_rgb
 
 CFG = PreprocessConfig(resize=40, crop=32)
@@ -78,6 +81,46 @@ def test_resize_short_side_then_centre_crop_and_normalise():
     out = preprocess(img, CFG)
     assert out.shape == (3, 32, 32)
     np.testing.assert_allclose(out, 0.0, atol=0.01)
+
+
+def _photo(size) -> Image.Image:
+    """A noisy gradient: every resampling difference shows."""
+    w, h = size
+    rng = np.random.default_rng(w * 7919 + h)
+    x = np.linspace(0, 255, w)[None, :, None] * np.ones((h, 1, 3)) * [1.0, 0.5, 0.2]
+    return Image.fromarray(np.clip(x + rng.normal(0, 30, (h, w, 3)), 0, 255).astype(np.uint8))
+
+
+def _normalise(img: Image.Image) -> np.ndarray:  # (3, h, w), as every mode ends
+    return T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])(img).numpy()
+
+
+@pytest.mark.parametrize("size", [(90, 60), (60, 90), (1600, 1000), (700, 1700)])
+def test_squash_is_the_whole_image_resized_then_centre_cropped(size):
+    img = _photo(size)
+    exact = PreprocessConfig(resize=48, crop=48, resize_mode="squash", reducing_gap=None)
+    np.testing.assert_array_equal(preprocess(img, exact), _normalise(img.resize((48, 48), Image.Resampling.BILINEAR)))
+    squash_crop = PreprocessConfig(resize=48, crop=40, resize_mode="squash", reducing_gap=None)
+    np.testing.assert_array_equal(preprocess(img, squash_crop), preprocess(img, exact)[:, 4:44, 4:44])
+    if max(size) >= 3 * 2 * 48:  # Pillow reduces by an integer factor first: close, not equal
+        fast = preprocess(img, PreprocessConfig(resize=48, crop=48, resize_mode="squash"))
+        assert 0 < np.abs(fast - preprocess(img, exact)).max() < 0.2
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(31, 160), st.integers(31, 160), st.integers(31, 48))
+def test_torchvision_mode_equals_resize_centercrop_totensor_normalize(w, h, crop):
+    img = _photo((w, h))
+    cfg = PreprocessConfig(resize=48, crop=crop, resize_mode="torchvision", reducing_gap=None)
+    expected = _normalise(T.CenterCrop(crop)(T.Resize(48)(img)))
+    np.testing.assert_array_equal(preprocess(img, cfg), expected)
+
+
+def test_preprocess_config_refuses_unknown_modes_and_gaps():
+    with pytest.raises(ValueError, match="resize_mode must be one of shorter_side, squash, torchvision"):
+        PreprocessConfig(resize_mode="stretch")
+    with pytest.raises(ValueError, match="reducing_gap must be None or at least 1.0"):
+        PreprocessConfig(reducing_gap=0.5)
 
 
 @pytest.mark.parametrize("data,message", [

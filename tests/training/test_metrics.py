@@ -76,11 +76,13 @@ def test_cider_d_by_hand():
     assert cider_d([[["red"]], [["blue"]]], [[], ["blue"]])[1][0] == 0.0  # an empty caption scores 0
 
 
+@pytest.mark.parametrize("mode", ["shorter_side", "squash", "torchvision"])
 @pytest.mark.parametrize("size", [(64, 64), (100, 60), (37, 90), (513, 301), (301, 515)])
-def test_crop_window_is_what_preprocess_keeps(size):
+def test_crop_window_is_what_preprocess_keeps(size, mode):
     # encode each pixel's x and y in its colour; nearest resampling shows which source pixel each
     # output pixel came from: its centre must lie in the window cell the output pixel stands for
-    cfg = PreprocessConfig(resize=40, crop=32, mean=(0, 0, 0), std=(1, 1, 1), interpolation="nearest")
+    cfg = PreprocessConfig(resize=40, crop=32, mean=(0, 0, 0), std=(1, 1, 1), interpolation="nearest",
+                           resize_mode=mode)
     w, h = size
     yy, xx = np.mgrid[0:h, 0:w]
     img = Image.fromarray(np.stack([xx % 256, xx // 256 * 16 + yy // 256, yy % 256], -1).astype(np.uint8))
@@ -92,11 +94,13 @@ def test_crop_window_is_what_preprocess_keeps(size):
     np.testing.assert_allclose(src_y, np.broadcast_to((y0 + centres * (y1 - y0))[:, None], (32, 32)), atol=0.51)
 
 
-@settings(max_examples=40, deadline=None)
-@given(st.integers(20, 120), st.integers(20, 120), st.floats(0, 1), st.floats(0, 1), st.floats(0.2, 1), st.floats(0.2, 1))
-def test_box_coverage_matches_preprocessed_pixels(w, h, fx, fy, fw, fh):
+@settings(max_examples=60, deadline=None)
+@given(st.integers(20, 120), st.integers(20, 120), st.floats(0, 1), st.floats(0, 1), st.floats(0.2, 1),
+       st.floats(0.2, 1), st.sampled_from(["shorter_side", "squash", "torchvision"]))
+def test_box_coverage_matches_preprocessed_pixels(w, h, fx, fy, fw, fh, mode):
     # a white box drawn in the original image ends up, after preprocess, in the cells box_coverage says
-    cfg = PreprocessConfig(resize=64, crop=48, mean=(0, 0, 0), std=(1, 1, 1), interpolation="bilinear")
+    cfg = PreprocessConfig(resize=64, crop=48, mean=(0, 0, 0), std=(1, 1, 1), interpolation="bilinear",
+                           resize_mode=mode)
     box = [fx * w * 0.8, fy * h * 0.8, min(w, fx * w * 0.8 + fw * w / 2), min(h, fy * h * 0.8 + fh * h / 2)]
     big = Image.new("L", (w * 8, h * 8))  # draw at 8x then downsample: anti-aliased box edges
     ImageDraw.Draw(big).rectangle([v * 8 for v in box[:2]] + [v * 8 - 1 for v in box[2:]], fill=255)
@@ -140,6 +144,14 @@ def test_attention_grounding_uses_the_crop_window():
     assert got[0].share == 0.0
     got = attention_grounding(np.full((1, 2, 2), 0.25), ["circle"], {"circle": [[32, 0, 64, 64]]}, (128, 64), cfg)
     assert got[0].share == 0.5
+
+
+def test_a_squash_without_crop_covers_the_whole_image():
+    cfg = PreprocessConfig(resize=64, crop=64, resize_mode="squash")
+    assert crop_window((128, 64), cfg) == (0.0, 0.0, 128.0, 64.0)
+    got = attention_grounding(np.full((1, 2, 2), 0.25), ["circle"], {"circle": [[0, 0, 32, 64]]}, (128, 64), cfg)
+    assert got[0].share == 0.25  # the left quarter, which a centre crop would have cut away
+    assert crop_window((128, 64), PreprocessConfig(resize=64, crop=48, resize_mode="squash")) == (16.0, 8.0, 112.0, 56.0)
 
 
 def test_attention_grounding_refuses_misaligned_alphas():

@@ -81,8 +81,10 @@ def test_cli_make_shapes_train_and_evaluate(tmp_path):
     result = runner.invoke(app, [
         "train", str(tmp_path / "s"), "--out", str(tmp_path / "run"), "--backbone", "mobilenet_v3_small_s16",
         "--grid", "4", "--resize", "64", "--crop", "64", "--epochs", "1", "--batch-size", "4",
-        "--val-frac", "0.3", "--cache-dir", str(tmp_path / "cache")])
+        "--val-frac", "0.3", "--cache-dir", str(tmp_path / "cache"), "--resize-mode", "squash"])
     assert result.exit_code == 0, result.output
+    best = load_checkpoint(tmp_path / "run" / "best.pth")
+    assert best.config.preprocess.resize_mode == "squash" and best.train["config"]["resize_mode"] == "squash"
     result = runner.invoke(app, ["evaluate", "--ckpt", str(tmp_path / "run" / "best.pth"),
                                  "--data", str(tmp_path / "s")])
     assert result.exit_code == 0, result.output
@@ -95,6 +97,7 @@ def test_cli_make_shapes_train_and_evaluate(tmp_path):
     (["train"], "give DATA"),
     (["train", "nowhere/captions.txt"], "captions file not found"),
     (["train", ".", "--preset", "huge"], "unknown preset"),
+    (["train", ".", "--resize-mode", "stretch"], "resize_mode must be one of shorter_side, squash, torchvision"),
     (["make-shapes", "x", "--n", "0"], "n must be at least 1"),
 ])
 def test_cli_user_errors_are_one_line_and_exit_1(args, message, tmp_path, monkeypatch):
