@@ -49,10 +49,12 @@ SEED_KEYS = {"encoder.resnet.": "backbone.", "decoder.attention.features_fc.": "
              "decoder.": ""}
 # BrunoKreiner/show-attend-tell notebooks/train.ipynb (commit 29d4b7c4, cells 7-8): Image.open(p).convert("RGB"),
 # T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize(ImageNet mean, std).
-SEED_PREPROCESS = PreprocessConfig(resize=256, crop=224, resize_mode="torchvision", reducing_gap=None)
+SEED_PREPROCESS = PreprocessConfig(resize=256, crop=224, resize_mode="torchvision", reducing_gap=None,
+                                   draft_margin=None)
 # sgrvinod caption.py (commit cc9c7e2f) lines 32-43: imread, imresize(img, (256, 256)) = Pillow BILINEAR resize
 # of the whole image, no crop; /255, ImageNet mean/std.
-SGRVINOD_PREPROCESS = PreprocessConfig(resize=256, crop=256, resize_mode="squash", reducing_gap=None)
+SGRVINOD_PREPROCESS = PreprocessConfig(resize=256, crop=256, resize_mode="squash", reducing_gap=None,
+                                       draft_margin=None)
 SGRVINOD_KEYS = {"encoder.resnet.": "backbone.", "decoder.attention.encoder_att.": "attention.enc_att.",
                  "decoder.attention.decoder_att.": "attention.dec_att.",
                  "decoder.attention.full_att.": "attention.full_att.", "decoder.decode_step.": "lstm.",
@@ -198,7 +200,7 @@ def load_sgrvinod(src: str | Path, trust_pickle: bool = False) -> dict:
             ckpt = torch.load(src, map_location="cpu", weights_only=False, pickle_module=_PICKLE)
     except Exception as err:  # noqa: BLE001 - unpickling garbage raises arbitrary types
         detail = " ".join(str(err).split())[:160]
-        if "EOF" in detail or "truncated" in detail:
+        if isinstance(err, EOFError) or "EOF" in detail or "truncated" in detail:
             raise CheckpointError(f"{src}: the file is truncated ({detail})") from None
         raise CheckpointError(f"{src}: cannot unpickle ({type(err).__name__}: {detail})") from None
     if not isinstance(ckpt, dict) or not all(isinstance(ckpt.get(k), nn.Module) for k in ("encoder", "decoder")):

@@ -39,6 +39,11 @@ from training.images import DEFAULT_MAX_PIXELS, load_rgb, preprocess
 from training.machine import usable_cores
 
 
+# 2: large JPEGs decoded at reduced size (``PreprocessConfig.draft_margin``). Rows of a run record without
+# it were made from fully decoded images, and a few of their captions would differ: not resumed together.
+IMAGE_DECODING = 2
+
+
 @dataclass(frozen=True)
 class InferOptions:
     """How to caption: batch size, decoding, reader threads, limits and what to write besides rows."""
@@ -129,9 +134,9 @@ def open_for_readers(model: str | Path | None, backend: str = "auto", workers: i
 
 def run_settings(model: str | Path | None, decode: DecodeOptions) -> dict:
     """What the rows of a run depend on: the model's identity (``registry.model_sha256``; the demo
-    model by default) and the decoding options."""
-    return {"model_sha256": model_sha256(model), "beam": decode.beam, "max_len": decode.max_len,
-            "length_penalty": decode.length_penalty}
+    model by default), how images are decoded (``IMAGE_DECODING``) and the decoding options."""
+    return {"model_sha256": model_sha256(model), "image_decoding": IMAGE_DECODING, "beam": decode.beam,
+            "max_len": decode.max_len, "length_penalty": decode.length_penalty}
 
 
 def plan(paths: Iterable[str | Path], out: str | Path, overwrite: bool = False, settings: dict | None = None,
@@ -230,7 +235,7 @@ def read_item(item: InputItem, cfg: PreprocessConfig, max_pixels: int = DEFAULT_
         if info.st_size == 0:
             raise ImageDecodeError("empty file (0 bytes)")
         with item.path.open("rb") as f:  # opened here so a permission error reads as one; Pillow reads lazily
-            image = load_rgb(f, max_pixels)
+            image = load_rgb(f, max_pixels, cfg.draft_short_side)
         pixels = preprocess(image, cfg)
         if thumbnail is None:
             return Loaded(item, pixels, None)

@@ -48,7 +48,17 @@ class PreprocessConfig:
 
     ``reducing_gap`` is Pillow's ``resize(..., reducing_gap=)``: 3.0 is faster on large photos and
     within a few grey levels of a plain resize; None is the plain resize that SciPy's ``imresize``
-    and torchvision make. Checkpoints written before these two fields load with their defaults.
+    and torchvision make.
+
+    ``draft_margin``: a JPEG is decoded at the smallest DCT scale (1/2, 1/4 or 1/8, libjpeg's
+    reduced-size decoding, ``Image.draft``) that still leaves at least ``draft_margin x resize``
+    pixels on its short side, the model's own resize then taking it down. On 12 MP photos that is
+    about 5x less decoding work; measured against full decoding on 294 photos at 128 px, 97.3 % of
+    the demo model's captions stay identical, as many as switching ``reducing_gap`` to None keeps
+    (the changed ones are near-ties), and a margin of 3 or 4 kept no more. None decodes every pixel:
+    the importers of other projects' checkpoints record it (with ``reducing_gap`` None), so their
+    models see exactly what their own code fed them. Checkpoints written before these fields load
+    with their defaults.
     """
 
     __pydantic_config__ = ConfigDict(strict=True, extra="forbid")
@@ -60,6 +70,7 @@ class PreprocessConfig:
     interpolation: str = "bilinear"
     resize_mode: str = "shorter_side"
     reducing_gap: float | None = 3.0
+    draft_margin: float | None = 2.0
 
     def __post_init__(self):
         if not 1 <= self.crop <= self.resize:
@@ -70,12 +81,19 @@ class PreprocessConfig:
             raise ValueError(f"resize_mode must be one of {', '.join(RESIZE_MODES)}, not {self.resize_mode!r}")
         if self.reducing_gap is not None and not self.reducing_gap >= 1.0:
             raise ValueError(f"reducing_gap must be None or at least 1.0, got {self.reducing_gap}")
+        if self.draft_margin is not None and not self.draft_margin >= 1.0:
+            raise ValueError(f"draft_margin must be None or at least 1.0, got {self.draft_margin}")
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
         object.__setattr__(self, "std", tuple(float(s) for s in self.std))
         if len(self.mean) != 3 or len(self.std) != 3:
             raise ValueError(f"mean and std need 3 values (R, G, B), got {len(self.mean)} and {len(self.std)}")
         if not all(map(math.isfinite, self.mean)) or not all(math.isfinite(s) and s > 0 for s in self.std):
             raise ValueError(f"mean must be finite and std positive, got {self.mean} and {self.std}")
+
+    @property
+    def draft_short_side(self) -> int | None:
+        """The fewest pixels a reduced-size decode may leave on the short side (None: decode them all)."""
+        return None if self.draft_margin is None else math.ceil(self.draft_margin * self.resize)
 
     def placement(self, image_size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
         """Where a ``(w, h)`` image goes: the size it is resized to, and the crop's ``(left, top)`` in it.

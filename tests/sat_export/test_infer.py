@@ -318,3 +318,21 @@ def test_kill_9_mid_run_then_rerun_gives_exactly_one_valid_row_per_image(tmp_pat
     assert done.returncode == 0, done.stderr
     assert f"already done {n_before}" in done.stderr
     assert_one_captioned_row_per_image(out, names)
+
+
+def test_a_heic_photo_is_captioned_with_the_extra_and_is_an_error_row_naming_it_without(tmp_path, tiny_ckpt):
+    pillow_heif = pytest.importorskip("pillow_heif", reason="the [heic] extra (pillow-heif) is not installed")
+    pillow_heif.register_heif_opener()
+    (tmp_path / "in").mkdir()
+    image(size=96).save(tmp_path / "in" / "phone.heic", format="HEIF")
+    common = ["--model", str(tiny_ckpt), "--backend", "torch"]
+    done = CliRunner().invoke(app, [str(tmp_path / "in"), "--out", str(tmp_path / "with.jsonl"), *common])
+    assert done.exit_code == 0, done.output
+    assert read_rows(tmp_path / "with.jsonl")["phone.heic"]["tokens"]
+    script = ("import sys; sys.modules['pillow_heif'] = None\n"  # a machine without the extra
+              "from sat_export.cli.infer import app; app()")
+    cmd = [sys.executable, "-c", script, str(tmp_path / "in"), "--out", str(tmp_path / "without.jsonl"), *common]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert read_rows(tmp_path / "without.jsonl")["phone.heic"]["error"] == (
+        "HEIC/HEIF image: reading it needs the [heic] extra (pip install 'sat-export[heic]')")
