@@ -18,7 +18,7 @@ from engines.ort import OrtBackend
 from sat_export.bundle import Bundle, load_bundle
 from sat_export.errors import ParityError
 from sat_export.export import check_graph_io
-from sat_export.parity import allowed, smoke
+from sat_export.parity import OutputDiff, failure_reason, smoke
 
 
 def check_bundle(bundle_dir: str | Path, batch: int = 2) -> dict:
@@ -73,16 +73,11 @@ def require_passed_gates(bundle_dir: str | Path, gates: dict[str, dict]) -> None
 
 
 def _failure(record: dict) -> str:
-    """The first failing output of a stored report (its errors as the gate judged them), else the captions."""
-    tol = record["tolerances"]["rel_l2"]
+    """The first failing output of a stored report and why it failed, else the captions."""
     for out in record["outputs"]:
-        if out["ok"]:
-            continue
-        f64 = out.get("float64")
-        if f64 is None:
-            return f"{out['graph']} '{out['output']}' rel L2 {out['rel_l2']:.1e} from eager (tol {tol:.0e})"
-        return (f"{out['graph']} '{out['output']}' rel L2 {f64['candidate_rel_l2']:.1e} from float64, eager "
-                f"{f64['reference_rel_l2']:.1e} (allowed {allowed(tol, f64['reference_rel_l2']):.1e})")
+        if not out["ok"]:
+            d = OutputDiff.from_record(out)
+            return f"{d.graph} '{d.output}' {failure_reason(d, record['tolerances'])}"
     cap = record["captions"]
     return f"greedy captions identical on {cap['identical']}/{cap['images']} images"
 

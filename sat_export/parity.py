@@ -101,6 +101,12 @@ class OutputDiff:
     ok: bool
     float64: Float64Errors | None = None
 
+    @classmethod
+    def from_record(cls, record: dict) -> OutputDiff:
+        """An output of a manifest's parity record (``ParityReport.to_dict``; the location is not stored)."""
+        f64 = record.get("float64")
+        return cls(**{**record, "where": (), "float64": None if f64 is None else Float64Errors(**f64)})
+
     @property
     def judged(self) -> float:
         """The relative L2 error the verdict rests on: from float64 when measured, else from the reference."""
@@ -294,7 +300,7 @@ def raise_if_failed(report: ParityReport, where: str) -> None:
     for d in report.worst():
         if not d.ok:
             raise ParityError(f"{where}: {report.precision} {d.graph} output '{d.output}' ({d.inputs} inputs, batch "
-                              f"{d.batch}) {_failure(d, report.tolerances)}; max |diff| from eager {d.max_abs:.2e} at "
+                              f"{d.batch}) {failure_reason(d, report.tolerances)}; max |diff| from eager {d.max_abs:.2e} at "
                               f"{list(d.where)} (expected {d.expected:.6g}, actual {d.actual:.6g}). "
                               "The report is in the manifest; --no-verify skips this gate")
     cap = report.captions
@@ -304,7 +310,7 @@ def raise_if_failed(report: ParityReport, where: str) -> None:
                           f"actual (onnx) {cap['onnx'][i]!r}; {cap['identical']}/{cap['images']} identical")
 
 
-def _failure(d: OutputDiff, tolerances: dict[str, float]) -> str:
+def failure_reason(d: OutputDiff, tolerances: dict[str, float]) -> str:
     """Which error of a failing output is out of bounds, and the bound."""
     if d.float64 is None:
         alpha = d.output == "alpha" and d.max_abs > tolerances["alpha_max_abs"]

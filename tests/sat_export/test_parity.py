@@ -75,7 +75,7 @@ def test_build_out_of_tolerance_exits_non_zero_and_keeps_the_report(tmp_path, vo
     assert "✗" in result.output and "further from a float64 evaluation" in result.output
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert manifest["parity"]["fp32"]["passed"] is False
-    _check_reports(out, "✗ fp32 parity gate: failed: encoder 'features' rel L2")
+    _check_reports(out, "✗ fp32 parity gate: failed: encoder 'features' is further from a float64 evaluation")
 
     result = CliRunner().invoke(app, ["build", "--ckpt", str(ckpt), "--out", str(out), "--no-verify"])
     assert result.exit_code == 0, result.output
