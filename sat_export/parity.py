@@ -300,8 +300,8 @@ def raise_if_failed(report: ParityReport, where: str) -> None:
     for d in report.worst():
         if not d.ok:
             raise ParityError(f"{where}: {report.precision} {d.graph} output '{d.output}' ({d.inputs} inputs, batch "
-                              f"{d.batch}) {failure_reason(d, report.tolerances)}; max |diff| from eager {d.max_abs:.2e} at "
-                              f"{list(d.where)} (expected {d.expected:.6g}, actual {d.actual:.6g}). "
+                              f"{d.batch}) {failure_reason(d, report.tolerances)}; max |diff| from eager "
+                              f"{d.max_abs:.2e} at {list(d.where)} (expected {d.expected:.6g}, actual {d.actual:.6g}). "
                               "The report is in the manifest; --no-verify skips this gate")
     cap = report.captions
     if report.gate_captions and cap and cap["identical"] != cap["images"]:

@@ -84,7 +84,7 @@ def test_build_out_of_tolerance_exits_non_zero_and_keeps_the_report(tmp_path, vo
 
 
 def _check_reports(bundle, line):
-    """`check` prints ``line`` and exits 0 (files and smoke inference are fine); `check --strict` exits 1 in one line."""
+    """`check` prints ``line`` and exits 0 (files and smoke inference pass); `check --strict` exits 1 in one line."""
     result = CliRunner().invoke(app, ["check", str(bundle)])
     assert result.exit_code == 0 and line in result.output and "files verified" in result.output, result.output
     result = CliRunner().invoke(app, ["check", str(bundle), "--strict"])
