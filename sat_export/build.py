@@ -3,7 +3,8 @@
 fp32 graphs are exported and held to the parity gate; the manifest (with the report) is written
 before any failure is raised, so a failed build keeps its report. Optional steps then add an
 fp16 pair, an int8 encoder and TensorRT engines, each registered in the manifest and each held to
-the gate of its precision (TensorRT engines against eager on the GPU).
+the gate of its precision (every candidate, TensorRT engines too, judged against a float64
+evaluation of the model beside eager fp32's own error).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from engines.contract import DECODER_STEP, ENCODER
 from engines.trt_build import DEFAULT_PROFILE
 from sat_export.bundle import new_manifest, write_manifest
 from sat_export.export import DEFAULT_OPSET, export_onnx
-from sat_export.parity import ParityReport, print_report, raise_if_failed, verify, verify_onnx
+from sat_export.parity import Float64Oracle, ParityReport, print_report, raise_if_failed, verify, verify_onnx
 from sat_export.quantize_search import DEFAULT_TARGET
 from training.checkpoint import load_checkpoint
 from training.model import ShowAttendTell
@@ -113,13 +114,13 @@ def _gate(model: ShowAttendTell, vocab: Vocab, out_dir: Path, manifest: dict, gr
 
 
 def _tensorrt_parity(model: ShowAttendTell, vocab: Vocab, out_dir: Path, manifest: dict) -> ParityReport:
-    """The bundle's TensorRT engines against eager fp32 on the CPU (on the GPU, cuDNN's default TF32
-    convolutions would be the larger error), at the engines' precision."""
+    """The bundle's TensorRT engines and eager fp32 on the CPU (on the GPU, cuDNN's default TF32
+    convolutions would be the larger error), both judged against float64, at the engines' precision."""
     from engines.torch_eager import TorchBackend
     from sat_export.registry import open_backend
 
     with TorchBackend(model, vocab) as eager, open_backend(out_dir, "tensorrt", "cuda") as trt:
-        return verify(eager, trt, manifest["tensorrt"]["precision"])
+        return verify(eager, trt, manifest["tensorrt"]["precision"], oracle=Float64Oracle(model, vocab))
 
 
 def _mb(path: Path) -> str:

@@ -7,7 +7,7 @@ class BundleError(SatError):
 
 
 class ParityError(SatError):
-    """An exported graph disagrees with PyTorch eager beyond tolerance."""
+    """An exported graph is out of the parity gate's bounds, or (``check --strict``) a stored gate did not pass."""
 
 
 class InputError(SatError):

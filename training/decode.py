@@ -100,11 +100,35 @@ def _captions(tokens: Tensor, alphas: Tensor, scores: Tensor, lengths: Tensor, o
 
 
 @dataclass
-class _Hyp:
-    score: float  # length-normalised
+class _Best:
+    """Each image's best hypothesis so far, laid out as ``greedy_search``'s outputs for ``_captions``.
+
+    ``tokens (n_img, max_len)``, ``alphas (n_img, max_len, n_pix)``, ``scores (n_img,)`` raw sums of
+    log-probs, ``lengths (n_img,)`` words (``max_len``: unfinished), ``normed (n_img,)`` the score
+    hypotheses are ranked by (``-inf`` until the first one).
+    """
+
     tokens: Tensor
     alphas: Tensor
-    finished: bool
+    scores: Tensor
+    lengths: Tensor
+    normed: Tensor
+
+    def update(self, images: Tensor, raw: Tensor, normed: Tensor, beam: Tensor, hist_tokens: Tensor,
+               hist_alphas: Tensor) -> None:
+        """Per active image, beam ``beam`` of the history, if its ``normed`` score beats the best so far.
+
+        ``images, raw, normed, beam``: ``(n_act,)``; ``hist_tokens (n_act, k, n)``, ``hist_alphas
+        (n_act, k, n, n_pix)``: the hypothesis' words (without ``<end>``) and their attention.
+        """
+        better = normed > self.normed[images]  # (n_act,)
+        if not bool(better.any()):
+            return
+        rows = better.nonzero().squeeze(1)  # (n_better,)
+        img, b, n = images[rows], beam[rows], hist_tokens.size(2)
+        self.tokens[img, :n] = hist_tokens[rows, b]
+        self.alphas[img, :n] = hist_alphas[rows, b]
+        self.scores[img], self.normed[img], self.lengths[img] = raw[rows], normed[rows], n
 
 
 def beam_search(step: StepFn, enc: EncoderOutputs, special_ids: dict[str, int],
@@ -112,13 +136,16 @@ def beam_search(step: StepFn, enc: EncoderOutputs, special_ids: dict[str, int],
     """Batched beam search: all images' beams go through one ``step`` call per position.
 
     Each step takes the top ``2k`` of ``(n_img, k * vocab)`` candidates: those ending in ``<end>``
-    within the top k become finished hypotheses, the best k others continue. An image is done
-    once it has k finished hypotheses; at ``max_len`` live beams become unfinished hypotheses,
-    so a caption is always returned. The best hypothesis by normalised score wins.
+    within the top k are finished hypotheses (each image keeps its best), the best k others
+    continue. An image stops once no live beam can still finish above its best finished hypothesis.
+    A live beam's raw score s (a sum of log-probs, <= 0) only falls and it ends within ``max_len``
+    words, so under length penalty p its final score is at most ``s / max_len**p`` (the exact bound,
+    as Hugging Face's ``early_stopping="never"``; s itself when p = 0). At ``max_len`` live beams
+    are candidates too (unfinished), so a caption is always returned.
     """
     features, proj, h, c = enc
     n_img, n_pix, device = features.size(0), features.size(1), features.device
-    k, end = options.beam, special_ids["end"]
+    k, end, p = options.beam, special_ids["end"], options.length_penalty
     # The k beams of an image are consecutive rows: row = image * k + beam.
     features, proj, h, c = (x.repeat_interleave(k, dim=0) for x in (features, proj, h, c))
     images = torch.arange(n_img, device=device)  # original index of each active image
@@ -127,8 +154,12 @@ def beam_search(step: StepFn, enc: EncoderOutputs, special_ids: dict[str, int],
     tokens = torch.full((n_img * k,), special_ids["start"], dtype=torch.long, device=device)
     hist_tokens = torch.zeros((n_img, k, 0), dtype=torch.long, device=device)
     hist_alphas = torch.zeros((n_img, k, 0, n_pix), device=device)
-    hyps: list[list[_Hyp]] = [[] for _ in range(n_img)]
-    n_finished = torch.zeros(n_img, dtype=torch.long, device=device)
+    best = _Best(torch.full((n_img, options.max_len), end, dtype=torch.long, device=device),
+                 torch.zeros((n_img, options.max_len, n_pix), device=device),
+                 torch.zeros(n_img, device=device),
+                 torch.full((n_img,), options.max_len, dtype=torch.long, device=device),
+                 torch.full((n_img,), float("-inf"), device=device))
+    live_norm = float(options.max_len) ** p  # the longest any live beam can end up
 
     for t in range(options.max_len):
         logprobs, alpha, h, c = step(tokens, h, c, features, proj)  # (n_act*k, vocab), (n_act*k, n_pix)
@@ -138,12 +169,10 @@ def beam_search(step: StepFn, enc: EncoderOutputs, special_ids: dict[str, int],
         src_beam, word = top_idx // vocab, top_idx % vocab  # (n_act, 2k)
         is_end = (word == end) & torch.isfinite(top_scores)
         rank = torch.arange(top_idx.size(1), device=device).expand_as(top_idx)
-        new_hyps = is_end & (rank < k)  # (n_act, 2k)
-        n_finished += new_hyps.sum(dim=1)
-        for i, j in new_hyps.nonzero().tolist():
-            b = int(src_beam[i, j])
-            hyps[int(images[i])].append(_Hyp(float(top_scores[i, j]) / float(t + 1) ** options.length_penalty,
-                                             hist_tokens[i, b], hist_alphas[i, b], True))
+        ended = torch.where(is_end & (rank < k), top_scores, float("-inf"))  # (n_act, 2k)
+        end_best, j = ended.max(dim=1)  # (n_act,): each image's best new finished hypothesis
+        best.update(images, end_best, end_best / float(t + 1) ** p, src_beam.gather(1, j.unsqueeze(1)).squeeze(1),
+                    hist_tokens, hist_alphas)
         # The best k candidates that do not end continue (end ones sort last, ties keep rank order).
         sel = torch.sort(is_end.long() * top_idx.size(1) + rank, dim=1).indices[:, :k]  # (n_act, k)
         beam_scores = torch.where(is_end.gather(1, sel), float("-inf"), top_scores.gather(1, sel))
@@ -155,21 +184,17 @@ def beam_search(step: StepFn, enc: EncoderOutputs, special_ids: dict[str, int],
         step_alpha = alpha.float()[rows].view(n_act, k, 1, n_pix)
         hist_alphas = torch.cat([hist_alphas[torch.arange(n_act, device=device).unsqueeze(1), src], step_alpha], 2)
 
-        done = n_finished >= k  # (n_act,)
-        if t < options.max_len - 1 and bool(done.any()):  # at the last step every live beam is handed over
+        live_best, live_beam = beam_scores.max(dim=1)  # (n_act,)
+        if t == options.max_len - 1:  # the live beams are (unfinished) candidates too
+            best.update(images, live_best, live_best / live_norm, live_beam, hist_tokens, hist_alphas)
+            break
+        done = live_best / live_norm <= best.normed[images]  # (n_act,): no live beam can still win
+        if bool(done.any()):
             keep = ~done
             if not bool(keep.any()):
                 break
             rows_keep = keep.repeat_interleave(k)
-            images, n_finished, beam_scores, hist_tokens, hist_alphas = (
-                x[keep] for x in (images, n_finished, beam_scores, hist_tokens, hist_alphas))
+            images, beam_scores, hist_tokens, hist_alphas = (
+                x[keep] for x in (images, beam_scores, hist_tokens, hist_alphas))
             h, c, tokens, features, proj = (x[rows_keep] for x in (h, c, tokens, features, proj))
-    else:
-        norm = float(options.max_len) ** options.length_penalty
-        for i, img in enumerate(images.tolist()):
-            for b in range(k):
-                if torch.isfinite(beam_scores[i, b]):
-                    hyps[img].append(_Hyp(float(beam_scores[i, b]) / norm, hist_tokens[i, b], hist_alphas[i, b], False))
-
-    best = [max(image_hyps, key=lambda hyp: hyp.score) for image_hyps in hyps]
-    return [Caption(hyp.tokens.tolist(), hyp.score, hyp.alphas.cpu().numpy(), hyp.finished) for hyp in best]
+    return _captions(best.tokens, best.alphas, best.scores, best.lengths, options)

@@ -110,20 +110,29 @@ def build(
 
 @app.command()
 @user_errors
-def check(bundle: Path = typer.Argument(..., readable=False, help="Bundle folder written by `sat-export build`.")):
+def check(
+    bundle: Path = typer.Argument(..., readable=False, help="Bundle folder written by `sat-export build`."),
+    strict: bool = typer.Option(False, "--strict", help="Exit 1 when a stored parity gate failed or was skipped."),
+):
     """Verify a bundle: seal and checksums (integrity, not authenticity), manifest schema, graph I/O against
-    the contract, a smoke inference.
+    the contract, a smoke inference, and the parity verdict stored per precision.
 
-    Example:  sat-export check small_bundle
+    Example:  sat-export check small_bundle --strict
     """
-    from sat_export.check import check_bundle
+    from sat_export.check import check_bundle, require_passed_gates
 
     summary = check_bundle(bundle)
+    for name, gate in summary["parity"].items():
+        mark = {True: "[green]✓[/]", False: "[red]✗[/]", None: "[yellow]~[/]"}[gate["passed"]]
+        console.print(f"{mark} " + escape(printable(f"{name} parity gate: {gate['verdict']}")), highlight=False,
+                      soft_wrap=True)
     trt = f"; TensorRT engines {summary['tensorrt']}" if "tensorrt" in summary else ""
     console.print("[green]✓[/] " + escape(printable(
         f"{bundle}: {len(summary['files'])} files verified (integrity, not authenticity: the seal shows nothing "
         f"changed since it was written, not who wrote it), smoke inference passed for "
         f"{', '.join(summary['precisions'])}{trt}")), highlight=False, soft_wrap=True)
+    if strict:
+        require_passed_gates(bundle, summary["parity"])
 
 
 @app.command("import")

@@ -1,9 +1,9 @@
 """The decode loop against references: a per-image loop, exhaustive search, and its own invariants."""
-import itertools
-
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import tiny_model
 from training.decode import DecodeOptions, beam_search, decode, greedy_search
@@ -73,35 +73,119 @@ class ToyLM:
         h = torch.arange(n_img, dtype=torch.float32).unsqueeze(1) * 13.0
         return torch.zeros(n_img, self.n_pix, 2), torch.zeros(n_img, self.n_pix, 2), h, torch.zeros(n_img, 1)
 
+    def image(self, img):
+        """Encoder outputs of image ``img`` alone, batch 1."""
+        return tuple(x[img : img + 1] for x in self.enc(img + 1))
+
     def exhaustive(self, img, max_len, length_penalty=0.0):
-        """Best over every sequence that ends with <end> within max_len, or runs to max_len."""
-        best = (-np.inf, None)
-        _, _, h0, c0 = self.enc(img + 1)
-        for n in range(1, max_len + 1):
-            for seq in itertools.product(range(self.vocab), repeat=n):
-                if 2 in seq[:-1] or (n < max_len and seq[-1] != 2):
-                    continue
-                h, tok, total = h0[img : img + 1], torch.tensor([1]), 0.0
-                for w in seq:
-                    lp, _, h, _ = self(tok, h, c0[:1], None, None)
-                    total += lp[0, w].item()
-                    tok = torch.tensor([w])
-                words = [w for w in seq if w != 2]
-                score = total / n ** length_penalty
-                if score > best[0]:
-                    best = (score, words)
-        return best
+        """Best normalised score over every sequence that ends with <end> within max_len, or runs to max_len.
+
+        Breadth first in float64: every prefix of one length goes through one call.
+        """
+        f, p, h, c = self.image(img)
+        raw, tokens, best = torch.zeros(1, dtype=torch.float64), torch.tensor([1]), -np.inf
+        words = [w for w in range(self.vocab) if w != 2]
+        for t in range(max_len):
+            lp, _, h, c = self(tokens, h, c, f, p)
+            total = raw.unsqueeze(1) + lp.double()  # (n_prefix, vocab)
+            best = max(best, float(total[:, 2].max()) / (t + 1) ** length_penalty)
+            raw = total[:, words].reshape(-1)  # (n_prefix * (vocab - 1),) the prefixes one word longer
+            tokens = torch.tensor(words).repeat(total.size(0))
+            h, c = h.repeat_interleave(len(words), 0), c.repeat_interleave(len(words), 0)
+        return max(best, float(raw.max()) / max_len ** length_penalty)
+
+    def beam_to_max_len(self, img, k, max_len, length_penalty=0.0):
+        """Reference: one image's beam search with ``beam_search``'s candidate rule (top 2k; <end> within
+        the top k finishes, the best k others continue) in the same float32 arithmetic, never stopped
+        before max_len. Returns the normalised score of every hypothesis it finishes and of its last beams."""
+        f, p, h, c = self.image(img)
+        beams, hyps = [(np.float32(0.0), h, 1)], []  # raw score, state, last word
+        for t in range(max_len):
+            cands = []
+            for raw, h_b, tok in beams:
+                lp, _, h_next, _ = self(torch.tensor([tok]), h_b, c, f, p)
+                cands += [(raw + np.float32(lp[0, w].item()), h_next, w) for w in range(self.vocab)]
+            top = sorted(cands, key=lambda cand: -cand[0])[: 2 * k]
+            hyps += [float(raw) / (t + 1) ** length_penalty for raw, _, w in top[:k] if w == 2]
+            beams = [cand for cand in top if cand[2] != 2][:k]
+        return hyps + [float(raw) / max_len ** length_penalty for raw, _, _ in beams]
+
+    def rescore(self, img, cap):
+        """Sum of log-probs of ``cap``'s words (and of its <end> if finished), in float64."""
+        f, p, h, c = self.image(img)
+        tok, total = torch.tensor([1]), 0.0
+        for w in cap.tokens + ([2] if cap.finished else []):
+            lp, _, h, c = self(tok, h, c, f, p)
+            total += lp[0, w].item()
+            tok = torch.tensor([w])
+        return total
 
 
-@pytest.mark.parametrize("length_penalty", [0.0, 1.0])
-def test_beam_search_with_wide_beam_equals_exhaustive_search(length_penalty):
-    lm, max_len = ToyLM(vocab=4, seed=3), 4
-    caps = beam_search(lm, lm.enc(3), SPECIALS, DecodeOptions(beam=4 ** 4, max_len=max_len,
+class ForkLM:
+    """Issue 13's 4-word LM (<end>, a, b; the other specials never win): greedy finds "a a" (-0.81), a
+    beam search that stops at k finished hypotheses returns the empty caption (-0.90).
+
+    Step 1: <end> -0.90, a -0.70, b -2.34; after "a": a -0.10, <end> -2.50; after "b", "a a" or
+    anything else: <end> -0.01. Every other word -5. h carries the prefix's state.
+    """
+
+    A, B = 4, 5
+    START, AFTER_A, AFTER_B, AFTER_AA, OTHER = range(5)
+
+    def __init__(self):
+        self.table = torch.full((5, 6), -5.0)  # (state, word)
+        self.table[self.START, [2, self.A, self.B]] = torch.tensor([-0.90, -0.70, -2.34])
+        self.table[self.AFTER_A, [2, self.A]] = torch.tensor([-2.50, -0.10])
+        self.table[[self.AFTER_B, self.AFTER_AA, self.OTHER], 2] = -0.01
+        self.next = torch.full((5, 6), self.OTHER)  # (state, word) -> state
+        self.next[self.START, SPECIALS["start"]] = self.START
+        self.next[self.START, self.A], self.next[self.START, self.B] = self.AFTER_A, self.AFTER_B
+        self.next[self.AFTER_A, self.A] = self.AFTER_AA
+
+    def __call__(self, tokens, h, c, features, proj):
+        state = h[:, 0].long()  # (n,) the state the input word is read in
+        h_next = self.next[state, tokens].float().unsqueeze(1)  # (n, 1)
+        return self.table[h_next[:, 0].long()], torch.ones(tokens.numel(), 1), h_next, c
+
+    def enc(self, n_img):
+        """``<start>`` read in ``START`` stays there, so step 1 gives START's log-probs."""
+        h = torch.full((n_img, 1), float(self.START))
+        return torch.zeros(n_img, 1, 1), torch.zeros(n_img, 1, 1), h, torch.zeros(n_img, 1)
+
+
+@pytest.mark.parametrize("beam", [1, 2, 3])
+def test_beam_search_does_not_stop_while_a_live_beam_can_still_win(beam):
+    lm = ForkLM()
+    caps = decode(lm, lm.enc(2), SPECIALS, DecodeOptions(beam=beam, max_len=6))
+    assert [c.tokens for c in caps] == [[lm.A, lm.A]] * 2
+    assert all(c.finished and c.score == pytest.approx(-0.81, abs=1e-6) for c in caps)
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 10_000), vocab=st.integers(7, 8), max_len=st.integers(3, 4),
+       length_penalty=st.sampled_from([0.0, 0.5, 1.0, 2.0]))
+def test_beam_search_with_wide_beam_equals_exhaustive_search(seed, vocab, max_len, length_penalty):
+    lm = ToyLM(vocab=vocab, seed=seed)  # the 4 specials and 3-4 words, every id emittable but <start>'s role
+    wide = (vocab - 1) ** (max_len - 1)  # every live prefix keeps a beam
+    caps = beam_search(lm, lm.enc(2), SPECIALS, DecodeOptions(beam=wide, max_len=max_len,
                                                               length_penalty=length_penalty))
     for img, cap in enumerate(caps):
-        score, words = lm.exhaustive(img, max_len, length_penalty)
-        assert cap.tokens == words
-        assert cap.score == pytest.approx(score, abs=1e-5)
+        best = lm.exhaustive(img, max_len, length_penalty)
+        assert cap.score == pytest.approx(best, abs=1e-5)
+        length = len(cap.tokens) + cap.finished
+        assert lm.rescore(img, cap) / length ** length_penalty == pytest.approx(best, abs=1e-5)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 10_000), vocab=st.integers(5, 8), beam=st.integers(1, 3), max_len=st.integers(2, 7),
+       length_penalty=st.sampled_from([0.0, 1.0]))
+def test_small_beam_never_returns_less_than_a_hypothesis_its_beams_finish_later(seed, vocab, beam, max_len,
+                                                                               length_penalty):
+    lm = ToyLM(vocab=vocab, seed=seed)
+    caps = beam_search(lm, lm.enc(3), SPECIALS, DecodeOptions(beam=beam, max_len=max_len,
+                                                              length_penalty=length_penalty))
+    for img, cap in enumerate(caps):
+        assert cap.score >= max(lm.beam_to_max_len(img, beam, max_len, length_penalty)) - 1e-5
 
 
 def test_beam_one_equals_greedy_and_beam_never_scores_worse():
