@@ -39,9 +39,17 @@ from training.images import DEFAULT_MAX_PIXELS, load_rgb, preprocess
 from training.machine import usable_cores
 
 
-# 2: large JPEGs decoded at reduced size (``PreprocessConfig.draft_margin``). Rows of a run record without
-# it were made from fully decoded images, and a few of their captions would differ: not resumed together.
-IMAGE_DECODING = 2
+def default_workers() -> int:
+    """Reader threads: half the cores, at least 2 (the model's threads get the rest, at least 1).
+
+    Measured on 2 cores: threads overlap decoding with inference (Pillow releases the GIL while it
+    decodes and resizes) and beat a process pool, which cost 1.7x the CPU in page faults; 2 readers
+    and 1 inference thread is the best split there. On 16 cores (reasoned, not measured): a reader
+    decodes ~50 12 MP JPEGs/s at reduced size, the 224-px ResNet-101 needs ~77 ms of CPU per image
+    and the demo model ~1.5 ms, so half the cores keep the readers ahead of any model heavier than
+    the demo and leave it 8 threads.
+    """
+    return max(2, usable_cores() // 2)
 
 
 @dataclass(frozen=True)
@@ -50,10 +58,11 @@ class InferOptions:
 
     batch_size: int = 16
     decode: DecodeOptions = DecodeOptions()
-    workers: int = field(default_factory=lambda: min(4, usable_cores()))
+    workers: int = field(default_factory=default_workers)
     max_pixels: int = DEFAULT_MAX_PIXELS
     alphas_dir: Path | None = None
     overlays_dir: Path | None = None
+    full_decode: bool = False  # decode every pixel of large JPEGs (PreprocessConfig.draft_margin is the default)
 
     def __post_init__(self):
         for name in ("batch_size", "workers", "max_pixels"):
@@ -132,11 +141,16 @@ def open_for_readers(model: str | Path | None, backend: str = "auto", workers: i
     return open_backend(model, backend, threads=threads or max(1, usable_cores() - workers))
 
 
-def run_settings(model: str | Path | None, decode: DecodeOptions) -> dict:
+def run_settings(model: str | Path | None, decode: DecodeOptions, full_decode: bool = False) -> dict:
     """What the rows of a run depend on: the model's identity (``registry.model_sha256``; the demo
-    model by default), how images are decoded (``IMAGE_DECODING``) and the decoding options."""
-    return {"model_sha256": model_sha256(model), "image_decoding": IMAGE_DECODING, "beam": decode.beam,
-            "max_len": decode.max_len, "length_penalty": decode.length_penalty}
+    model by default), how images are decoded, and the decoding options.
+
+    ``image_decoding`` is ``reduced`` (large JPEGs at reduced size, as the model's preprocessing
+    allows) or ``full``; run records written before it existed (full decoding) do not match either,
+    so their rows are not resumed together with rows of another decoding.
+    """
+    return {"model_sha256": model_sha256(model), "image_decoding": "full" if full_decode else "reduced",
+            "beam": decode.beam, "max_len": decode.max_len, "length_penalty": decode.length_penalty}
 
 
 def plan(paths: Iterable[str | Path], out: str | Path, overwrite: bool = False, settings: dict | None = None,
@@ -182,7 +196,8 @@ def run(backend: Backend, plan: Plan, options: InferOptions = InferOptions(),
     try:
         with appending(plan, summary) as append:
             thumb = THUMB if options.overlays_dir is not None else None
-            reader = partial(read_item, cfg=backend.config.preprocess, max_pixels=options.max_pixels, thumbnail=thumb)
+            reader = partial(read_item, cfg=backend.config.preprocess, max_pixels=options.max_pixels, thumbnail=thumb,
+                             full_decode=options.full_decode)
             loaded = prefetch(pool, reader, plan.todo, options.prefetch)
             for batch in batches(loaded, options.batch_size):
                 rows = caption_batch(backend, batch, options, plan.out.parent)
@@ -219,8 +234,9 @@ def appending(plan: Plan, summary: Summary) -> Iterator[Callable[[list[dict]], N
 
 
 def read_item(item: InputItem, cfg: PreprocessConfig, max_pixels: int = DEFAULT_MAX_PIXELS,
-              thumbnail: int | None = None) -> Loaded:
-    """Read, decode and preprocess one item; every way a file can be bad becomes ``Loaded.error``.
+              thumbnail: int | None = None, full_decode: bool = False) -> Loaded:
+    """Read, decode (at reduced size where ``cfg`` allows, unless ``full_decode``) and preprocess one
+    item; every way a file can be bad becomes ``Loaded.error``.
 
     With ``thumbnail``, the decoded image is also kept, shrunk to at most that many pixels a side.
     """
@@ -235,7 +251,7 @@ def read_item(item: InputItem, cfg: PreprocessConfig, max_pixels: int = DEFAULT_
         if info.st_size == 0:
             raise ImageDecodeError("empty file (0 bytes)")
         with item.path.open("rb") as f:  # opened here so a permission error reads as one; Pillow reads lazily
-            image = load_rgb(f, max_pixels, cfg.draft_short_side)
+            image = load_rgb(f, max_pixels, None if full_decode else cfg.draft_short_side)
         pixels = preprocess(image, cfg)
         if thumbnail is None:
             return Loaded(item, pixels, None)

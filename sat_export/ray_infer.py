@@ -71,12 +71,13 @@ def driver_config(model: str | Path | None, backend: str) -> ModelConfig:
     return model_config(resolve_model(model, backend))
 
 
-def read_batch(batch: dict[str, np.ndarray], cfg: PreprocessConfig, max_pixels: int) -> dict[str, np.ndarray]:
+def read_batch(batch: dict[str, np.ndarray], cfg: PreprocessConfig, max_pixels: int,
+               full_decode: bool = False) -> dict[str, np.ndarray]:
     """CPU task: read, decode and preprocess each file of ``batch`` (columns ``path``, ``key``, ``error``).
 
     Adds ``pixels (n, 3, crop, crop)`` float32 (zeros for a bad file) and sets ``error`` ("" when none).
     """
-    loaded = [read_item(InputItem(Path(path), key, error or None), cfg, max_pixels)
+    loaded = [read_item(InputItem(Path(path), key, error or None), cfg, max_pixels, full_decode=full_decode)
               for path, key, error in zip(batch["path"], batch["key"], batch["error"])]
     blank = np.zeros((3, cfg.crop, cfg.crop), np.float32)
     return {"path": batch["path"], "key": batch["key"],
@@ -199,7 +200,8 @@ def _caption_dataset(ray, plan: Plan, model: str | Path | None, backend: str, co
     # (actors ask for none) also keeps Ray from fusing reading into the actors, where it would not overlap inference
     pixels = files.map_batches(read_batch, batch_size=options.batch_size, num_cpus=1,
                                memory=min(3 * options.max_pixels, 2**30),
-                               fn_kwargs={"cfg": config.preprocess, "max_pixels": options.max_pixels})
+                               fn_kwargs={"cfg": config.preprocess, "max_pixels": options.max_pixels,
+                                          "full_decode": options.full_decode})
     actor_args = dict(model=None if model is None else os.path.abspath(model), backend=backend,
                       threads=threads or max(1, int(ray_options.cpus_per_actor)), decode=options.decode,
                       keep_alphas=options.alphas_dir is not None)

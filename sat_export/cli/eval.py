@@ -83,3 +83,7 @@ def print_report(report: dict) -> None:
                 out.print(f"  {printable(line)}", highlight=False, markup=False)
             if len(items) > SHOWN:
                 out.print(f"  ... and {len(items) - SHOWN} more (see --json)", highlight=False)
+
+
+if __name__ == "__main__":
+    app()

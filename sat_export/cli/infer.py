@@ -47,6 +47,8 @@ def main(
                                 help="Write each image's attention (T, grid, grid) to DIR/<image>.npz."),
     overlays: Path = typer.Option(None, readable=False,
                                   help="Write one attention overlay PNG per word and DIR/index.html."),
+    full_decode: bool = typer.Option(DEFAULTS.full_decode, help="Decode every pixel of large JPEGs (slower; by "
+                                     "default they are decoded at the reduced size the model's preprocessing allows)."),
     strict: bool = typer.Option(False, help="Exit 1 when any file could not be captioned."),
     overwrite: bool = typer.Option(False, help="Start over instead of resuming --out."),
     ray: bool = typer.Option(False, "--ray", help="Caption on a Ray cluster (extra: ray); only this process writes."),
@@ -65,8 +67,10 @@ def main(
 
     On a Ray cluster:  sat-infer /shared/photos --out /shared/captions.jsonl --ray --ray-address auto --ray-actors 8
     """
-    options = InferOptions(batch_size, DecodeOptions(beam, max_len), workers, max_pixels, alphas, overlays)
-    with plan(paths, out, overwrite, run_settings(model, options.decode), (alphas, overlays)) as work:  # out locked
+    options = InferOptions(batch_size, DecodeOptions(beam, max_len), workers, max_pixels, alphas, overlays,
+                           full_decode)
+    settings = run_settings(model, options.decode, options.full_decode)
+    with plan(paths, out, overwrite, settings, (alphas, overlays)) as work:  # out locked
         if work.todo:
             with (nullcontext() if ray else open_for_readers(model, backend, workers, threads)) as opened, Progress(
                     TextColumn("captioning"), BarColumn(), MofNCompleteColumn(), ImagesPerSecond(),

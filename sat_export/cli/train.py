@@ -153,3 +153,7 @@ def demo_cmd(
 
     report = demo(out, asset or demo_checkpoint_path(must_exist=False), console=console)
     typer.echo(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=1))
+
+
+if __name__ == "__main__":
+    app()

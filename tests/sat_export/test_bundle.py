@@ -37,7 +37,7 @@ def test_manifest_records_everything_needed_to_run_the_bundle(tiny_bundle, vocab
     assert manifest["vocab"]["itos"] == vocab.itos and manifest["special_ids"] == vocab.special_ids()
     assert manifest["preprocess"] == {"resize": 72, "crop": 64, "mean": [0.485, 0.456, 0.406],
                                       "std": [0.229, 0.224, 0.225], "interpolation": "bilinear",
-                                      "resize_mode": "shorter_side", "reducing_gap": 3.0}
+                                      "resize_mode": "shorter_side", "reducing_gap": 3.0, "draft_margin": 2.0}
     assert manifest["graphs"]["decoder_step"]["inputs"][0] == {"name": "tokens", "dtype": "int64", "shape": ["batch"]}
     assert manifest["graphs"]["encoder"]["outputs"][1]["shape"] == ["batch", 16, 16]  # features_proj
     assert manifest["precisions"] == {"fp32": {"encoder": "encoder.onnx", "decoder_step": "decoder_step.onnx"}}
@@ -60,10 +60,11 @@ def test_load_bundle_gives_config_vocab_and_graph_paths(tiny_bundle, vocab):
 def test_a_manifest_from_before_resize_modes_loads_with_todays_preprocessing(bundle):
     manifest = json.loads((bundle / MANIFEST_FILE).read_text())
     for pre in (manifest["preprocess"], manifest["model"]["preprocess"]):
-        del pre["resize_mode"], pre["reducing_gap"]
+        del pre["resize_mode"], pre["reducing_gap"], pre["draft_margin"]
     _reseal_as_is(bundle, manifest)
     pre = load_bundle(bundle).config.preprocess
-    assert (pre.resize, pre.crop, pre.resize_mode, pre.reducing_gap) == (72, 64, "shorter_side", 3.0)
+    assert (pre.resize, pre.crop, pre.resize_mode, pre.reducing_gap, pre.draft_margin) == (
+        72, 64, "shorter_side", 3.0, 2.0)
 
 
 def test_check_passes_on_a_fresh_bundle(tiny_bundle):
