@@ -89,3 +89,7 @@ def main(
     console.print(f"measurements written to {json_path}; {write_plot(doc, plot)}; "
                   f"{seconds['total']:.0f} s in all ({seconds['prepare']:.0f} s preparing)", highlight=False,
                   soft_wrap=True)
+
+
+if __name__ == "__main__":
+    app()
