@@ -5,10 +5,11 @@ encoder of ``sat_export.quantize_openvino``). Its inference precision is always 
 left alone, OpenVINO runs bf16 on a CPU with native bf16. bf16 is refused where the CPU would only
 emulate it. One dynamic-batch model per performance hint, compiled when first needed: a batch of one
 image on ``LATENCY`` (one request, every thread), larger batches on ``THROUGHPUT``, split into one
-request per stream and run together. Measured on the bench's ResNet-101 at 224 px (2 loaded cores,
-bf16): ``THROUGHPUT`` 1.02x / 1.15x / 1.28x ``LATENCY`` at batch 8 / 20 / 32, 0.77x at batch 1; one
-dynamic-batch model as fast as a model reshaped to each batch size (0.96x to 1.03x) and compiled
-once (0.3-0.6 s and ~240 MB per compiled model).
+request per stream and run together. Measured on the bench's ResNet-101 at 224 px, bf16, 2 cores:
+``THROUGHPUT`` 1.00-1.03x ``LATENCY`` at batch 8 to 32 on a quiet machine, 1.09-1.40x under load
+(load average 4), 0.53-0.57x at batch 1. One dynamic-batch model is within 3 % of models reshaped
+to each batch size (which ``sat-infer``'s last batch would add), compiled once (0.3 s, ~230 MB)
+instead of once per batch size (~300 MB each).
 
 The decoder step stays on ``engines.ort.OrtBackend`` (fp32): the decode loop drops finished rows,
 so the step's batch changes every call, where OpenVINO measured 3x slower than ONNX Runtime, and
