@@ -18,6 +18,7 @@ memory OpenVINO reads and writes directly (no copies).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -62,11 +63,8 @@ class OpenVinoBackend(Backend):
         self._decoder = OrtBackend(None, decoder_path, config, vocab, "cpu", threads)
         self.threads = self._decoder.threads
         self._core = self._ov.Core()
-        try:
+        with self._refused("read"):
             self._model = self._core.read_model(str(self.encoder_path))
-        except Exception as err:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses of its own
-            reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-            raise EngineError(f"{self.encoder_path}: OpenVINO cannot read this encoder ({reason})") from None
         found = {kind: [(t.get_any_name(), str(t.get_element_type().to_dtype()),
                          tuple(BATCH if d.is_dynamic else d.get_length() for d in t.get_partial_shape()))
                         for t in tensors] for kind, tensors in (("input", self._model.inputs),
@@ -82,7 +80,8 @@ class OpenVinoBackend(Backend):
             config = {props.inference_num_threads: self.threads,
                       hints.inference_precision: {"fp32": types.f32, "bf16": types.bf16}[self.precision],
                       hints.performance_mode: getattr(hints.PerformanceMode, hint)}
-            compiled = self._core.compile_model(self._model, "CPU", config)
+            with self._refused("compile"):
+                compiled = self._core.compile_model(self._model, "CPU", config)
             n = compiled.get_property(props.optimal_number_of_infer_requests)
             self._compiled[hint] = [compiled.create_infer_request() for _ in range(max(1, n))]
         return self._compiled[hint]
@@ -95,14 +94,27 @@ class OpenVinoBackend(Backend):
         requests = self._requests("LATENCY" if n == 1 else "THROUGHPUT")[:max(1, n)]
         outputs = tuple(torch.empty(spec.shape(dims, n)) for spec in ENCODER.outputs)
         parts = zip(requests, images.tensor_split(len(requests)), *(o.tensor_split(len(requests)) for o in outputs))
-        for request, x, *ys in parts:  # contiguous slices of the batch: OpenVINO reads and writes torch's memory
-            request.set_input_tensor(0, self._ov.Tensor(x.numpy(), shared_memory=True))
-            for i, y in enumerate(ys):
-                request.set_output_tensor(i, self._ov.Tensor(y.numpy(), shared_memory=True))
-            request.start_async()
-        for request in requests:
-            request.wait()
+        started = []
+        try:
+            for request, x, *ys in parts:  # contiguous slices of the batch: OpenVINO reads and writes torch's memory
+                request.set_input_tensor(0, self._ov.Tensor(x.numpy(), shared_memory=True))
+                for i, y in enumerate(ys):
+                    request.set_output_tensor(i, self._ov.Tensor(y.numpy(), shared_memory=True))
+                request.start_async()
+                started.append(request)
+        finally:  # never leave a request writing into memory that is given back
+            for request in started:
+                request.wait()
         return outputs
+
+    @contextmanager
+    def _refused(self, action: str):
+        """OpenVINO's own exception for a file it cannot use becomes one ``EngineError`` line naming the file."""
+        try:
+            yield
+        except Exception as err:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses of its own
+            reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            raise EngineError(f"{self.encoder_path}: OpenVINO cannot {action} this encoder ({reason})") from None
 
     def step(self, tokens: Tensor, h: Tensor, c: Tensor, features: Tensor, features_proj: Tensor) -> StepOutputs:
         return self._decoder.step(tokens, h, c, features, features_proj)

@@ -99,10 +99,10 @@ def open_backend(model: str | Path | None = None, backend: str = "auto", device:
     if device is None:
         device = "cpu" if backend == "openvino" else default_device()
     device = torch.device(device)
-    path = resolve_model(model, backend)
     if precision != "fp32" and backend in ("torch", "tensorrt"):
         raise SatError(f"the {backend} backend has no precision to choose (asked for {precision}): onnxruntime runs "
                        "a bundle's fp16 or int8 graphs, openvino bf16 or int8")
+    path = resolve_model(model, backend)
     if threads:
         torch.set_num_threads(threads)
     if backend == "torch":
