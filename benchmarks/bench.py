@@ -298,11 +298,22 @@ def collect_environment() -> dict:
                     "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
         "libraries": {"python": platform.python_version(), "torch": torch.__version__,
                       "torchvision": torchvision.__version__, "onnxruntime": onnxruntime.__version__,
-                      "onnx": onnx.__version__, "numpy": np.__version__},
+                      "onnx": onnx.__version__, "numpy": np.__version__,
+                      **{name: _installed(name) for name in ("openvino", "nncf")}},
         "threads": {"torch_intra_op": torch.get_num_threads(), "torch_inter_op": torch.get_num_interop_threads()},
         "git_commit": _git_commit(),
         "loadavg_start": list(os.getloadavg()),
     }
+
+
+def _installed(package: str) -> str | None:
+    """The installed version of an optional ``package`` (None when absent), without importing it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 def _git_commit() -> str | None:

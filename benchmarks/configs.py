@@ -9,6 +9,9 @@ torch-bf16             + bf16 autocast (channels-last)               torch      
 torch-compile          ``torch.compile`` of the encoder              torch        fp32       cpu
 ort-fp32               the bundle's fp32 graphs                      onnxruntime  fp32       cpu
 ort-int8               int8 (QDQ) encoder + fp32 decoder step        onnxruntime  int8       cpu
+ov-fp32                the fp32 encoder on OpenVINO, f32 pinned      openvino     fp32       cpu
+ov-bf16                the fp32 encoder on OpenVINO, bf16            openvino     bf16       cpu
+ov-int8                the NNCF int8 encoder on OpenVINO             openvino     int8       cpu
 torch-cuda-fp32        PyTorch eager on the GPU                      torch        fp32       cuda
 torch-cuda-fp16        + fp16 autocast + channels-last               torch        fp16       cuda
 torch-cuda-compile     ``torch.compile`` of the encoder, fp16        torch        fp16       cuda
@@ -18,8 +21,10 @@ trt-fp16               the bundle's TensorRT fp16 engines            tensorrt   
 
 Every row is opened by ``sat_export.registry.open_backend`` (the one place that maps a runtime
 name to its backend); a row that cannot run here gets a status that says why, and the others go on.
+The OpenVINO rows (the ``[openvino]`` extra) run only the encoder on OpenVINO; their decoder step is
+onnxruntime's fp32 one (``engines.openvino``).
 A row whose precision this CPU only emulates (bf16 without AVX-512 BF16 or AMX) runs, is timed and
-marked ``emulated`` (``emulated``).
+marked ``emulated`` (``emulated``); ``ov-bf16`` is marked too, and its backend refuses to run there.
 """
 from __future__ import annotations
 
@@ -56,6 +61,9 @@ CONFIGS: tuple[BenchConfig, ...] = (
     BenchConfig("torch-compile", "PyTorch torch.compile", "torch", options={"compile": True}, quick=False),
     BenchConfig("ort-fp32", "onnxruntime fp32", "onnxruntime"),
     BenchConfig("ort-int8", "onnxruntime int8 encoder", "onnxruntime", "int8"),
+    BenchConfig("ov-fp32", "OpenVINO fp32 encoder", "openvino"),
+    BenchConfig("ov-bf16", "OpenVINO bf16 encoder", "openvino", "bf16"),
+    BenchConfig("ov-int8", "OpenVINO NNCF int8 encoder", "openvino", "int8"),
     BenchConfig("torch-cuda-fp32", "PyTorch eager fp32 on CUDA", "torch", device="cuda"),
     BenchConfig("torch-cuda-fp16", "PyTorch fp16 autocast + channels-last on CUDA", "torch", "fp16", "cuda",
                 options={"channels_last": True, "autocast": torch.float16}),

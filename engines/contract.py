@@ -82,6 +82,20 @@ def check_tensors(graph: str, kind: str, specs, arrays: dict, dims: dict[str, in
             raise ShapeError(f"{graph}: {kind} '{spec.name}' has shape {tuple(arr.shape)}, contract says {want}")
 
 
+def check_graph_io(path, spec: GraphSpec, found: dict[str, list[tuple[str, str, tuple]]], dims: dict[str, int]) -> None:
+    """A loaded graph's inputs and outputs (``found``: ``"input"``/``"output"`` -> ``(name, dtype, shape)``, ``BATCH``
+    for a dynamic axis) are the contract's names, dtypes and sizes for this config, so a graph that does not fit
+    its config (a hand-edited manifest) is refused before any image is read: ``ShapeError`` naming file and tensor."""
+    for kind, wanted in (("input", spec.inputs), ("output", spec.outputs)):
+        names = [name for name, _, _ in found[kind]]
+        if names != [t.name for t in wanted]:
+            raise ShapeError(f"{path}: {kind}s {names}, the contract says {[t.name for t in wanted]}")
+        for (name, dtype, shape), want in zip(found[kind], wanted):
+            if dtype != want.dtype or tuple(shape) != want.shape(dims):
+                raise ShapeError(f"{path}: {kind} '{name}' is {dtype} {list(shape)}, the model config says "
+                                 f"{want.dtype} {list(want.shape(dims))}")
+
+
 def _f32(name: str, *axes) -> TensorSpec:
     return TensorSpec(name, "float32", axes)
 

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from engines.base import Backend, EncoderOutputs, StepOutputs
-from engines.contract import BATCH, DECODER_STEP, ENCODER, GraphSpec
-from engines.errors import BackendUnavailable, EngineError, ShapeError
+from engines.contract import BATCH, DECODER_STEP, ENCODER, GraphSpec, check_graph_io
+from engines.errors import BackendUnavailable, EngineError
 from training.config import ModelConfig
 from training.machine import usable_cores
 from training.vocab import Vocab
@@ -31,11 +31,12 @@ def _import_ort():
 
 
 class OrtBackend(Backend):
-    """Two ``InferenceSession`` s following the graph contract."""
+    """Two ``InferenceSession`` s following the graph contract (``encoder_path`` None: the decoder step alone,
+    for a backend whose encoder runs elsewhere, ``engines.openvino``)."""
 
     name = "onnxruntime"
 
-    def __init__(self, encoder_path: str | Path, decoder_path: str | Path, config: ModelConfig, vocab: Vocab,
+    def __init__(self, encoder_path: str | Path | None, decoder_path: str | Path, config: ModelConfig, vocab: Vocab,
                  device: torch.device | str = "cpu", threads: int | None = None):
         super().__init__(config, vocab, device)
         ort = _import_ort()
@@ -48,9 +49,10 @@ class OrtBackend(Backend):
         else:
             providers = ["CPUExecutionProvider"]
         self.threads = threads or usable_cores()
-        self.encoder_path, self.decoder_path = Path(encoder_path), Path(decoder_path)
+        self.encoder_path = None if encoder_path is None else Path(encoder_path)
+        self.decoder_path = Path(decoder_path)
         self._sessions = {spec.name: self._session(ort, spec, Path(path), providers)
-                          for spec, path in ((ENCODER, encoder_path), (DECODER_STEP, decoder_path))}
+                          for spec, path in ((ENCODER, encoder_path), (DECODER_STEP, decoder_path)) if path is not None}
 
     def _session(self, ort, spec: GraphSpec, path: Path, providers: list):
         """One ``InferenceSession`` whose I/O is checked against the contract; a file onnxruntime refuses
@@ -64,19 +66,10 @@ class OrtBackend(Backend):
         return session
 
     def _check_io(self, session, spec: GraphSpec, path: Path) -> None:
-        """Names, dtypes and sizes of the graph's inputs and outputs are the contract's for this config, so a
-        graph that does not fit its config (a hand-edited manifest) is refused before any image is read."""
-        dims = self.config.dims()
-        for kind, found, wanted in (("input", session.get_inputs(), spec.inputs),
-                                    ("output", session.get_outputs(), spec.outputs)):
-            if [t.name for t in found] != [t.name for t in wanted]:
-                raise ShapeError(f"{path}: {kind}s {[t.name for t in found]}, the contract says "
-                                 f"{[t.name for t in wanted]}")
-            for got, want in zip(found, wanted):
-                shape = tuple(BATCH if d is None or isinstance(d, str) else d for d in got.shape)
-                if _ORT_DTYPES.get(got.type) != want.dtype or shape != want.shape(dims):
-                    raise ShapeError(f"{path}: {kind} '{got.name}' is {got.type} {list(shape)}, the model config "
-                                     f"says {want.dtype} {list(want.shape(dims))}")
+        found = {kind: [(t.name, _ORT_DTYPES.get(t.type, t.type),
+                         tuple(BATCH if d is None or isinstance(d, str) else d for d in t.shape)) for t in tensors]
+                 for kind, tensors in (("input", session.get_inputs()), ("output", session.get_outputs()))}
+        check_graph_io(path, spec, found, self.config.dims())
 
     def _options(self, ort, spec: GraphSpec):
         opts = ort.SessionOptions()
@@ -120,8 +113,9 @@ class OrtBackend(Backend):
         self._sessions.clear()
 
     def describe(self) -> str:
-        providers = self._sessions[ENCODER.name].get_providers()[0] if self._sessions else "closed"
-        return f"{self.name} {self.encoder_path.name} on {providers} ({self.threads} threads)"
+        providers = next(iter(self._sessions.values())).get_providers()[0] if self._sessions else "closed"
+        graph = (self.encoder_path or self.decoder_path).name
+        return f"{self.name} {graph} on {providers} ({self.threads} threads)"
 
 
 _NP_DTYPES = {"float32": np.float32, "int64": np.int64, "float16": np.float16}

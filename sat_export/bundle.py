@@ -1,10 +1,11 @@
 """The bundle format, owned here: file names, ``manifest.json`` written and read, checksums, the seal.
 
 A bundle is a folder: ``encoder.onnx``, ``decoder_step.onnx`` (plus ``*.fp16.onnx``,
-``encoder.int8.onnx``, ``*.plan`` and ``timing.cache`` when built) and ``manifest.json``. The
-manifest lists every file with its size and sha256, and carries its own sha256 (computed with that
-field empty); it must also be byte-for-byte the canonical JSON this module writes. So any changed
-byte of a graph or of the manifest is refused, with a message naming the file.
+``encoder.int8.onnx``, ``*.plan``, ``timing.cache`` and ``encoder.openvino-int8.xml/.bin`` when
+built) and ``manifest.json``. The manifest lists every file with its size and sha256, and carries
+its own sha256 (computed with that field empty); it must also be byte-for-byte the canonical JSON
+this module writes. So any changed byte of a graph or of the manifest is refused, with a message
+naming the file.
 
 The seal is an unkeyed hash: it proves integrity (nothing changed by accident since the manifest
 was written), not authenticity (whoever edits a bundle can reseal it). A bundle from someone else
@@ -72,6 +73,19 @@ class Bundle:
                               "`sat-export build --trt`")
         return self.dir / trt["files"][ENCODER.name], self.dir / trt["files"][DECODER_STEP.name], trt
 
+    def openvino_int8_path(self) -> Path:
+        """The NNCF int8 encoder's IR graph (``.xml``, its weights beside it); ``BundleError`` without one."""
+        entry = self.manifest.get("openvino_int8")
+        if not entry:
+            raise BundleError(f"{self.dir}: no OpenVINO int8 encoder in this bundle; quantise one with "
+                              "sat_export.quantize_openvino.quantize_openvino_encoder (sat-bench does)")
+        return self.dir / entry["encoder"]
+
+
+def openvino_files(xml: str) -> list[str]:
+    """An OpenVINO IR's two files: the graph (``.xml``) and the weights OpenVINO reads beside it (``.bin``)."""
+    return [xml, str(Path(xml).with_suffix(".bin"))]
+
 
 def graph_file(spec: GraphSpec, precision: str = "fp32", suffix: str = ".onnx") -> str:
     """File name of a graph in the bundle: ``encoder.onnx``, ``encoder.fp16.onnx``, ``encoder.plan``."""
@@ -138,10 +152,11 @@ def new_manifest(config: ModelConfig, vocab: Vocab, opset: int) -> dict:
 
 
 def referenced_files(manifest: dict) -> list[str]:
-    """Every file the manifest points to: graphs of each precision, TensorRT engines and cache."""
+    """Every file the manifest points to: graphs of each precision, TensorRT engines and cache, OpenVINO IR."""
     names = [f for graphs in manifest["precisions"].values() for f in graphs.values()]
     trt = manifest.get("tensorrt") or {}
     names += list(trt.get("files", {}).values()) + ([trt["timing_cache"]] if trt.get("timing_cache") else [])
+    names += openvino_files(manifest["openvino_int8"]["encoder"]) if manifest.get("openvino_int8") else []
     return sorted(set(names))
 
 

@@ -131,26 +131,29 @@ class Loaded:
 
 
 def open_for_readers(model: str | Path | None, backend: str = "auto", workers: int = 2,
-                     threads: int | None = None) -> Backend:
+                     threads: int | None = None, precision: str = "fp32") -> Backend:
     """``registry.open_backend`` with its inference threads set to the cores the readers leave (at least 1).
 
     Torch's and ONNX Runtime's thread pools spin-wait, so on oversubscribed cores they lose an
     order of magnitude: on 2 cores with 2 reader threads, 1 inference thread gave 518 images/s
     and 2 gave 59 (ONNX Runtime, tiny model; torch eager: 475 vs 65).
     """
-    return open_backend(model, backend, threads=threads or max(1, usable_cores() - workers))
+    return open_backend(model, backend, threads=threads or max(1, usable_cores() - workers), precision=precision)
 
 
-def run_settings(model: str | Path | None, decode: DecodeOptions, full_decode: bool = False) -> dict:
+def run_settings(model: str | Path | None, decode: DecodeOptions, full_decode: bool = False,
+                 precision: str = "fp32") -> dict:
     """What the rows of a run depend on: the model's identity (``registry.model_sha256``; the demo
-    model by default), how images are decoded, and the decoding options.
+    model by default), how images are decoded, the decoding options and a precision other than fp32.
 
     ``image_decoding`` is ``reduced`` (large JPEGs at reduced size, as the model's preprocessing
     allows) or ``full``; run records written before it existed (full decoding) do not match either,
-    so their rows are not resumed together with rows of another decoding.
+    so their rows are not resumed together with rows of another decoding. Rows made before there was
+    a choice of precision were fp32, and their records say nothing of it.
     """
-    return {"model_sha256": model_sha256(model), "image_decoding": "full" if full_decode else "reduced",
-            "beam": decode.beam, "max_len": decode.max_len, "length_penalty": decode.length_penalty}
+    settings = {"model_sha256": model_sha256(model), "image_decoding": "full" if full_decode else "reduced",
+                "beam": decode.beam, "max_len": decode.max_len, "length_penalty": decode.length_penalty}
+    return settings if precision == "fp32" else {**settings, "precision": precision}
 
 
 def plan(paths: Iterable[str | Path], out: str | Path, overwrite: bool = False, settings: dict | None = None,

@@ -17,7 +17,7 @@ from engines.contract import GRAPHS
 from training.config import ModelConfig, PreprocessConfig
 
 STRICT = ConfigDict(strict=True, extra="forbid")
-OPEN = ConfigDict(strict=True, extra="allow")  # records whose details are for people (parity, int8, TensorRT)
+OPEN = ConfigDict(strict=True, extra="allow")  # records whose details are for people (parity, int8, TensorRT, OpenVINO)
 
 
 def _file_name(name: str) -> str:
@@ -56,6 +56,19 @@ class TensorRTEntry(BaseModel):
     timing_cache: FileName | None = None
 
 
+def _ir_file(name: str) -> str:
+    if not name.endswith(".xml"):
+        raise ValueError("must name an OpenVINO IR graph (.xml; its weights are the .bin beside it)")
+    return name
+
+
+class OpenVinoInt8Entry(BaseModel):
+    """The NNCF int8 encoder (``sat_export.quantize_openvino``): its IR graph and the record of its quantisation."""
+
+    model_config = OPEN
+    encoder: Annotated[FileName, AfterValidator(_ir_file)]
+
+
 class Manifest(BaseModel):
     """``manifest.json`` as ``bundle.new_manifest`` and the build write it."""
 
@@ -75,4 +88,5 @@ class Manifest(BaseModel):
     files: dict[FileName, FileEntry]
     int8: dict[str, Any] | None = None
     tensorrt: TensorRTEntry | None = None
+    openvino_int8: OpenVinoInt8Entry | None = None
     manifest_sha256: Sha256

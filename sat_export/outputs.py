@@ -131,7 +131,8 @@ def _check_run_record(out: Path, settings: dict) -> None:
         before = None
     if not isinstance(before, dict):
         raise OutputError(f"{record}: unreadable run record; pass --overwrite to start over")
-    changed = [f"{key} {before.get(key)!r} -> {value!r}" for key, value in settings.items() if before.get(key) != value]
+    changed = [f"{key} {before.get(key)!r} -> {settings.get(key)!r}" for key in dict.fromkeys([*settings, *before])
+               if before.get(key) != settings.get(key)]  # a setting either side: one recorded alone differs too
     if changed:
         raise OutputError(f"{out}: its rows were made with other settings ({'; '.join(changed)}); pass "
                           "--overwrite to start over or choose another --out")

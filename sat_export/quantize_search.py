@@ -38,6 +38,7 @@ import onnx
 import torch
 from rich.console import Console
 
+from engines.base import Backend
 from engines.contract import ENCODER
 from engines.ort import OrtBackend
 from sat_export.bundle import Bundle, graph_file, load_bundle
@@ -203,16 +204,19 @@ class HeldBack:
         self.human = references is not None and all(p in references for p in kept)
         self.references = [references[p] for p in kept] if self.human else [[c] for c in self.captions]
 
-    def run(self, encoder: Path) -> tuple[tuple[torch.Tensor, ...], list[list[str]]]:
-        """Encoder outputs and greedy captions (words) of the held-back images with ``encoder``."""
-        with OrtBackend(encoder, self.decoder, self.bundle.config, self.bundle.vocab) as ort:
-            enc = ort.encode(self.images)
-            captions = decode(ort.step, enc, self.bundle.vocab.special_ids(), self.options)
+    def run(self, encoder: Path, runtime: type[Backend] = OrtBackend,
+            ) -> tuple[tuple[torch.Tensor, ...], list[list[str]]]:
+        """Encoder outputs and greedy captions (words) of the held-back images with ``encoder`` on ``runtime``
+        (a backend opened from an encoder and the fp32 decoder step: ``OrtBackend``, ``OpenVinoBackend``)."""
+        with runtime(encoder, self.decoder, self.bundle.config, self.bundle.vocab) as backend:
+            enc = backend.encode(self.images)
+            captions = decode(backend.step, enc, self.bundle.vocab.special_ids(), self.options)
         return enc, [self.bundle.vocab.decode(c.tokens) for c in captions]
 
-    def score(self, encoder: Path) -> tuple[dict, float]:
-        """``(task-rule verdict against fp32, relative L2 of the grid features)`` of an int8 encoder."""
-        outputs, captions = self.run(encoder)
+    def score(self, encoder: Path, runtime: type[Backend] = OrtBackend) -> tuple[dict, float]:
+        """``(task-rule verdict against fp32, relative L2 of the grid features)`` of an int8 encoder
+        on ``runtime``."""
+        outputs, captions = self.run(encoder, runtime)
         diffs = compare(ENCODER, self.outputs, outputs, "held-back", len(self.images), TOLERANCES["int8"])
         features = next(d for d in diffs if d.output == "features")
         return judge(self.references, self.captions, captions, self.ratio), features.rel_l2
@@ -314,7 +318,7 @@ def search_int8_encoder(bundle_dir: str | Path, calib_images: str | Path | Seque
             steps.append(SearchStep(excluded[-1] if excluded else None, verdict["faithful"],
                                     verdict["bleu4"]["ratio"], verdict["cider_d"]["ratio"], verdict["agreement"], rel))
             console.print(f"int8 ({method}) {'all quantised' if not excluded else 'fp32: ' + ', '.join(excluded)}: "
-                          f"{_verdict_line(verdict)} on {verdict['images']} held-back images against {source}; "
+                          f"{verdict_line(verdict)} on {verdict['images']} held-back images against {source}; "
                           f"features rel L2 vs the fp32 graph {rel:.3f}", highlight=False, soft_wrap=True)
             if verdict["faithful"]:
                 break
@@ -334,7 +338,7 @@ def search_int8_encoder(bundle_dir: str | Path, calib_images: str | Path | Seque
                       round(time.perf_counter() - start, 2))
 
 
-def _verdict_line(verdict: dict) -> str:
+def verdict_line(verdict: dict) -> str:
     """``faithful: BLEU-4 0.331 vs 0.330 (100.3 %, 95 % CI of the difference -0.004..0.006), CIDEr-D ...``."""
     parts = [f"{name} {m['candidate']:.3f} vs {m['reference']:.3f} ({m['ratio']:.1%}, 95 % CI of the difference "
              f"{m['ci95'][0]:+.3f}..{m['ci95'][1]:+.3f})" for name, m in (("BLEU-4", verdict["bleu4"]),

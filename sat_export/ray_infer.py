@@ -93,10 +93,11 @@ class Captioner:
     ``node`` (the Ray node the actor runs on).
     """
 
-    def __init__(self, model: str | None, backend: str, threads: int, decode: DecodeOptions, keep_alphas: bool):
+    def __init__(self, model: str | None, backend: str, threads: int, decode: DecodeOptions, keep_alphas: bool,
+                 precision: str = "fp32"):
         import ray
 
-        self.backend = open_for_readers(model, backend, workers=0, threads=threads)
+        self.backend = open_for_readers(model, backend, workers=0, threads=threads, precision=precision)
         self.decode, self.keep_alphas = decode, keep_alphas
         self.node = ray.get_runtime_context().get_node_id()
 
@@ -112,12 +113,13 @@ class Captioner:
 
 def run_ray(model: str | Path | None, plan: Plan, options: InferOptions = InferOptions(),
             ray_options: RayOptions = RayOptions(), backend: str = "auto", threads: int | None = None,
-            on_rows: Callable[[int], None] | None = None) -> Summary:
+            on_rows: Callable[[int], None] | None = None, precision: str = "fp32") -> Summary:
     """Caption ``plan.todo`` on Ray, appending one row per item to ``plan.out`` as rows arrive.
 
     Joins the running Ray if ``ray.is_initialized()``, else ``ray.init(ray_options.address)``
     (and shuts down what it started). Each actor gets ``threads`` inference threads
-    (default: its CPUs, at least 1). ``options.workers`` is unused: Ray schedules the readers.
+    (default: its CPUs, at least 1) and opens ``backend`` at ``precision`` (``registry.open_backend``).
+    ``options.workers`` is unused: Ray schedules the readers.
     ``on_rows(n)`` is called after each batch's ``n`` rows are on disk.
 
     Raises
@@ -147,7 +149,7 @@ def run_ray(model: str | Path | None, plan: Plan, options: InferOptions = InferO
             raise SatError(f"cannot join the Ray cluster at {address}: {err}") from None
     try:
         _check_fits(ray.cluster_resources(), ray_options)
-        rows = _caption_dataset(ray, plan, model, backend, config, options, ray_options, threads)
+        rows = _caption_dataset(ray, plan, model, backend, config, options, ray_options, threads, precision)
         with appending(plan, summary) as append:
             for batch in rows.iter_batches(batch_size=None, batch_format="numpy"):
                 written = _finish_rows(batch, config.grid, options.alphas_dir, plan.out.parent)
@@ -192,7 +194,7 @@ def _check_fits(resources: dict[str, float], ray_options: RayOptions) -> None:
 
 
 def _caption_dataset(ray, plan: Plan, model: str | Path | None, backend: str, config: ModelConfig,
-                     options: InferOptions, ray_options: RayOptions, threads: int | None):
+                     options: InferOptions, ray_options: RayOptions, threads: int | None, precision: str):
     """The lazy Dataset: files -> ``read_batch`` CPU tasks -> ``Captioner`` actor pool -> rows."""
     files = ray.data.from_items([{"path": os.path.abspath(item.path), "key": item.key, "error": item.error or ""}
                                  for item in plan.todo])
@@ -204,7 +206,7 @@ def _caption_dataset(ray, plan: Plan, model: str | Path | None, backend: str, co
                                           "full_decode": options.full_decode})
     actor_args = dict(model=None if model is None else os.path.abspath(model), backend=backend,
                       threads=threads or max(1, int(ray_options.cpus_per_actor)), decode=options.decode,
-                      keep_alphas=options.alphas_dir is not None)
+                      keep_alphas=options.alphas_dir is not None, precision=precision)
     return pixels.map_batches(Captioner, batch_size=options.batch_size, fn_constructor_kwargs=actor_args,
                               compute=ray.data.ActorPoolStrategy(size=ray_options.actors),
                               num_cpus=ray_options.cpus_per_actor, num_gpus=ray_options.gpus_per_actor or None)

@@ -10,6 +10,10 @@ None           the embedded demo model      its bundle is built once into the ca
 checkpoint     onnxruntime (cached bundle)  ``backend="torch"`` runs it eagerly instead
 bundle dir     tensorrt if it has engines   and TensorRT + CUDA are usable, else onnxruntime
 =============  ===========================  ==============================================
+
+``backend="openvino"`` (the ``[openvino]`` extra) is never picked by ``auto``: it runs the bundle's
+fp32 encoder on OpenVINO in fp32 or bf16 (CPUs with native bf16), or its NNCF int8 encoder
+(``precision="int8"``, ``sat_export.quantize_openvino``), always on the CPU.
 """
 from __future__ import annotations
 
@@ -24,7 +28,8 @@ from training.checkpoint import load_checkpoint
 from training.config import ModelConfig
 from training.errors import SatError
 
-BACKEND_NAMES = ("auto", "torch", "onnxruntime", "tensorrt")
+BACKEND_NAMES = ("auto", "torch", "onnxruntime", "tensorrt", "openvino")
+OPENVINO_PRECISIONS = ("fp32", "bf16", "int8")
 
 
 def default_device() -> torch.device:
@@ -86,11 +91,17 @@ def open_backend(model: str | Path | None = None, backend: str = "auto", device:
     Parameters
     ----------
     threads : inference threads: torch's pool (the torch backend, and the decode loop's own tensor
-        ops) and onnxruntime's; None keeps the runtimes' defaults.
-    precision : which of a bundle's graphs onnxruntime runs (fp32, fp16 or int8).
+        ops), onnxruntime's and OpenVINO's; None keeps the runtimes' defaults.
+    precision : which of a bundle's graphs onnxruntime runs (fp32, fp16 or int8); for openvino, the
+        encoder's precision (fp32, bf16) or its NNCF int8 encoder (int8).
     options : ``TorchBackend`` options (``channels_last``, ``autocast``, ``compile``).
     """
-    device = torch.device(device) if device is not None else default_device()
+    if device is None:
+        device = "cpu" if backend == "openvino" else default_device()
+    device = torch.device(device)
+    if precision != "fp32" and backend in ("torch", "tensorrt"):
+        raise SatError(f"the {backend} backend has no precision to choose (asked for {precision}): onnxruntime runs "
+                       "a bundle's fp16 or int8 graphs, openvino bf16 or int8")
     path = resolve_model(model, backend)
     if threads:
         torch.set_num_threads(threads)
@@ -99,7 +110,10 @@ def open_backend(model: str | Path | None = None, backend: str = "auto", device:
 
         return TorchBackend.from_checkpoint(path, device, **options)
     bundle = load_bundle(path)
-    if backend == "tensorrt" or (backend == "auto" and device.type == "cuda" and bundle.manifest.get("tensorrt")):
+    if backend == "openvino":
+        return _open_openvino(bundle, device, threads, precision)
+    engines = precision == "fp32" and bundle.manifest.get("tensorrt")  # a precision asked for is onnxruntime's
+    if backend == "tensorrt" or (backend == "auto" and device.type == "cuda" and engines):
         try:
             return _open_tensorrt(bundle, device)
         except BackendUnavailable:
@@ -118,3 +132,16 @@ def _open_tensorrt(bundle: Bundle, device: torch.device) -> Backend:
     import_tensorrt()  # say what is missing before looking at engines
     encoder, decoder = check_engines(bundle)
     return TensorRTBackend(encoder, decoder, bundle.config, bundle.vocab, device)
+
+
+def _open_openvino(bundle: Bundle, device: torch.device, threads: int | None, precision: str) -> Backend:
+    from engines.openvino import OpenVinoBackend, import_openvino
+
+    if precision not in OPENVINO_PRECISIONS:
+        raise SatError(f"the openvino backend runs {', '.join(OPENVINO_PRECISIONS)}, not {precision!r}")
+    import_openvino()  # say that it is missing before looking for an int8 encoder
+    encoder, decoder = bundle.graph_paths("fp32")
+    if precision == "int8":
+        encoder = bundle.openvino_int8_path()
+    return OpenVinoBackend(encoder, decoder, bundle.config, bundle.vocab, device, threads,
+                           "fp32" if precision == "int8" else precision)

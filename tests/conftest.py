@@ -81,7 +81,16 @@ def one_line_error(result, *names: str) -> str:
     return lines[0]
 
 
+def has_openvino() -> bool:
+    """OpenVINO and NNCF (the ``[openvino]`` extra) are installed."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) is not None for name in ("openvino", "nncf"))
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if "requires_cuda" in item.keywords and not torch.cuda.is_available():
             item.add_marker(pytest.mark.skip(reason="requires a CUDA GPU: torch.cuda.is_available() is False"))
+        if "requires_openvino" in item.keywords and not has_openvino():
+            item.add_marker(pytest.mark.skip(reason="requires OpenVINO and NNCF: pip install 'sat-export[openvino]'"))

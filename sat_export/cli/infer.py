@@ -37,6 +37,8 @@ def main(
                              help="JSONL output; rerunning resumes it."),
     model: str = typer.Option(None, help="Checkpoint (.pth) or bundle folder [default: the embedded demo model]."),
     backend: str = typer.Option("auto", help=f"One of {', '.join(BACKEND_NAMES)}."),
+    precision: str = typer.Option("fp32", help="The encoder's precision: fp32; onnxruntime: fp16 or int8 (graphs "
+                                  "of the bundle); openvino: bf16 (CPUs with native bf16) or int8 (an NNCF encoder)."),
     batch_size: int = typer.Option(DEFAULTS.batch_size, min=1, help="Images per model call."),
     beam: int = typer.Option(DEFAULTS.decode.beam, min=1, help="Beam width (1 is greedy)."),
     max_len: int = typer.Option(DEFAULTS.decode.max_len, min=1, help="Most words per caption."),
@@ -65,21 +67,25 @@ def main(
 
     Example:  sat-infer examples/images --out captions.jsonl --alphas alphas --overlays overlays
 
+    bf16 encoder on OpenVINO (CPUs with native bf16):  sat-infer photos --backend openvino --precision bf16
+
     On a Ray cluster:  sat-infer /shared/photos --out /shared/captions.jsonl --ray --ray-address auto --ray-actors 8
     """
     options = InferOptions(batch_size, DecodeOptions(beam, max_len), workers, max_pixels, alphas, overlays,
                            full_decode)
-    settings = run_settings(model, options.decode, options.full_decode)
+    settings = run_settings(model, options.decode, options.full_decode, precision)
     with plan(paths, out, overwrite, settings, (alphas, overlays)) as work:  # out locked
         if work.todo:
-            with (nullcontext() if ray else open_for_readers(model, backend, workers, threads)) as opened, Progress(
+            opening = nullcontext() if ray else open_for_readers(model, backend, workers, threads, precision)
+            with opening as opened, Progress(
                     TextColumn("captioning"), BarColumn(), MofNCompleteColumn(), ImagesPerSecond(),
                     TimeRemainingColumn(), console=console, transient=True, disable=not console.is_terminal) as progress:
                 task = progress.add_task("captioning", total=len(work.todo))
                 advance = partial(progress.advance, task)
                 if ray:
                     cluster = RayOptions(ray_address, ray_actors, ray_cpus_per_actor, ray_gpus_per_actor)
-                    summary = run_ray(model, work, options, cluster, backend, threads, on_rows=advance)
+                    summary = run_ray(model, work, options, cluster, backend, threads, on_rows=advance,
+                                      precision=precision)
                 else:
                     summary = run(opened, work, options, on_rows=advance)
         else:

@@ -1,6 +1,7 @@
 """sat-bench: every configuration gets a row with a status; the verdict compares the right rows."""
 import json
 import shutil
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -12,7 +13,7 @@ from benchmarks.configs import CONFIGS
 from benchmarks.prepare import Int8Options, Recipe, reference_model
 from benchmarks.report import verdict
 from sat_export.cli.common import console
-from tests.conftest import bench_row
+from tests.conftest import bench_row, has_openvino
 from training.shapes import make_shapes
 
 
@@ -64,6 +65,16 @@ def test_quick_bench_has_a_row_with_a_status_for_every_configuration(tmp_path, t
         assert rows["trt-fp16"]["status"].startswith("unavailable")
     assert doc["summary"]["batch"] == 4 and doc["images"]["n"] == 8
     assert doc["libraries"]["onnxruntime"] and doc["model"]["source"] == "--ckpt"
+    ov = {key: rows[key]["status"] for key in ("ov-fp32", "ov-bf16", "ov-int8")}
+    if not has_openvino():
+        assert set(ov.values()) == {"unavailable: OpenVINO is not installed: pip install 'sat-export[openvino]'"}
+        return
+    assert ov["ov-fp32"] == ov["ov-int8"] == "ok" and rows["ov-fp32"]["agreement"] == 1.0
+    assert doc["model"]["openvino_int8"]["verdict"]["images"] == 4  # 8 calibration images, half held back
+    if rows["ov-bf16"]["emulated"]:
+        assert ov["ov-bf16"].startswith("unavailable: bf16 would be emulated on this CPU")
+    else:
+        assert ov["ov-bf16"] == "ok" and rows["ov-bf16"]["accuracy"] is not None
 
 
 def test_a_configuration_that_fails_gets_its_error_and_the_others_go_on(tmp_path, tiny_ckpt, tiny_bundle, shapes,
@@ -79,6 +90,20 @@ def test_a_configuration_that_fails_gets_its_error_and_the_others_go_on(tmp_path
     assert status == {"torch-fp32": "ok", "torch-channels-last": "ok",
                       "ort-fp32": "error while opening: RuntimeError: boom"}
     assert all(len(r.timings[2]) == 1 for r in result.rows if r.ok)
+
+
+def test_without_openvino_its_rows_say_how_to_install_it_and_the_others_go_on(tiny_ckpt, tiny_bundle, shapes,
+                                                                              monkeypatch):
+    from benchmarks.bench import BenchOptions, run_bench
+    from benchmarks.prepare import BenchModel
+
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino raises ImportError, installed or not
+    model = BenchModel(tiny_ckpt, tiny_bundle, sorted(shapes.glob("*.jpg")))
+    result = run_bench(model, BenchOptions(batch_sizes=(2,), repeats=1, keys=("ov-fp32", "ov-int8", "ort-fp32")),
+                       console)
+    status = {r.config.key: r.status for r in result.rows}
+    missing = "unavailable: OpenVINO is not installed: pip install 'sat-export[openvino]'"
+    assert status == {"torch-fp32": "ok", "ort-fp32": "ok", "ov-fp32": missing, "ov-int8": missing}
 
 
 def test_verdict_takes_the_fastest_faithful_configuration_and_the_fastest_torch_option():

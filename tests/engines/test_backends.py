@@ -1,4 +1,6 @@
 """Backends against the model they wrap; registry errors."""
+import sys
+
 import pytest
 import torch
 
@@ -41,6 +43,8 @@ def test_registry_refuses_unknown_names_and_bad_combinations(tiny_ckpt, tmp_path
         open_backend(tmp_path / "missing.pth", "torch")
     with pytest.raises(SatError, match="needs a checkpoint"):
         open_backend(tmp_path, "torch")
+    with pytest.raises(SatError, match="the torch backend has no precision to choose"):
+        open_backend(tiny_ckpt, "torch", precision="bf16")
 
 
 def test_cuda_request_without_gpu_is_a_clear_error(tiny_ckpt):
@@ -84,4 +88,14 @@ def test_tensorrt_backend_is_refused_in_one_line_without_tensorrt_or_cuda(tiny_b
         open_backend(tiny_bundle, "tensorrt", "cpu")
     assert "\n" not in str(info.value)
     with open_backend(tiny_bundle, "auto", "cpu") as backend:  # auto never picks it here
+        assert backend.name == "onnxruntime"
+
+
+def test_openvino_backend_without_openvino_says_how_to_install_it_and_auto_never_picks_it(tiny_bundle, monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino raises ImportError, installed or not
+    for precision in ("fp32", "int8"):  # missing OpenVINO is said before a missing NNCF encoder
+        with pytest.raises(BackendUnavailable) as info:
+            open_backend(tiny_bundle, "openvino", precision=precision)
+        assert str(info.value) == "OpenVINO is not installed: pip install 'sat-export[openvino]'"
+    with open_backend(tiny_bundle, "auto", "cpu") as backend:
         assert backend.name == "onnxruntime"

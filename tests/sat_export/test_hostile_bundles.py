@@ -146,6 +146,8 @@ CASES = {  # the issue's findings: field path -> new value, and the field the re
     "opset as a string": (("opset",), "18", "field 'opset'"),
     "precisions naming a path": (("precisions", "fp32", "encoder"), "../../etc/hostname", "points outside the bundle"),
     "deeply nested JSON": (("parity", "fp32", "outputs"), "NESTED", "nested too deeply"),
+    "OpenVINO IR naming a path": (("openvino_int8",), {"encoder": "../../etc/x.xml"}, "points outside the bundle"),
+    "OpenVINO IR that is not .xml": (("openvino_int8",), {"encoder": "encoder.onnx"}, "must name an OpenVINO IR"),
 }
 
 

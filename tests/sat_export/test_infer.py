@@ -219,10 +219,37 @@ def test_resuming_with_another_model_or_decoding_is_refused_and_changes_nothing(
         plan([tmp_path / "in"], out, settings=run_settings(tiny_ckpt, DecodeOptions(beam=3)))
     with pytest.raises(OutputError, match="model_sha256"):
         plan([tmp_path / "in"], out, settings=run_settings(tiny_bundle, DecodeOptions()))
+    with pytest.raises(OutputError, match="precision None -> 'bf16'"):
+        plan([tmp_path / "in"], out, settings=run_settings(tiny_ckpt, DecodeOptions(), "bf16"))
     assert out.read_bytes() == before
     assert plan([tmp_path / "in"], out, settings=greedy).done == 3  # same settings: resumed
     assert len(plan([tmp_path / "in"], out, True, run_settings(tiny_ckpt, DecodeOptions(beam=3))).todo) == 3
     assert json.loads(run_record_path(out).read_text())["beam"] == 3
+
+
+def test_rows_made_at_another_precision_are_not_resumed_at_fp32(tmp_path, backend, tiny_ckpt):
+    write_images(tmp_path / "in", 2)
+    out = tmp_path / "c.jsonl"
+    run(backend, plan([tmp_path / "in"], out, settings=run_settings(tiny_ckpt, DecodeOptions(), "int8")),
+        InferOptions())
+    with pytest.raises(OutputError, match="precision 'int8' -> None"):  # recorded on one side only is a change
+        plan([tmp_path / "in"], out, settings=run_settings(tiny_ckpt, DecodeOptions()))
+    assert plan([tmp_path / "in"], out, settings=run_settings(tiny_ckpt, DecodeOptions(), "int8")).done == 2
+
+
+@pytest.mark.requires_openvino
+def test_cli_openvino_backend_writes_the_rows_onnxruntime_writes(tmp_path, tiny_bundle):
+    write_images(tmp_path / "in", 5)
+    rows = {}
+    for backend in ("onnxruntime", "openvino"):  # batches of 2, 2 and 1: both of OpenVINO's compiled models
+        out = tmp_path / f"{backend}.jsonl"
+        result = CliRunner().invoke(app, [str(tmp_path / "in"), "--model", str(tiny_bundle), "--backend", backend,
+                                          "--batch-size", "2", "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        rows[backend] = read_rows(out)
+    assert len(rows["openvino"]) == 5 and rows["openvino"].keys() == rows["onnxruntime"].keys()
+    for key, row in rows["onnxruntime"].items():
+        assert rows["openvino"][key] == {**row, "score": pytest.approx(row["score"], abs=1e-4)}
 
 
 def test_an_output_refused_as_not_ours_gets_no_run_record(tmp_path, tiny_ckpt):
