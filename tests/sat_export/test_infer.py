@@ -220,7 +220,7 @@ def test_resuming_with_another_model_or_decoding_is_refused_and_changes_nothing(
     with pytest.raises(OutputError, match="model_sha256"):
         plan([tmp_path / "in"], out, settings=run_settings(tiny_bundle, DecodeOptions()))
     with pytest.raises(OutputError, match="precision None -> 'bf16'"):
-        plan([tmp_path / "in"], out, settings=run_settings(tiny_ckpt, DecodeOptions(), "bf16"))
+        plan([tmp_path / "in"], out, settings=run_settings(tiny_ckpt, DecodeOptions(), precision="bf16"))
     assert out.read_bytes() == before
     assert plan([tmp_path / "in"], out, settings=greedy).done == 3  # same settings: resumed
     assert len(plan([tmp_path / "in"], out, True, run_settings(tiny_ckpt, DecodeOptions(beam=3))).todo) == 3
@@ -230,11 +230,11 @@ def test_resuming_with_another_model_or_decoding_is_refused_and_changes_nothing(
 def test_rows_made_at_another_precision_are_not_resumed_at_fp32(tmp_path, backend, tiny_ckpt):
     write_images(tmp_path / "in", 2)
     out = tmp_path / "c.jsonl"
-    run(backend, plan([tmp_path / "in"], out, settings=run_settings(tiny_ckpt, DecodeOptions(), "int8")),
+    run(backend, plan([tmp_path / "in"], out, settings=run_settings(tiny_ckpt, DecodeOptions(), precision="int8")),
         InferOptions())
     with pytest.raises(OutputError, match="precision 'int8' -> None"):  # recorded on one side only is a change
         plan([tmp_path / "in"], out, settings=run_settings(tiny_ckpt, DecodeOptions()))
-    assert plan([tmp_path / "in"], out, settings=run_settings(tiny_ckpt, DecodeOptions(), "int8")).done == 2
+    assert plan([tmp_path / "in"], out, settings=run_settings(tiny_ckpt, DecodeOptions(), precision="int8")).done == 2
 
 
 @pytest.mark.requires_openvino
