@@ -10,7 +10,8 @@ Per configuration (``benchmarks.configs``), as nanoGPT's ``bench.py`` measures:
    intervals; the references are the images' human captions, or eager's own captions where there
    are none), exact-caption agreement beside it. It is also the first warm-up (lazy
    initialisation, ``torch.compile``). A row whose precision this CPU only emulates (bf16 without
-   native bf16) runs it on the timing images only, and says so;
+   native bf16, several times slower than fp32) runs it on the timing images only, is timed in the
+   first round only (its caption pass is its warm-up), and says so;
 3. ``warmup`` untimed batches per batch size;
 4. ``repeats`` rounds on the first ``timing_images`` images, interleaved: in each round every
    batch size runs once on every configuration (the order alternates between rounds), so drift
@@ -262,14 +263,14 @@ def run_bench(model: BenchModel, options: BenchOptions = BenchOptions(), console
     live = [r for r in rows if r.ok]
     for row in live:
         for size in options.batch_sizes:
-            for w in range(options.warmup):
+            for w in range(0 if emulated(row.config) else options.warmup):
                 _guard(row, "warming up", lambda: _run_batch(row.backend, _batch(timing, size, w), special_ids,
                                                              decode_options))
     for round_ in range(options.repeats):
         for size in options.batch_sizes:
             batch = _batch(timing, size, round_)
             for row in live if round_ % 2 == 0 else live[::-1]:
-                if row.ok:
+                if row.ok and (round_ == 0 or not emulated(row.config)):
                     time.sleep(PAUSE_S)
                     out = _guard(row, "timing", lambda: _run_batch(row.backend, batch, special_ids, decode_options))
                     if out is not None:

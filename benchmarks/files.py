@@ -9,9 +9,11 @@ all) on a folder of photos, in interleaved rounds, three ways:
 - ``pre-shrunk``: the same pictures shrunk beforehand (short side at the model's resize, JPEG q90),
   what the model sees anyway: the rate decoding could at best reach;
 
-and the model alone (``model-only``: encode + greedy decode of preprocessed images, no files). Each
-rate is also given as a share of the pre-shrunk rate of the same round, and the captions of
-``reduced`` and ``full`` are compared.
+and the two halves alone: ``decode-only`` (the reader threads reading, decoding at reduced size and
+preprocessing the photos, no model: the most ``reduced`` could reach with these readers) and
+``model-only`` (encode + greedy decode of preprocessed images, no files). Each rate is also given as
+a share of the pre-shrunk rate of the same round, and the captions of ``reduced`` and ``full`` are
+compared.
 
 Example:  python -m benchmarks.files photos/ --model best.pth --json files.json
 """
@@ -22,6 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +36,7 @@ from rich.table import Table
 
 from benchmarks.bench import collect_environment
 from sat_export.cli.common import console, user_errors
-from sat_export.infer import InferOptions, default_workers, open_for_readers, plan, run
+from sat_export.infer import InferOptions, default_workers, open_for_readers, plan, prefetch, read_item, run
 from sat_export.inputs import discover
 from training.decode import DecodeOptions, decode
 from training.images import load_image, load_rgb
@@ -62,6 +65,15 @@ def model_rate(backend, images: torch.Tensor, batch_size: int, options: DecodeOp
     return images.size(0) / (time.perf_counter() - start)
 
 
+def decode_rate(items: list, preprocess, workers: int) -> float:
+    """Images/s of the reader threads alone: read, decode (at reduced size) and preprocess every item."""
+    start = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        for _ in prefetch(pool, lambda item: read_item(item, preprocess), items, 2 * workers):
+            pass
+    return len(items) / (time.perf_counter() - start)
+
+
 def captions(out: Path) -> dict[str, str]:
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     return {row["image"]: row.get("caption", "") for row in rows}
@@ -80,7 +92,7 @@ def main(
 ):
     """Caption a folder of photos as they are, fully decoded and pre-shrunk; report images/s and ratios."""
     items = [item for item in discover([photos]) if item.error is None]
-    rates: dict[str, list[float]] = {v: [] for v in (*VARIANTS, "model-only")}
+    rates: dict[str, list[float]] = {v: [] for v in (*VARIANTS, "decode-only", "model-only")}
     with tempfile.TemporaryDirectory(prefix="sat-files-bench-") as tmp, \
             open_for_readers(model, backend, workers) as opened:
         preprocess = opened.config.preprocess
@@ -96,6 +108,7 @@ def main(
                     summary = run(opened, work, InferOptions(batch_size, options, workers,
                                                              full_decode=variant == "full"))
                 rates[variant].append(summary.images_per_s)
+            rates["decode-only"].append(decode_rate(items, preprocess, workers))
             rates["model-only"].append(model_rate(opened, images, batch_size, options))
             console.print(f"round {round_ + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items())
                           + " images/s", highlight=False)

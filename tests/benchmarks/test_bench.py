@@ -128,3 +128,23 @@ def test_reference_model_is_prepared_once_then_read_from_the_cache(tmp_path):
     second = reference_model(recipe, Int8Options("minmax"), tmp_path, console)
     assert second.info["bundle_built_s"] is None and second.info["int8_search"]["method"] == "minmax"
     assert second.info["checkpoint_sha256"] == first.info["checkpoint_sha256"]
+
+
+def test_a_row_this_cpu_only_emulates_is_marked_timed_once_and_not_judged(tmp_path, tiny_ckpt, tiny_bundle, shapes,
+                                                                          monkeypatch):
+    from benchmarks.bench import BenchOptions, run_bench
+    from benchmarks.prepare import BenchModel
+    from benchmarks.report import document
+    from training.machine import CpuInfo
+
+    no_bf16 = CpuInfo("test cpu", "AVX2", dict(avx2=True, avx512=False, vnni=False, avx512_bf16=False, amx=False))
+    monkeypatch.setattr(benchmarks.configs, "cpu_info", lambda: no_bf16)
+    model = BenchModel(tiny_ckpt, tiny_bundle, sorted(shapes.glob("*.jpg")))
+    result = run_bench(model, BenchOptions(batch_sizes=(2,), repeats=3, timing_images=4, keys=("torch-bf16",)),
+                       console)
+    rows = {r["key"]: r for r in document(result, {})["rows"]}
+    assert rows["torch-bf16"]["emulated"].startswith("bf16 is emulated on this CPU (test cpu (AVX2")
+    assert len(rows["torch-bf16"]["batches"]["2"]["runs_ms"]) == 1 and rows["torch-bf16"]["accuracy"] is None
+    assert rows["torch-bf16"]["agreement_images"] == 4
+    assert rows["torch-bf16"]["batches"]["2"]["encoder_share_of_gemm"] is None  # an emulation has no ceiling
+    assert len(rows["torch-fp32"]["batches"]["2"]["runs_ms"]) == 3 and rows["torch-fp32"]["accuracy"]["faithful"]

@@ -19,6 +19,6 @@ def test_files_bench_measures_every_input_kind_and_compares_the_decodings(tmp_pa
     assert result.exit_code == 0, result.output
     doc = json.loads(out.read_text())
     assert doc["n"] == 4 and doc["preprocess"]["draft_margin"] == 2.0
-    assert set(doc["images_per_s"]) == {"reduced", "full", "pre-shrunk", "model-only"}
+    assert set(doc["images_per_s"]) == {"reduced", "full", "pre-shrunk", "decode-only", "model-only"}
     assert all(len(rates) == 2 and min(rates) > 0 for rates in doc["images_per_s"].values())
     assert 0 <= doc["reduced_vs_full_identical_captions"] <= 1 and doc["share_of_pre_shrunk"]["pre-shrunk"] == 1
