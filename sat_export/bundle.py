@@ -249,7 +249,7 @@ def load_bundle(bundle_dir: str | Path) -> Bundle:
     if len(vocab) != config.vocab_size or manifest["special_ids"] != vocab.special_ids():
         raise BundleError(f"{mpath}: vocabulary ({len(vocab)} words, specials {manifest['special_ids']}) "
                           f"does not match the model (vocab_size={config.vocab_size}, specials {vocab.special_ids()})")
-    if manifest["preprocess"] != manifest["model"]["preprocess"]:
+    if parsed.preprocess != config.preprocess:  # parsed: a field left out holds its default
         raise BundleError(f"{mpath}: 'preprocess' differs from the model config's preprocessing")
     if manifest["graphs"] != io_table(config):
         raise BundleError(f"{mpath}: graph I/O table does not match the graph contract for this model config")

@@ -127,3 +127,11 @@ def test_load_bundle_refuses_files_outside_the_bundle(bundle):
     _reseal_as_is(bundle, manifest)
     with pytest.raises(BundleError, match="points outside the bundle"):
         load_bundle(bundle)
+
+
+def test_a_resealed_manifest_without_the_models_preprocessing_is_refused_in_one_line(bundle):
+    manifest = json.loads((bundle / MANIFEST_FILE).read_text())
+    del manifest["model"]["preprocess"]  # the schema fills in the default, which differs from 'preprocess'
+    _reseal_as_is(bundle, manifest)
+    with pytest.raises(BundleError, match="'preprocess' differs from the model config's preprocessing"):
+        load_bundle(bundle)
