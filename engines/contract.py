@@ -83,17 +83,22 @@ def check_tensors(graph: str, kind: str, specs, arrays: dict, dims: dict[str, in
 
 
 def check_graph_io(path, spec: GraphSpec, found: dict[str, list[tuple[str, str, tuple]]], dims: dict[str, int]) -> None:
-    """A loaded graph's inputs and outputs (``found``: ``"input"``/``"output"`` -> ``(name, dtype, shape)``, ``BATCH``
-    for a dynamic axis) are the contract's names, dtypes and sizes for this config, so a graph that does not fit
-    its config (a hand-edited manifest) is refused before any image is read: ``ShapeError`` naming file and tensor."""
+    """A graph's inputs and outputs (``found``: ``"input"``/``"output"`` -> ``(name, dtype, shape)``, ``BATCH``
+    for a dynamic axis) are the contract's names, dtypes and sizes for this config, the batch symbolic:
+    ``ShapeError`` naming file and tensor. The one comparison for an ONNX file as written
+    (``sat_export.export.check_graph_io``) and as a runtime loaded it (so a graph that does not fit its
+    config, say a hand-edited manifest, is refused before any image is read)."""
     for kind, wanted in (("input", spec.inputs), ("output", spec.outputs)):
         names = [name for name, _, _ in found[kind]]
         if names != [t.name for t in wanted]:
             raise ShapeError(f"{path}: {kind}s {names}, the contract says {[t.name for t in wanted]}")
         for (name, dtype, shape), want in zip(found[kind], wanted):
-            if dtype != want.dtype or tuple(shape) != want.shape(dims):
-                raise ShapeError(f"{path}: {kind} '{name}' is {dtype} {list(shape)}, the model config says "
-                                 f"{want.dtype} {list(want.shape(dims))}")
+            if dtype != want.dtype:
+                raise ShapeError(f"{path}: {kind} '{name}' has dtype {dtype}, the contract says {want.dtype}")
+            if tuple(shape) != want.shape(dims):
+                baked = any(w == BATCH and s != BATCH for s, w in zip(shape, want.shape(dims)))
+                raise ShapeError(f"{path}: {kind} '{name}' has shape {list(shape)}, the model config says "
+                                 f"{list(want.shape(dims))}" + (" (batch must be a symbolic axis)" if baked else ""))
 
 
 def _f32(name: str, *axes) -> TensorSpec:

@@ -19,6 +19,8 @@ from torch import Tensor, nn
 
 from engines.base import Backend
 from engines.contract import BATCH, DECODER_STEP, ENCODER, GraphSpec
+from engines.contract import check_graph_io as contract_io
+from engines.errors import ShapeError
 from sat_export.bundle import graph_file
 from sat_export.errors import BundleError
 from training.model import ShowAttendTell
@@ -103,7 +105,8 @@ def export_onnx(model: ShowAttendTell, out_dir: str | Path, precision: str = "fp
 
 
 def check_graph_io(path: Path, spec: GraphSpec, dims: dict[str, int]) -> None:
-    """``onnx.checker`` passes and inputs/outputs match ``spec``: names, dtypes, shapes, symbolic batch.
+    """``onnx.checker`` passes and the graph's inputs/outputs are the contract's (names, dtypes, shapes,
+    a symbolic batch: ``engines.contract.check_graph_io``, as the runtimes check theirs).
 
     Raises ``BundleError`` naming the file and the first tensor that differs.
     """
@@ -113,23 +116,10 @@ def check_graph_io(path: Path, spec: GraphSpec, dims: dict[str, int]) -> None:
     except (onnx.checker.ValidationError, onnx.onnx_cpp2py_export.shape_inference.InferenceError,
             OSError, ValueError) as err:  # protobuf's DecodeError is a ValueError
         raise BundleError(f"{path}: not a valid ONNX model ({str(err).splitlines()[0][:160]})") from None
-    for kind, tensors, specs in (("input", graph.input, spec.inputs), ("output", graph.output, spec.outputs)):
-        names = [t.name for t in tensors]
-        if names != [s.name for s in specs]:
-            raise BundleError(f"{path}: {kind}s {names} != graph contract {[s.name for s in specs]}")
-        for tensor, want in zip(tensors, specs):
-            _check_tensor(path, kind, tensor, want, dims)
-
-
-def _check_tensor(path: Path, kind: str, tensor: onnx.ValueInfoProto, spec, dims: dict[str, int]) -> None:
-    ttype = tensor.type.tensor_type
-    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)).name
-    shape = tuple(d.dim_param or d.dim_value for d in ttype.shape.dim)
-    want = spec.shape(dims)
-    if dtype != spec.dtype:
-        raise BundleError(f"{path}: {kind} '{tensor.name}' has dtype {dtype}, contract says {spec.dtype}")
-    symbolic_ok = len(shape) == len(want) and all(
-        (isinstance(s, str) and s != "") if w == BATCH else s == w for s, w in zip(shape, want))
-    if not symbolic_ok:
-        raise BundleError(f"{path}: {kind} '{tensor.name}' has shape {shape}, contract says {want} "
-                          "(batch must be a symbolic axis)")
+    found = {kind: [(t.name, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.type.tensor_type.elem_type)).name,
+                     tuple(BATCH if d.dim_param else d.dim_value for d in t.type.tensor_type.shape.dim))
+                    for t in tensors] for kind, tensors in (("input", graph.input), ("output", graph.output))}
+    try:
+        contract_io(path, spec, found, dims)
+    except ShapeError as err:
+        raise BundleError(str(err)) from None
