@@ -130,15 +130,17 @@ class Loaded:
     thumbnail: Image.Image | None = None  # kept for overlays only
 
 
-def open_for_readers(model: str | Path | None, backend: str = "auto", workers: int = 2,
+def open_for_readers(model: str | Path | None, backend: str = "auto", workers: int | None = None,
                      threads: int | None = None, precision: str = "fp32") -> Backend:
-    """``registry.open_backend`` with its inference threads set to the cores the readers leave (at least 1).
+    """``registry.open_backend`` with its inference threads set to the cores the ``workers`` readers leave
+    (at least 1; ``workers`` None: ``default_workers()``, the pipeline's own default).
 
     Torch's and ONNX Runtime's thread pools spin-wait, so on oversubscribed cores they lose an
     order of magnitude: on 2 cores with 2 reader threads, 1 inference thread gave 518 images/s
     and 2 gave 59 (ONNX Runtime, tiny model; torch eager: 475 vs 65).
     """
-    return open_backend(model, backend, threads=threads or max(1, usable_cores() - workers), precision=precision)
+    readers = default_workers() if workers is None else workers
+    return open_backend(model, backend, threads=threads or max(1, usable_cores() - readers), precision=precision)
 
 
 def run_settings(model: str | Path | None, decode: DecodeOptions, full_decode: bool = False,
