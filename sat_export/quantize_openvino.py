@@ -30,9 +30,7 @@ from engines.contract import ENCODER
 from engines.errors import BackendUnavailable
 from engines.openvino import OpenVinoBackend, import_openvino
 from sat_export.bundle import graph_file, load_bundle, write_manifest
-from sat_export.quantize import calibration_files, calibration_reader
-from sat_export.quantize_search import (DEFAULT_TARGET, HeldBack, calibration_references, split_held_back,
-                                        verdict_line)
+from sat_export.quantize_search import DEFAULT_TARGET, split_calibration, verdict_line
 
 OPENVINO_INT8 = "openvino-int8"  # the encoder's precision tag in its file name
 
@@ -66,11 +64,8 @@ def quantize_openvino_encoder(bundle_dir: str | Path, calib_images: str | Path |
     console = console or Console(stderr=True)
     start = time.perf_counter()
     bundle = load_bundle(bundle_dir)
-    calib, held_files = split_held_back(calibration_files(calib_images, limit))
-    reader = calibration_reader(calib, calib_images, bundle.config.preprocess, batch=1)
+    reader, held, _ = split_calibration(bundle, calib_images, limit, captions, target)
     samples = list(iter(reader.get_next, None))  # NNCF reads them more than once
-    found = calibration_references(calib_images, captions)
-    held = HeldBack(bundle, held_files, found[0] if found else None, ratio=target)
     model = ov.Core().read_model(str(held.encoder))
     quantised = nncf.quantize(model, nncf.Dataset(samples), subset_size=len(samples))
     xml = graph_file(ENCODER, OPENVINO_INT8, ".xml")

@@ -44,8 +44,8 @@ from engines.ort import OrtBackend
 from sat_export.bundle import Bundle, graph_file, load_bundle
 from sat_export.errors import BundleError
 from sat_export.parity import TOLERANCES, compare
-from sat_export.quantize import (METHODS, calibration_files, calibration_reader, head_nodes, name_nodes,
-                                 quantize_prepared, reduced_range, session_with_outputs)
+from sat_export.quantize import (METHODS, ImageCalibrationReader, calibration_files, calibration_reader, head_nodes,
+                                 name_nodes, quantize_prepared, reduced_range, session_with_outputs)
 from training.data import load_captions
 from training.decode import DecodeOptions, decode
 from training.errors import DatasetError, ImageDecodeError
@@ -178,6 +178,18 @@ def calibration_references(calib_images: str | Path | Sequence[str | Path],
     return {it.path.resolve(): it.captions for it in items}, str(captions)
 
 
+def split_calibration(bundle: Bundle, calib_images: str | Path | Sequence[str | Path], limit: int | None,
+                      captions: str | Path | None, target: float) -> tuple[ImageCalibrationReader, HeldBack, str]:
+    """The calibration images to fit ranges on (``split_held_back``; read one a batch, as histograms need
+    equal batches), the held-back rest that judges the result, and where its references came from."""
+    calib, held_files = split_held_back(calibration_files(calib_images, limit))
+    reader = calibration_reader(calib, calib_images, bundle.config.preprocess, batch=1)
+    found = calibration_references(calib_images, captions)
+    held = HeldBack(bundle, held_files, found[0] if found else None, ratio=target)
+    source = f"human captions ({found[1]})" if held.human else "the fp32 captions (no captions file for every image)"
+    return reader, held, source
+
+
 class HeldBack:
     """The held-back images, their fp32 encoder outputs and greedy captions (computed once), and their
     references (human captions where ``references`` has them for every image, else the fp32 captions).
@@ -291,12 +303,7 @@ def search_int8_encoder(bundle_dir: str | Path, calib_images: str | Path | Seque
     console = console or Console(stderr=True)
     start = time.perf_counter()
     bundle = load_bundle(bundle_dir)
-    files = calibration_files(calib_images, limit)
-    calib, held_files = split_held_back(files)
-    reader = calibration_reader(calib, calib_images, bundle.config.preprocess, batch=1)  # histograms: equal batches
-    found = calibration_references(calib_images, captions)
-    held = HeldBack(bundle, held_files, found[0] if found else None, ratio=target)
-    source = f"human captions ({found[1]})" if held.human else "the fp32 captions (no captions file for every image)"
+    reader, held, source = split_calibration(bundle, calib_images, limit, captions, target)
     reduce_range = reduced_range()
     out = Path(out) if out else bundle.dir / graph_file(ENCODER, "int8")
     with tempfile.TemporaryDirectory() as tmp:
@@ -333,7 +340,7 @@ def search_int8_encoder(bundle_dir: str | Path, calib_images: str | Path | Seque
             excluded = excluded[:best]
             quantize_prepared(prepared, out, reader, method, [n for g in excluded for n in groups[g]], ranges,
                               reduce_range)
-    return Int8Search(out, method, target, len(calib), len(held.captions), source, verdicts[best], reduce_range,
+    return Int8Search(out, method, target, len(reader.files), len(held.captions), source, verdicts[best], reduce_range,
                       excluded, [n for g in excluded for n in groups[g]], head, steps,
                       round(time.perf_counter() - start, 2))
 
