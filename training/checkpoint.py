@@ -108,13 +108,18 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if missing:
         raise CheckpointError(f"{path}: checkpoint is missing keys {missing}")
     config = ModelConfig.from_dict(payload["config"], source=str(path))
+    itos = payload["vocab"].get("itos") if isinstance(payload["vocab"], dict) else None
+    if not isinstance(itos, (list, tuple)):
+        raise CheckpointError(f"{path}: invalid vocabulary (expected {{'itos': [words]}}, "
+                              f"got a {type(payload['vocab']).__name__})")
     try:
-        vocab = Vocab(payload["vocab"]["itos"])
-    except (KeyError, TypeError, ValueError) as err:
+        vocab = Vocab(itos)
+    except ValueError as err:
         raise CheckpointError(f"{path}: invalid vocabulary ({err})") from None
     if len(vocab) != config.vocab_size:
         raise CheckpointError(f"{path}: vocabulary has {len(vocab)} words, config says vocab_size={config.vocab_size}")
-    train = payload.get("train") or {}
+    train = payload.get("train")
+    train = {} if train is None else train
     if not isinstance(train, dict):
         raise CheckpointError(f"{path}: training record is a {type(train).__name__}, expected a dict")
     state_dict = payload["state_dict"]

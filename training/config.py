@@ -114,6 +114,9 @@ class PreprocessConfig:
         return size, ((size[0] - self.crop) // 2, (size[1] - self.crop) // 2)
 
 
+MAX_SIZE = 1 << 20  # any layer or vocabulary size above this is a crafted config, not a model (xl is 3000)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything needed to rebuild a model: ``ShowAttendTell(ModelConfig(**ckpt["config"]))``."""
@@ -138,8 +141,8 @@ class ModelConfig:
         if self.attention not in ("tanh", "relu"):
             raise ValueError(f"attention must be 'tanh' or 'relu', not {self.attention!r}")
         for name in ("vocab_size", "enc_dim", "grid", "att_dim", "dec_dim", "emb_dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+            if not 1 <= getattr(self, name) <= MAX_SIZE:
+                raise ValueError(f"{name} must be in 1..{MAX_SIZE}, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
