@@ -79,7 +79,8 @@ def read_payload(path: str | Path) -> dict:
         if "GLOBAL" in str(err) or "Unsupported global" in str(err):
             raise CheckpointError(
                 f"{path}: refusing to load: the file pickles Python objects or code, not only tensors "
-                f"({_reason(err)}; loading it could execute code). Convert trusted files with `sat-export import --trust-pickle`."
+                f"({_reason(err)}; loading it could execute code). "
+                "Convert trusted files with `sat-export import --trust-pickle`."
             ) from None
         raise CheckpointError(f"{path}: corrupt file, not a PyTorch checkpoint ({_reason(err)})") from None
     except PermissionError as err:

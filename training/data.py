@@ -28,6 +28,7 @@ from torch.utils.data import Dataset, Sampler
 from training.config import PreprocessConfig
 from training.errors import DatasetError, ImageDecodeError
 from training.images import load_image, load_rgb
+from training.metrics import box_coverage, crop_window
 from training.vocab import Vocab, tokenize
 
 MAX_LEN = 30  # words per caption; longer captions are cut
@@ -235,13 +236,28 @@ def boxes_next_to(data: str | Path) -> Path | None:
     return path if path.is_file() else None
 
 
+def attention_targets(items: list[ImageCaptions], boxes: dict, preprocess: PreprocessConfig,
+                      grid: int) -> list[dict[str, np.ndarray]]:
+    """Per image, object word -> ``(grid*grid,)`` share of each attention cell inside its boxes.
+
+    ``boxes`` is a ``boxes.json`` (image name -> {word: [[x0, y0, x1, y1], ...]}). The cells are
+    those of the model's centre crop (``training.metrics.box_coverage``), so a target is exactly
+    what ``attention_grounding`` scores.
+    """
+    targets = []
+    for item in items:
+        words = boxes.get(item.name, {})
+        window = crop_window(upright_size(item.path), preprocess) if words else None
+        targets.append({w: box_coverage(b, window, grid).reshape(-1).astype(np.float32) for w, b in words.items()})
+    return targets
+
+
 class CaptionDataset(Dataset):
     """``dataset[(i, j)]`` -> ``(inputs[i], ids of caption j of image i, attention target or None)``.
 
     ``inputs`` is anything indexable by image: ``ImageInputs`` (images) or a
     ``training.features.FeatureCache`` (grid features). With ``targets``
-    (``training.train.attention_targets``),
-    the third element is ``(len(ids), n_pix)``: row t is the box coverage of word t, zero for
+    (``attention_targets``), the third element is ``(len(ids), n_pix)``: row t is the box coverage of word t, zero for
     words without boxes.
     """
 

@@ -40,8 +40,9 @@ class ShowAttendTell(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        if backbone_spec(c.backbone).channels != c.enc_dim:
-            raise ValueError(f"{c.backbone} gives {backbone_spec(c.backbone).channels} channels, config says enc_dim={c.enc_dim}")
+        channels = backbone_spec(c.backbone).channels
+        if channels != c.enc_dim:
+            raise ValueError(f"{c.backbone} gives {channels} channels, config says enc_dim={c.enc_dim}")
         self.backbone = build_backbone(c.backbone, pretrained)
         self.pool = nn.AdaptiveAvgPool2d((c.grid, c.grid))
         self.attention = Attention(c.enc_dim, c.dec_dim, c.att_dim, c.attention)

@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from rich.console import Console
 from rich.markup import escape
@@ -28,13 +27,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from training.backbones import backbone_spec
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import PRESETS, PreprocessConfig
-from training.data import (MAX_LEN, CaptionDataset, EpochBatches, ImageCaptions, ImageInputs, boxes_next_to,
-                           check_images, collate, load_boxes, load_captions, upright_size)
+from training.data import (MAX_LEN, CaptionDataset, EpochBatches, ImageCaptions, ImageInputs, attention_targets,
+                           boxes_next_to, check_images, collate, load_boxes, load_captions)
 from training.decode import Caption, DecodeOptions, decode
 from training.errors import CheckpointError, DatasetError
 from training.features import build_feature_cache
 from training.machine import cpu_info
-from training.metrics import box_coverage, corpus_bleu, crop_window
+from training.metrics import corpus_bleu
 from training.model import ShowAttendTell, caption_loss, make_model
 from training.vocab import Vocab
 
@@ -142,22 +141,6 @@ def new_model(cfg: TrainConfig, vocab_size: int, load_pretrained: bool = True) -
     pretrained = (cfg.pretrained_weights or cfg.pretrained) if load_pretrained else False
     return make_model(vocab_size, cfg.backbone, cfg.preset, pretrained, grid=cfg.grid, attention=cfg.attention,
                       gate=cfg.gate, dropout=cfg.dropout, preprocess=cfg.preprocess)
-
-
-def attention_targets(items: list[ImageCaptions], boxes: dict, preprocess: PreprocessConfig,
-                      grid: int) -> list[dict[str, np.ndarray]]:
-    """Per image, object word -> ``(grid*grid,)`` share of each attention cell inside its boxes.
-
-    ``boxes`` is a ``boxes.json`` (image name -> {word: [[x0, y0, x1, y1], ...]}). The cells are
-    those of the model's centre crop (``training.metrics.box_coverage``), so a target is exactly
-    what ``attention_grounding`` scores.
-    """
-    targets = []
-    for item in items:
-        words = boxes.get(item.name, {})
-        window = crop_window(upright_size(item.path), preprocess) if words else None
-        targets.append({w: box_coverage(b, window, grid).reshape(-1).astype(np.float32) for w, b in words.items()})
-    return targets
 
 
 def set_mode(model: ShowAttendTell, training: bool, finetune_encoder: bool) -> None:

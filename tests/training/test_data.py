@@ -6,13 +6,12 @@ import torch
 from PIL import Image
 
 from training.config import PreprocessConfig
-from training.data import (CaptionDataset, EpochBatches, ImageInputs, assign_splits, boxes_next_to, load_boxes, upright_size,
-                           check_images, collate, load_captions)
+from training.data import (CaptionDataset, EpochBatches, ImageInputs, assign_splits, attention_targets, boxes_next_to,
+                           check_images, collate, load_boxes, load_captions, upright_size)
 from training.errors import DatasetError
 from training.images import load_rgb
 from training.metrics import box_coverage
 from training.shapes import make_shapes
-from training.train import attention_targets
 from training.vocab import Vocab
 
 
