@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import math
 import sys
-from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
+from nltk.translate.bleu_score import closest_ref_length, modified_precision
 
 from training.metrics import caption_agreement, cider_d
 
@@ -32,19 +32,14 @@ ORDER = 4
 
 def bleu_statistics(references: Sequence[Sequence[Sequence[str]]], hypotheses: Sequence[Sequence[str]]) -> np.ndarray:
     """``(n_img, 2 * ORDER + 2)``: per image, clipped matches of 1..4-grams, their totals (at least 1),
-    the hypothesis length and the closest reference length (ties: the shorter), as nltk counts them."""
+    the hypothesis length and the closest reference length (ties: the shorter), counted by nltk's own
+    ``modified_precision`` (an unreduced fraction) and ``closest_ref_length``."""
     stats = np.zeros((len(hypotheses), 2 * ORDER + 2))
     for i, (refs, hyp) in enumerate(zip(references, hypotheses)):
         for n in range(1, ORDER + 1):
-            counts = Counter(tuple(hyp[k:k + n]) for k in range(len(hyp) - n + 1))
-            most = Counter()
-            for ref in refs:
-                for gram, c in Counter(tuple(ref[k:k + n]) for k in range(len(ref) - n + 1)).items():
-                    most[gram] = max(most[gram], c)
-            stats[i, n - 1] = sum(min(c, most[gram]) for gram, c in counts.items())
-            stats[i, ORDER + n - 1] = max(1, sum(counts.values()))
-        stats[i, 2 * ORDER] = len(hyp)
-        stats[i, 2 * ORDER + 1] = min((len(r) for r in refs), key=lambda r: (abs(r - len(hyp)), r))
+            precision = modified_precision(refs, hyp, n)
+            stats[i, n - 1], stats[i, ORDER + n - 1] = precision.numerator, precision.denominator
+        stats[i, 2 * ORDER], stats[i, 2 * ORDER + 1] = len(hyp), closest_ref_length(refs, len(hyp))
     return stats
 
 
