@@ -18,7 +18,6 @@ memory OpenVINO reads and writes directly (no copies).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ from torch import Tensor
 
 from engines.base import Backend, EncoderOutputs, StepOutputs
 from engines.contract import BATCH, ENCODER, check_graph_io
-from engines.errors import BackendUnavailable, EngineError
+from engines.errors import BackendUnavailable, refused
 from engines.ort import OrtBackend
 from training.config import ModelConfig
 from training.machine import cpu_info
@@ -63,7 +62,7 @@ class OpenVinoBackend(Backend):
         self._decoder = OrtBackend(None, decoder_path, config, vocab, "cpu", threads)
         self.threads = self._decoder.threads
         self._core = self._ov.Core()
-        with self._refused("read"):
+        with refused(self.encoder_path, "OpenVINO cannot read this encoder"):
             self._model = self._core.read_model(str(self.encoder_path))
         found = {kind: [(t.get_any_name(), str(t.get_element_type().to_dtype()),
                          tuple(BATCH if d.is_dynamic else d.get_length() for d in t.get_partial_shape()))
@@ -80,7 +79,7 @@ class OpenVinoBackend(Backend):
             config = {props.inference_num_threads: self.threads,
                       hints.inference_precision: {"fp32": types.f32, "bf16": types.bf16}[self.precision],
                       hints.performance_mode: getattr(hints.PerformanceMode, hint)}
-            with self._refused("compile"):
+            with refused(self.encoder_path, "OpenVINO cannot compile this encoder"):
                 compiled = self._core.compile_model(self._model, "CPU", config)
             n = compiled.get_property(props.optimal_number_of_infer_requests)
             self._compiled[hint] = [compiled.create_infer_request() for _ in range(max(1, n))]
@@ -106,15 +105,6 @@ class OpenVinoBackend(Backend):
             for request in started:
                 request.wait()
         return outputs
-
-    @contextmanager
-    def _refused(self, action: str):
-        """OpenVINO's own exception for a file it cannot use becomes one ``EngineError`` line naming the file."""
-        try:
-            yield
-        except Exception as err:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses of its own
-            reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-            raise EngineError(f"{self.encoder_path}: OpenVINO cannot {action} this encoder ({reason})") from None
 
     def step(self, tokens: Tensor, h: Tensor, c: Tensor, features: Tensor, features_proj: Tensor) -> StepOutputs:
         return self._decoder.step(tokens, h, c, features, features_proj)

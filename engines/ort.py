@@ -15,7 +15,7 @@ from torch import Tensor
 
 from engines.base import Backend, EncoderOutputs, StepOutputs
 from engines.contract import BATCH, DECODER_STEP, ENCODER, GraphSpec, check_graph_io
-from engines.errors import BackendUnavailable, EngineError
+from engines.errors import BackendUnavailable, refused
 from training.config import ModelConfig
 from training.machine import usable_cores
 from training.vocab import Vocab
@@ -57,11 +57,8 @@ class OrtBackend(Backend):
     def _session(self, ort, spec: GraphSpec, path: Path, providers: list):
         """One ``InferenceSession`` whose I/O is checked against the contract; a file onnxruntime refuses
         is one ``EngineError`` line naming it."""
-        try:
+        with refused(path, f"onnxruntime cannot load this {spec.name} graph"):
             session = ort.InferenceSession(str(path), self._options(ort, spec), providers=providers)
-        except Exception as err:  # noqa: BLE001 - onnxruntime raises its own exception types for bad graphs
-            reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-            raise EngineError(f"{path}: onnxruntime cannot load this {spec.name} graph ({reason})") from None
         self._check_io(session, spec, path)
         return session
 

@@ -23,6 +23,7 @@ from engines.contract import check_graph_io as contract_io
 from engines.errors import ShapeError
 from sat_export.bundle import graph_file
 from sat_export.errors import BundleError
+from training.errors import first_line
 from training.model import ShowAttendTell
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
@@ -115,7 +116,7 @@ def check_graph_io(path: Path, spec: GraphSpec, dims: dict[str, int]) -> None:
         graph = onnx.load(str(path), load_external_data=False).graph
     except (onnx.checker.ValidationError, onnx.onnx_cpp2py_export.shape_inference.InferenceError,
             OSError, ValueError) as err:  # protobuf's DecodeError is a ValueError
-        raise BundleError(f"{path}: not a valid ONNX model ({str(err).splitlines()[0][:160]})") from None
+        raise BundleError(f"{path}: not a valid ONNX model ({first_line(err, 160)})") from None
     found = {kind: [(t.name, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.type.tensor_type.elem_type)).name,
                      tuple(BATCH if d.dim_param else d.dim_value for d in t.type.tensor_type.shape.dim))
                     for t in tensors] for kind, tensors in (("input", graph.input), ("output", graph.output))}

@@ -10,6 +10,13 @@ class SatError(Exception):
     """Base class for errors shown to users as one line."""
 
 
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """The first line of ``err``'s message, cut to ``limit`` characters (its type's name when it has none):
+    how a library's own exception is quoted inside one of ours."""
+    text = str(err).strip()
+    return text.splitlines()[0][:limit] if text else type(err).__name__
+
+
 class CheckpointError(SatError):
     """A checkpoint file is missing, corrupt, unsafe or does not match its config."""
 
