@@ -35,6 +35,7 @@ def build_plan(trt, onnx_path: Path, spec: GraphSpec, dims: dict[str, int], prof
     ``fp16``: an fp16 engine (a strongly typed network on TensorRT 11, whose graph must then be
     fp16 already; ``BuilderFlag.FP16`` on TensorRT 10). Raises ``EngineError`` naming the file.
     """
+    profile = check_profile(profile)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
@@ -52,7 +53,7 @@ def build_plan(trt, onnx_path: Path, spec: GraphSpec, dims: dict[str, int], prof
         config.clear_flag(trt.BuilderFlag.TF32)
     opt_profile = builder.create_optimization_profile()
     for t in spec.inputs:
-        opt_profile.set_shape(t.name, *(t.shape(dims, batch) for batch in check_profile(profile)))
+        opt_profile.set_shape(t.name, *(t.shape(dims, batch) for batch in profile))
     config.add_optimization_profile(opt_profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:

@@ -126,11 +126,10 @@ def open_backend(model: str | Path | None = None, backend: str = "auto", device:
 
 
 def _open_tensorrt(bundle: Bundle, device: torch.device) -> Backend:
-    from engines.trt import TensorRTBackend, import_tensorrt
+    from engines.trt import TensorRTBackend
     from sat_export.tensorrt import check_engines
 
-    import_tensorrt()  # say what is missing before looking at engines
-    encoder, decoder = check_engines(bundle)
+    encoder, decoder = check_engines(bundle, device)  # says what is missing before looking at engines
     return TensorRTBackend(encoder, decoder, bundle.config, bundle.vocab, device)
 
 

@@ -56,11 +56,12 @@ def check_engine_compatible(plan: Path, built_with: dict, trt_version: str, gpu_
                           "rebuild it with `sat-export build --trt` on this machine")
 
 
-def check_engines(bundle: Bundle) -> tuple[Path, Path]:
-    """The bundle's ``(encoder.plan, decoder_step.plan)``, refused if built by another TensorRT or GPU."""
+def check_engines(bundle: Bundle, device: torch.device | str | None = None) -> tuple[Path, Path]:
+    """The bundle's ``(encoder.plan, decoder_step.plan)``, refused if built by another TensorRT or by
+    another GPU model than ``device`` (default: the current CUDA device)."""
     trt = import_tensorrt()
     encoder, decoder, built_with = bundle.engine_paths()
-    gpu = torch.cuda.get_device_name(torch.cuda.current_device())
+    gpu = torch.cuda.get_device_name(device)
     for plan in (encoder, decoder):
         check_engine_compatible(plan, built_with, trt.__version__, gpu)
     return encoder, decoder

@@ -1,15 +1,38 @@
 """Shared fixtures: a tiny, fast model and checkpoint built once per session; markers."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
+from sat_export.bundle import DIGEST_KEY, MANIFEST_FILE, _digest, _render
 from training.checkpoint import save_checkpoint
 from training.config import ModelConfig, PreprocessConfig
+from training.machine import CpuInfo
 from training.model import ShowAttendTell
 from training.vocab import Vocab
 
 WORDS = ["a", "red", "blue", "circle", "square", "on", "the", "left", "right"]
+
+
+def manifest_of(bundle: Path) -> dict:
+    """A bundle's ``manifest.json`` as plain JSON (no checks: the test may have damaged it)."""
+    return json.loads((bundle / MANIFEST_FILE).read_text())
+
+
+def reseal(bundle: Path, manifest: dict) -> None:
+    """Write ``manifest`` with a valid seal, as anyone who edits a bundle can (the seal is unkeyed), without
+    re-hashing its files."""
+    manifest[DIGEST_KEY] = _digest(manifest)
+    (bundle / MANIFEST_FILE).write_bytes(_render(manifest))
+
+
+def fake_cpu(**features: bool) -> CpuInfo:
+    """"test cpu": torch's AVX2 level with AVX2 alone (no VNNI, no native bf16), ``features`` changed."""
+    return CpuInfo("test cpu", "AVX2", {"avx2": True, "avx512": False, "vnni": False, "avx512_bf16": False,
+                                        "amx": False, **features})
 
 
 def tiny_config(**overrides) -> ModelConfig:

@@ -1,7 +1,6 @@
 """TensorRT engines: a one-line refusal where TensorRT/CUDA is missing, the version/GPU check,
 and (on a machine with both) a real build from the tiny bundle."""
 import importlib.util
-import json
 import shutil
 import types
 
@@ -12,11 +11,10 @@ from typer.testing import CliRunner
 import sat_export.tensorrt as tb
 from engines.trt_build import check_profile
 from sat_export.bundle import load_bundle, write_manifest
-from sat_export.bundle import MANIFEST_FILE
 from sat_export.cli.export import app
 from sat_export.errors import BundleError
 from sat_export.registry import open_backend
-from tests.conftest import tiny_model
+from tests.conftest import manifest_of, tiny_model
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
 
@@ -48,7 +46,7 @@ def bundle_with_engines(tmp_path, tiny_bundle):
     bundle = shutil.copytree(tiny_bundle, tmp_path / "b")
     for name in ("encoder.plan", "decoder_step.plan"):
         (bundle / name).write_bytes(b"engine bytes")
-    manifest = json.loads((bundle / MANIFEST_FILE).read_text())
+    manifest = manifest_of(bundle)
     manifest["tensorrt"] = {"tensorrt": "10.9.0", "gpu": "NVIDIA H100 80GB HBM3", "precision": "fp32",
                             "profile": {"min": 1, "opt": 16, "max": 64},
                             "files": {"encoder": "encoder.plan", "decoder_step": "decoder_step.plan"}}
@@ -75,6 +73,17 @@ def test_engines_from_another_tensorrt_version_or_gpu_are_refused(monkeypatch, b
             tb.check_engines(bundle)
 
 
+def test_engines_are_checked_against_the_gpu_they_will_run_on(monkeypatch, bundle_with_engines):
+    monkeypatch.setattr(tb, "import_tensorrt", lambda: types.SimpleNamespace(__version__="10.9.0"))
+    names = {"None": "NVIDIA H100 80GB HBM3", "cuda:0": "NVIDIA H100 80GB HBM3", "cuda:1": "NVIDIA L4"}
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: names[str(device)])
+    bundle = load_bundle(bundle_with_engines)
+    tb.check_engines(bundle)
+    tb.check_engines(bundle, torch.device("cuda:0"))
+    with pytest.raises(BundleError, match="this GPU is NVIDIA L4"):
+        tb.check_engines(bundle, torch.device("cuda:1"))
+
+
 @pytest.mark.skipif(HAVE_TRT, reason="TensorRT is available: engines are checked for real")
 def test_check_verifies_engine_checksums_and_says_engines_were_not_checked(bundle_with_engines):
     result = CliRunner().invoke(app, ["check", str(bundle_with_engines)])
@@ -89,7 +98,7 @@ def test_check_verifies_engine_checksums_and_says_engines_were_not_checked(bundl
 def test_build_engines_from_the_tiny_bundle_and_compare_vs_eager(tmp_path, tiny_bundle):
     pytest.importorskip("tensorrt", reason="TensorRT is not installed: pip install -e .[trt] (needs an NVIDIA GPU)")
     bundle = shutil.copytree(tiny_bundle, tmp_path / "b")
-    manifest = json.loads((bundle / MANIFEST_FILE).read_text())
+    manifest = manifest_of(bundle)
     manifest["tensorrt"] = tb.build_engines(bundle, profile=(1, 4, 8))
     write_manifest(bundle, manifest)
     assert (bundle / "encoder.plan").stat().st_size > 0 and (bundle / tb.TIMING_CACHE).is_file()
