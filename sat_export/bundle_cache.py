@@ -15,7 +15,7 @@ from pathlib import Path
 from rich.console import Console
 
 from sat_export.build import BuildOptions, build_bundle
-from sat_export.bundle import load_bundle, sha256
+from sat_export.bundle import Bundle, load_bundle, sha256
 from sat_export.errors import BundleError
 
 CACHE_ENV = "SAT_EXPORT_CACHE"
@@ -25,14 +25,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "sat-export")
 
 
-def cached_bundle(ckpt: str | Path, console: Console | None = None) -> Path:
+def cached_bundle(ckpt: str | Path, console: Console | None = None) -> Bundle:
     """The verified bundle of ``ckpt`` in the cache, building it (with the parity gate) if needed."""
     ckpt = Path(ckpt)
     out = cache_dir() / "bundles" / f"{ckpt.stem}-{sha256(ckpt)[:16]}"
     if out.is_dir():
         try:
-            load_bundle(out)
-            return out
+            return load_bundle(out)
         except BundleError:
             shutil.rmtree(out, ignore_errors=True)  # stale or damaged: rebuild below
     console = console or Console(stderr=True)
@@ -48,4 +47,4 @@ def cached_bundle(ckpt: str | Path, console: Console | None = None) -> Path:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return load_bundle(out)

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from engines.errors import BackendUnavailable
+from sat_export.bundle import Bundle
 from sat_export.infer import (InferOptions, Loaded, Plan, Summary, appending, caption_rows, open_for_readers, read_item,
                               save_alphas)
 from sat_export.inputs import InputItem
@@ -68,7 +69,8 @@ def driver_config(model: str | Path | None, backend: str) -> ModelConfig:
     A checkpoint for a bundle backend has its bundle built here, once, into this machine's
     cache (``sat_export.bundle_cache``), where actors on this machine then find it.
     """
-    return model_config(resolve_model(model, backend))
+    resolved = resolve_model(model, backend)
+    return resolved.config if isinstance(resolved, Bundle) else model_config(resolved)
 
 
 def read_batch(batch: dict[str, np.ndarray], cfg: PreprocessConfig, max_pixels: int,

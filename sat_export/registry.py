@@ -65,8 +65,8 @@ def model_sha256(model: str | Path | None) -> str:
     return sha256(path / MANIFEST_FILE if is_bundle(path) else path)
 
 
-def resolve_model(model: str | Path | None, backend: str = "auto") -> Path:
-    """What ``backend`` opens for ``model``: the checkpoint for torch, else a bundle folder.
+def resolve_model(model: str | Path | None, backend: str = "auto") -> Path | Bundle:
+    """What ``backend`` opens for ``model``: the checkpoint file for torch, else the verified bundle.
 
     A checkpoint given to a bundle backend is built once into the cache (``sat_export.bundle_cache``).
     """
@@ -78,7 +78,7 @@ def resolve_model(model: str | Path | None, backend: str = "auto") -> Path:
             raise SatError(f"{path}: the torch backend needs a checkpoint (.pth), not a bundle folder")
         return path
     if is_bundle(path):
-        return path
+        return load_bundle(path)
     from sat_export.bundle_cache import cached_bundle
 
     return cached_bundle(path)
@@ -102,14 +102,14 @@ def open_backend(model: str | Path | None = None, backend: str = "auto", device:
     if precision != "fp32" and backend in ("torch", "tensorrt"):
         raise SatError(f"the {backend} backend has no precision to choose (asked for {precision}): onnxruntime runs "
                        "a bundle's fp16 or int8 graphs, openvino bf16 or int8")
-    path = resolve_model(model, backend)
+    resolved = resolve_model(model, backend)
     if threads:
         torch.set_num_threads(threads)
     if backend == "torch":
         from engines.torch_eager import TorchBackend
 
-        return TorchBackend.from_checkpoint(path, device, **options)
-    bundle = load_bundle(path)
+        return TorchBackend.from_checkpoint(resolved, device, **options)
+    bundle = resolved
     if backend == "openvino":
         return _open_openvino(bundle, device, threads, precision)
     engines = precision == "fp32" and bundle.manifest.get("tensorrt")  # a precision asked for is onnxruntime's
