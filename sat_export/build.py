@@ -69,10 +69,10 @@ def build_bundle(ckpt_path: str | Path, out_dir: str | Path, options: BuildOptio
         int8, manifest["int8"] = search.path, search.to_dict()
         console.print(f"quantised {int8.name} ({_mb(int8)}) in {time.perf_counter() - start:.1f} s", highlight=False)
         if not search.reached:
-            worst = min(search.verdict["bleu4"]["ratio"], search.verdict["cider_d"]["ratio"])
             console.print(f"[yellow]int8 target not reached[/]: on {search.n_held_back} held-back images the int8 "
-                          f"encoder keeps {worst:.1%} of fp32's BLEU-4 or CIDEr-D (target {search.target:.0%}; "
-                          f"identical captions {search.agreement:.1%}), with {len(search.excluded_groups)} groups "
+                          f"encoder keeps {search.worst_ratio:.1%} of fp32's BLEU-4 or CIDEr-D "
+                          f"(target {search.target:.0%}; identical captions {search.agreement:.1%}), "
+                          f"with {len(search.excluded_groups)} groups "
                           "left in fp32; the encoder is kept, its record is the manifest's 'int8' entry",
                           highlight=False, soft_wrap=True)
         manifest["precisions"]["int8"] = {ENCODER.name: int8.name, DECODER_STEP.name: paths[DECODER_STEP.name].name}

@@ -17,7 +17,7 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-from engines.base import Backend
+from engines.base import Backend, EncoderOutputs
 from engines.contract import BATCH, DECODER_STEP, ENCODER, GraphSpec
 from engines.contract import check_graph_io as contract_io
 from engines.errors import ShapeError
@@ -60,10 +60,14 @@ def random_images(model: ShowAttendTell | Backend, n_img: int, seed: int = 0) ->
     return torch.randn(n_img, 3, crop, crop, generator=torch.Generator().manual_seed(seed))
 
 
-def step_inputs(model: ShowAttendTell | Backend, images: Tensor, seed: int = 0) -> dict[str, Tensor]:
-    """Inputs of ``decoder_step`` for ``images``: the encoder's outputs (``model.encode``) and random tokens."""
-    with torch.no_grad():
-        features, features_proj, h, c = model.encode(images)
+def step_inputs(model: ShowAttendTell | Backend, images: Tensor, seed: int = 0,
+                encoded: EncoderOutputs | None = None) -> dict[str, Tensor]:
+    """Inputs of ``decoder_step`` for ``images``: the encoder's outputs (``encoded``, else ``model.encode``) and
+    random tokens."""
+    if encoded is None:
+        with torch.no_grad():
+            encoded = model.encode(images)
+    features, features_proj, h, c = encoded
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, model.config.vocab_size, (images.size(0),), generator=gen)
     return {"tokens": tokens, "h": h, "c": c, "features": features, "features_proj": features_proj}

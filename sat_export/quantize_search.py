@@ -43,7 +43,7 @@ from engines.contract import ENCODER
 from engines.ort import OrtBackend
 from sat_export.bundle import Bundle, graph_file, load_bundle
 from sat_export.errors import BundleError
-from sat_export.parity import TOLERANCES, compare
+from sat_export.parity import relative_l2
 from sat_export.quantize import (METHODS, ImageCalibrationReader, calibration_files, calibration_reader, head_nodes,
                                  name_nodes, quantize_prepared, reduced_range, session_with_outputs)
 from training.data import load_captions
@@ -104,6 +104,11 @@ class Int8Search:
     @property
     def agreement(self) -> float:
         return self.verdict["agreement"]
+
+    @property
+    def worst_ratio(self) -> float:
+        """The lower of the two task metrics' shares of fp32's."""
+        return min(self.verdict["bleu4"]["ratio"], self.verdict["cider_d"]["ratio"])
 
     def to_dict(self) -> dict:
         """JSON-ready record for the manifest."""
@@ -195,7 +200,7 @@ class HeldBack:
     references (human captions where ``references`` has them for every image, else the fp32 captions).
 
     ``score`` judges an int8 encoder against them: the task rule (``training.faithful.judge``) and
-    the parity comparator (``parity.compare``) on the grid features.
+    the grid features' relative L2 error as the parity report measures it (``parity.relative_l2``).
     """
 
     def __init__(self, bundle: Bundle, files: Sequence[Path], references: dict[Path, list[list[str]]] | None = None,
@@ -229,9 +234,9 @@ class HeldBack:
         """``(task-rule verdict against fp32, relative L2 of the grid features)`` of an int8 encoder
         on ``runtime``."""
         outputs, captions = self.run(encoder, runtime)
-        diffs = compare(ENCODER, self.outputs, outputs, "held-back", len(self.images), TOLERANCES["int8"])
-        features = next(d for d in diffs if d.output == "features")
-        return judge(self.references, self.captions, captions, self.ratio), features.rel_l2
+        features = ENCODER.output_names.index("features")
+        return judge(self.references, self.captions, captions, self.ratio), relative_l2(self.outputs[features],
+                                                                                      outputs[features])
 
 
 def group_errors(prepared: Path, quantised: Path, groups: dict[str, list[str]], images: torch.Tensor) -> dict[str, float]:
