@@ -20,7 +20,7 @@ from PIL import Image
 
 from sat_export.inputs import sidecar_path
 from sat_export.overlays import overlay
-from sat_export.report_html import THUMB, card_html, figure_html, page_head, steps_html
+from sat_export.report_html import THUMB, card_html, figure_html, named_list, page_head, steps_html
 from sat_export.text import printable
 from training.config import PreprocessConfig
 from training.vocab import Vocab
@@ -58,13 +58,11 @@ def write_gallery(rows_file: Path, root: Path, vocab: Vocab) -> Path:
         for line in f:
             row = json.loads(line)
             if "error" in row:
-                errors.append(f"<li>{escape(printable(row['image']))} <span class='src'>— "
-                              f"{escape(printable(row['error']))}</span></li>")
+                errors.append(row)
             elif overlay_folder(row["image"], root).is_dir():
                 cards.append(_card(row, root, [vocab.itos[t] for t in row["tokens"]]))
     title = f"sat-infer: {rows_file.name}"
-    error_list = (f"<details><summary><b>Error rows ({len(errors)})</b></summary><ul>{''.join(errors)}</ul></details>"
-                  if errors else "")
+    error_list = named_list("Error rows", errors, expanded=False) if errors else ""
     page = (page_head(title) + f"<p>{len(cards)} captioned images with attention</p>{error_list}"
             + "\n".join(cards) + "</body></html>")
     index = root / "index.html"

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from sat_export.overlays import overlay
+from sat_export.text import printable
 from training.config import PreprocessConfig
 from training.errors import ImageDecodeError
 from training.images import load_rgb
@@ -62,7 +63,7 @@ def render_html(report: dict, preprocess: PreprocessConfig | None, gallery: int 
     parts = [page_head(title), _metrics_table(report)]
     for key, heading in LISTS.items():
         if report.get(key):
-            parts.append(_named_list(heading, report[key]))
+            parts.append(named_list(heading, report[key]))
     if report.get("differ"):
         rows = "".join(f"<tr><td class='src nowrap'>{escape(d['image'])}</td><td>{escape(d['a'])}</td><td>{escape(d['b'])}</td></tr>"
                        for d in report["differ"])
@@ -96,15 +97,17 @@ def _metrics_table(report: dict) -> str:
     return "".join(html)
 
 
-def _named_list(heading: str, items: list) -> str:
+def named_list(heading: str, items: list, expanded: bool | None = None) -> str:
+    """A collapsible list of image names (plain, or ``{"image", "reason" or "error"}`` rows), each shown
+    ``printable``; open when ``expanded`` (None: when it has 20 items or fewer)."""
     lines = []
     for item in items:
         if isinstance(item, dict):
             name, why = item["image"], item.get("reason") or item.get("error", "")
-            lines.append(f"<li>{escape(name)} <span class='src'>— {escape(why)}</span></li>")
+            lines.append(f"<li>{escape(printable(name))} <span class='src'>— {escape(printable(why))}</span></li>")
         else:
-            lines.append(f"<li>{escape(item)}</li>")
-    state = " open" if len(items) <= 20 else ""
+            lines.append(f"<li>{escape(printable(item))}</li>")
+    state = " open" if (len(items) <= 20 if expanded is None else expanded) else ""
     return f"<details{state}><summary><b>{escape(heading)} ({len(items)})</b></summary><ul>{''.join(lines)}</ul></details>"
 
 
