@@ -19,11 +19,17 @@ from sat_export.quantize_search import DEFAULT_TARGET
 app = typer.Typer(add_completion=False, help="Benchmark every backend against PyTorch eager fp32.")
 
 
-def _sizes(text: str) -> tuple[int, ...]:
+def bench_options(batch_sizes: str, **fields) -> BenchOptions:
+    """``BenchOptions`` from the command line's comma-separated ``batch_sizes`` and ``fields``; bad values are
+    typer usage errors (shared by ``sat-bench`` and ``benchmarks.gpu``)."""
     try:
-        return tuple(int(s) for s in text.split(",") if s.strip())
+        sizes = tuple(int(s) for s in batch_sizes.split(",") if s.strip())
     except ValueError:
-        raise typer.BadParameter(f"expected comma-separated integers like 1,8,32, got {text!r}") from None
+        raise typer.BadParameter(f"expected comma-separated integers like 1,8,32, got {batch_sizes!r}") from None
+    try:
+        return BenchOptions(batch_sizes=sizes, **fields)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
 
 
 @app.command()
@@ -75,12 +81,9 @@ def main(
             model = replace(model, images=calibration_files(images), references=None,
                             info={**model.info, "images": str(images)})
     prepared = time.perf_counter() - start
-    try:
-        options = BenchOptions(batch_sizes=_sizes(batch_sizes or ("1,4" if quick else "1,8,32")), beam=beam,
-                               repeats=repeats or (2 if quick else 5), timing_images=timing_images,
-                               keys=tuple(k for k in configs.split(",") if k), quick=quick)
-    except ValueError as err:
-        raise typer.BadParameter(str(err)) from None
+    options = bench_options(batch_sizes or ("1,4" if quick else "1,8,32"), beam=beam,
+                            repeats=repeats or (2 if quick else 5), timing_images=timing_images,
+                            keys=tuple(k for k in configs.split(",") if k), quick=quick)
     result = run_bench(model, options, console)
     seconds = {"prepare": round(prepared, 1), "bench": result.seconds, "total": round(time.perf_counter() - start, 1)}
     doc = document(result, seconds)

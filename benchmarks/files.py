@@ -36,6 +36,7 @@ from rich.table import Table
 
 from benchmarks.bench import collect_environment
 from sat_export.cli.common import console, user_errors
+from sat_export.evaluate import read_predictions
 from sat_export.infer import InferOptions, default_workers, open_for_readers, plan, prefetch, read_item, run
 from sat_export.inputs import discover
 from training.decode import DecodeOptions, decode
@@ -75,8 +76,7 @@ def decode_rate(items: list, preprocess, workers: int) -> float:
 
 
 def captions(out: Path) -> dict[str, str]:
-    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
-    return {row["image"]: row.get("caption", "") for row in rows}
+    return {pred.image: pred.caption or "" for pred in read_predictions(out)}
 
 
 @app.command()

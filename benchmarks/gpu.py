@@ -20,7 +20,8 @@ import torch
 import typer
 from rich.console import Console
 
-from benchmarks.bench import BenchOptions, run_bench
+from benchmarks.bench import run_bench
+from benchmarks.cli import bench_options
 from benchmarks.prepare import BenchModel
 from benchmarks.report import document, print_table, write_json
 from sat_export.cli.common import console, user_errors
@@ -56,8 +57,7 @@ def main(
         files = sorted((shapes / "images").glob("*.jpg"))
         model = BenchModel(ckpt, None, files, None, {"source": "benchmarks.gpu: seeded random weights",
                                                      "images": f"{len(files)} generated shapes images"})
-        options = BenchOptions(batch_sizes=tuple(int(b) for b in batch_sizes.split(",")), max_len=max_len,
-                               repeats=repeats, timing_images=images, keys=CUDA_ROWS)
+        options = bench_options(batch_sizes, max_len=max_len, repeats=repeats, timing_images=images, keys=CUDA_ROWS)
         result = run_bench(model, options, console)
     doc = document(result, {"bench": result.seconds})
     print_table(doc, Console(width=None if sys.stdout.isatty() else 150))

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from sat_export.bundle import MANIFEST_FILE, sha256
+from sat_export.bundle import read_manifest, sha256
 from sat_export.errors import ParityError
 from sat_export.quantize import calibration_files
 from sat_export.quantize_search import DEFAULT_TARGET
@@ -116,9 +116,9 @@ def bench_bundle(ckpt: Path, calib: Path, int8: Int8Options, cache: Path, consol
     else:
         console.print(f"using the cached bundle {out}", highlight=False, soft_wrap=True)
     record = json.loads((out / BUILT).read_text())
-    if not _manifest(out).get("openvino_int8"):
+    if not read_manifest(out).get("openvino_int8"):
         record["openvino_int8_error"] = _openvino_int8(out, calib, int8, console)
-    manifest = _manifest(out)
+    manifest = read_manifest(out)
     return out, {**record, "bundle_built_s": round(time.perf_counter() - start, 1) if built else None,
                  "int8_search": manifest.get("int8"), "openvino_int8": manifest.get("openvino_int8")}
 
@@ -137,7 +137,7 @@ def _build(ckpt: Path, calib: Path, int8: Int8Options, out: Path, console: Conso
     try:
         build_bundle(ckpt, out, options, console)
     except ParityError as err:  # the report is in the manifest; the bench measures agreement itself
-        if "int8" not in _manifest(out)["precisions"]:
+        if "int8" not in read_manifest(out)["precisions"]:
             raise
         record["parity_error"] = str(err)
         console.print(f"[yellow]int8 parity gate failed[/] (the bench goes on and measures it): {err}",
@@ -160,10 +160,6 @@ def _openvino_int8(bundle: Path, calib: Path, int8: Int8Options, console: Consol
                       highlight=False, soft_wrap=True)
         return f"{type(err).__name__}: {err}"
     return None
-
-
-def _manifest(bundle: Path) -> dict:
-    return json.loads((bundle / MANIFEST_FILE).read_text())
 
 
 def _has_tensorrt() -> bool:

@@ -110,10 +110,12 @@ def verdict(rows: list[dict], batch: int, ceilings: dict | None = None) -> dict:
     int8_rate = ceilings.get("gemm_gmac_s", {}).get("int8")
     if int8_rate and ceilings.get("encoder_macs_per_image"):
         encoder_ms = ceilings["encoder_macs_per_image"] * batch / int8_rate / 1e6
-        out.update(gemm_gmac_s=ceilings["gemm_gmac_s"], int8_at_gemm_rate_vs_eager=round(
-            median(base) / (encoder_ms + base["batches"][str(batch)]["decode_ms"]), 2),
-            int8_at_gemm_rate_vs_best_torch=round(
-                median(best_torch) / (encoder_ms + best_torch["batches"][str(batch)]["decode_ms"]), 2))
+
+        def at_int8_rate(row: dict) -> float:  # ``row`` with its encoder at the int8 GEMM rate, its own decode loop
+            return round(median(row) / (encoder_ms + row["batches"][str(batch)]["decode_ms"]), 2)
+
+        out.update(gemm_gmac_s=ceilings["gemm_gmac_s"], int8_at_gemm_rate_vs_eager=at_int8_rate(base),
+                   int8_at_gemm_rate_vs_best_torch=at_int8_rate(best_torch))
     ort = next((r for r in timed if r["key"] == "ort-fp32"), None)
     if ort is not None:
         out.update(ort_fp32_speedup_vs_eager=round(median(base) / median(ort), 2),
