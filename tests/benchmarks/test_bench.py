@@ -13,7 +13,7 @@ from benchmarks.configs import CONFIGS
 from benchmarks.prepare import Int8Options, Recipe, reference_model
 from benchmarks.report import verdict
 from sat_export.cli.common import console
-from tests.conftest import bench_row, has_openvino
+from tests.conftest import bench_row, fake_cpu, has_openvino
 from training.shapes import make_shapes
 
 
@@ -135,9 +135,8 @@ def test_a_row_this_cpu_only_emulates_is_marked_timed_once_and_not_judged(tmp_pa
     from benchmarks.bench import BenchOptions, run_bench
     from benchmarks.prepare import BenchModel
     from benchmarks.report import document
-    from training.machine import CpuInfo
 
-    no_bf16 = CpuInfo("test cpu", "AVX2", dict(avx2=True, avx512=False, vnni=False, avx512_bf16=False, amx=False))
+    no_bf16 = fake_cpu()
     monkeypatch.setattr(benchmarks.configs, "cpu_info", lambda: no_bf16)
     model = BenchModel(tiny_ckpt, tiny_bundle, sorted(shapes.glob("*.jpg")))
     result = run_bench(model, BenchOptions(batch_sizes=(2,), repeats=3, timing_images=4, keys=("torch-bf16",)),

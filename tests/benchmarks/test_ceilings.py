@@ -5,8 +5,8 @@ from torch import nn
 import benchmarks.ceilings
 from benchmarks.ceilings import encoder_macs, gemm_rates
 from benchmarks.report import verdict
-from tests.conftest import bench_row
-from training.machine import CpuInfo, cpu_info
+from tests.conftest import bench_row, fake_cpu
+from training.machine import cpu_info
 
 
 class _Encoder(nn.Module):
@@ -32,7 +32,7 @@ def test_gemm_rates_are_measured_for_every_precision_bf16_only_where_native(monk
     assert set(rates) == {"fp32", "bf16", "int8"}
     assert rates["fp32"] > 0 and rates["int8"] > 0
     assert (rates["bf16"] is not None) == cpu_info().native_bf16
-    no_bf16 = CpuInfo("test cpu", "AVX2", dict(avx2=True, avx512=False, vnni=False, avx512_bf16=False, amx=False))
+    no_bf16 = fake_cpu()
     monkeypatch.setattr(benchmarks.ceilings, "cpu_info", lambda: no_bf16)
     assert gemm_rates(size=64, repeats=1)["bf16"] is None  # "not native", not an emulation's rate
 

@@ -10,8 +10,9 @@ from sat_export.bundle import load_bundle
 from sat_export.errors import BundleError
 from sat_export.parity import TOLERANCES, compare, synthetic_images, verify
 from sat_export.registry import open_backend
+from tests.conftest import fake_cpu
 from training.errors import SatError
-from training.machine import CpuInfo, cpu_info
+from training.machine import cpu_info
 from training.shapes import make_shapes
 
 pytestmark = pytest.mark.requires_openvino
@@ -54,9 +55,7 @@ def test_bf16_encoder_stays_within_the_fp16_tolerance(tiny_bundle, ort):
 def test_bf16_is_refused_where_the_cpu_would_emulate_it(tiny_bundle, monkeypatch):
     import engines.openvino
 
-    plain = CpuInfo("AVX2-only CPU", "AVX2", {"avx2": True, "avx512": False, "vnni": False, "avx512_bf16": False,
-                                             "amx": False})
-    monkeypatch.setattr(engines.openvino, "cpu_info", lambda: plain)
+    monkeypatch.setattr(engines.openvino, "cpu_info", fake_cpu)
     with pytest.raises(BackendUnavailable, match="bf16 would be emulated on this CPU"):
         open_backend(tiny_bundle, "openvino", precision="bf16")
 

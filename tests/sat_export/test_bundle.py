@@ -1,15 +1,14 @@
 """Bundles: the manifest's content, load_bundle, and `sat-export check` refusing any changed byte."""
-import json
 import shutil
 
 import pytest
 from typer.testing import CliRunner
 
 from engines.contract import DECODER_STEP, ENCODER
-from sat_export.bundle import DIGEST_KEY, _digest, _render, io_table, load_bundle, write_manifest
-from sat_export.bundle import MANIFEST_FILE
+from sat_export.bundle import MANIFEST_FILE, io_table, load_bundle, write_manifest
 from sat_export.cli.export import app
 from sat_export.errors import BundleError
+from tests.conftest import manifest_of, reseal
 from training.config import ModelConfig
 
 
@@ -19,12 +18,6 @@ def bundle(tmp_path, tiny_bundle):
     return shutil.copytree(tiny_bundle, tmp_path / "bundle")
 
 
-def _reseal_as_is(bundle, manifest):
-    """Write a manifest with a valid digest but without re-hashing files (a hand-edited bundle)."""
-    manifest[DIGEST_KEY] = _digest(manifest)
-    (bundle / MANIFEST_FILE).write_bytes(_render(manifest))
-
-
 def _check(path):
     result = CliRunner().invoke(app, ["check", str(path)])
     assert "Traceback" not in result.output
@@ -32,7 +25,7 @@ def _check(path):
 
 
 def test_manifest_records_everything_needed_to_run_the_bundle(tiny_bundle, vocab):
-    manifest = json.loads((tiny_bundle / MANIFEST_FILE).read_text())
+    manifest = manifest_of(tiny_bundle)
     assert manifest["format"] == "sat-bundle" and manifest["version"] == 1
     assert manifest["vocab"]["itos"] == vocab.itos and manifest["special_ids"] == vocab.special_ids()
     assert manifest["preprocess"] == {"resize": 72, "crop": 64, "mean": [0.485, 0.456, 0.406],
@@ -58,10 +51,10 @@ def test_load_bundle_gives_config_vocab_and_graph_paths(tiny_bundle, vocab):
 
 
 def test_a_manifest_from_before_resize_modes_loads_with_todays_preprocessing(bundle):
-    manifest = json.loads((bundle / MANIFEST_FILE).read_text())
+    manifest = manifest_of(bundle)
     for pre in (manifest["preprocess"], manifest["model"]["preprocess"]):
         del pre["resize_mode"], pre["reducing_gap"], pre["draft_margin"]
-    _reseal_as_is(bundle, manifest)
+    reseal(bundle, manifest)
     pre = load_bundle(bundle).config.preprocess
     assert (pre.resize, pre.crop, pre.resize_mode, pre.reducing_gap, pre.draft_margin) == (
         72, 64, "shorter_side", 3.0, 2.0)
@@ -96,7 +89,7 @@ def test_check_refuses_truncated_and_missing_files(bundle):
 
 
 def test_check_refuses_a_resealed_bundle_whose_graphs_do_not_match(bundle):
-    manifest = json.loads((bundle / MANIFEST_FILE).read_text())
+    manifest = manifest_of(bundle)
     shutil.copy(bundle / ENCODER.file, bundle / DECODER_STEP.file)  # consistent checksums, wrong graph
     write_manifest(bundle, manifest)
     result = _check(bundle)
@@ -104,7 +97,7 @@ def test_check_refuses_a_resealed_bundle_whose_graphs_do_not_match(bundle):
 
 
 def test_check_refuses_a_manifest_for_another_model(bundle):
-    manifest = json.loads((bundle / MANIFEST_FILE).read_text())
+    manifest = manifest_of(bundle)
     manifest["model"]["att_dim"] = 24
     manifest["graphs"] = io_table(ModelConfig.from_dict(manifest["model"]))
     write_manifest(bundle, manifest)
@@ -114,24 +107,24 @@ def test_check_refuses_a_manifest_for_another_model(bundle):
 
 @pytest.mark.parametrize("field", ["vocab", "files", "graphs", "opset"])
 def test_load_bundle_refuses_a_manifest_missing_a_field(bundle, field):
-    manifest = json.loads((bundle / MANIFEST_FILE).read_text())
+    manifest = manifest_of(bundle)
     del manifest[field]
-    _reseal_as_is(bundle, manifest)
+    reseal(bundle, manifest)
     with pytest.raises(BundleError, match=f"manifest.json: manifest field '{field}': Field required"):
         load_bundle(bundle)
 
 
 def test_load_bundle_refuses_files_outside_the_bundle(bundle):
-    manifest = json.loads((bundle / MANIFEST_FILE).read_text())
+    manifest = manifest_of(bundle)
     manifest["files"]["../escape.onnx"] = {"bytes": 1, "sha256": "0" * 64}
-    _reseal_as_is(bundle, manifest)
+    reseal(bundle, manifest)
     with pytest.raises(BundleError, match="points outside the bundle"):
         load_bundle(bundle)
 
 
 def test_a_resealed_manifest_without_the_models_preprocessing_is_refused_in_one_line(bundle):
-    manifest = json.loads((bundle / MANIFEST_FILE).read_text())
+    manifest = manifest_of(bundle)
     del manifest["model"]["preprocess"]  # the schema fills in the default, which differs from 'preprocess'
-    _reseal_as_is(bundle, manifest)
+    reseal(bundle, manifest)
     with pytest.raises(BundleError, match="'preprocess' differs from the model config's preprocessing"):
         load_bundle(bundle)

@@ -3,7 +3,6 @@ graphs onnxruntime refuses. `sat-export check` and `sat-infer` refuse the same b
 file (and the field), and caption with the ones they accept."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -16,26 +15,16 @@ from onnx import external_data_helper
 from typer.testing import CliRunner
 
 from engines.contract import DECODER_STEP, ENCODER
-from sat_export.bundle import DIGEST_KEY, MANIFEST_FILE, _digest, _render, io_table, load_bundle, write_manifest
+from sat_export.bundle import DIGEST_KEY, MANIFEST_FILE, _render, io_table, load_bundle, write_manifest
 from sat_export.check import check_bundle
 from sat_export.cli.export import app as export_app
 from sat_export.cli.infer import app as infer_app
 from sat_export.infer import InferOptions, plan, run
 from sat_export.registry import open_backend
-from tests.conftest import one_line_error
+from tests.conftest import manifest_of, one_line_error, reseal
 from tests.sat_export.test_infer import read_rows, write_images
 from training.config import ModelConfig
 from training.errors import SatError
-
-
-def manifest_of(bundle: Path) -> dict:
-    return json.loads((bundle / MANIFEST_FILE).read_text())
-
-
-def reseal(bundle: Path, manifest: dict) -> None:
-    """Write ``manifest`` with a valid seal, as anyone who edits a bundle can (the seal is unkeyed)."""
-    manifest[DIGEST_KEY] = _digest(manifest)
-    (bundle / MANIFEST_FILE).write_bytes(_render(manifest))
 
 
 def check(bundle: Path):

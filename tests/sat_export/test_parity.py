@@ -1,6 +1,5 @@
 """The parity gate: reports, the ✓/✗ lines, ParityError messages, a failing build keeping its report, and
 `check` reporting the stored verdicts."""
-import json
 
 import pytest
 import torch
@@ -11,17 +10,16 @@ from engines.base import Backend
 from engines.contract import DECODER_STEP, ENCODER
 from engines.ort import OrtBackend
 from engines.torch_eager import TorchBackend
-from sat_export.bundle import MANIFEST_FILE
 from sat_export.cli.export import app
 from sat_export.errors import ParityError
 from sat_export.export import export_onnx
 from sat_export.parity import Float64Oracle, print_report, raise_if_failed, synthetic_images, verify, verify_onnx
-from tests.conftest import tiny_model
+from tests.conftest import manifest_of, tiny_model
 from training.checkpoint import save_checkpoint
 
 
 def test_compare_eager_vs_onnxruntime_manifest_report_within_fp32_tolerance(tiny_bundle):
-    report = json.loads((tiny_bundle / MANIFEST_FILE).read_text())["parity"]["fp32"]
+    report = manifest_of(tiny_bundle)["parity"]["fp32"]
     assert report["passed"] and report["batches"] == [1, 8] and report["inputs"] == ["image-like", "random"]
     assert report["judged_against"] == "float64" and report["reference_multiple"] == 2.0
     expected = {(g.name, n) for g in (ENCODER, DECODER_STEP) for n in g.output_names}
@@ -73,13 +71,13 @@ def test_build_out_of_tolerance_exits_non_zero_and_keeps_the_report(tmp_path, vo
     result = CliRunner().invoke(app, ["build", "--ckpt", str(ckpt), "--out", str(out)])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "✗" in result.output and "further from a float64 evaluation" in result.output
-    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    manifest = manifest_of(out)
     assert manifest["parity"]["fp32"]["passed"] is False
     _check_reports(out, "✗ fp32 parity gate: failed: encoder 'features' is further from a float64 evaluation")
 
     result = CliRunner().invoke(app, ["build", "--ckpt", str(ckpt), "--out", str(out), "--no-verify"])
     assert result.exit_code == 0, result.output
-    assert json.loads((out / MANIFEST_FILE).read_text())["parity"]["fp32"]["skipped"] == "--no-verify"
+    assert manifest_of(out)["parity"]["fp32"]["skipped"] == "--no-verify"
     _check_reports(out, "~ fp32 parity gate: skipped (--no-verify)")
 
 

@@ -1,5 +1,4 @@
 """int8 encoder: static QDQ quantisation calibrated on the user's images, within the int8 tolerance."""
-import json
 import shutil
 from collections import Counter
 
@@ -10,7 +9,6 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from engines.contract import DECODER_STEP, ENCODER
-from sat_export.bundle import MANIFEST_FILE
 from sat_export.cli.export import app
 from sat_export.errors import BundleError
 from sat_export.export import check_graph_io
@@ -18,7 +16,7 @@ from sat_export.parity import verify_onnx
 from sat_export.quantize import (ImageCalibrationReader, _least_error_range, _Replay, calibration_files, head_nodes,
                                  mse_ranges, quantize_encoder)
 from sat_export.quantize_search import HeldBack
-from tests.conftest import fake_verdict, tiny_model
+from tests.conftest import fake_cpu, fake_verdict, manifest_of, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +88,7 @@ def test_build_with_int8_encoder_registers_it_and_check_runs_it(tmp_path, tiny_c
     result = CliRunner().invoke(app, ["build", "--ckpt", str(tiny_ckpt), "--out", str(out), "--int8-encoder",
                                       "--calib", str(calib_dir)])
     assert result.exit_code == 0, result.output
-    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    manifest = manifest_of(out)
     assert manifest["precisions"]["int8"] == {"encoder": "encoder.int8.onnx", "decoder_step": "decoder_step.onnx"}
     assert manifest["parity"]["int8"]["passed"] and "encoder.int8.onnx" in manifest["files"]
     result = CliRunner().invoke(app, ["check", str(out)])
@@ -107,7 +105,7 @@ def test_build_says_when_the_int8_target_is_not_reached(tmp_path, tiny_ckpt, cal
                                       "--calib", str(calib_dir)])
     assert result.exit_code == 0, result.output
     assert "int8 target not reached" in result.output and "keeps 25.0%" in result.output
-    assert json.loads((out / MANIFEST_FILE).read_text())["int8"]["reached"] is False
+    assert manifest_of(out)["int8"]["reached"] is False
 
 
 def test_the_least_error_range_clips_a_long_tail_and_keeps_a_uniform_spread():
@@ -147,13 +145,11 @@ def test_mse_calibration_shrinks_ranges_and_gives_a_runnable_int8_encoder(tmp_pa
 
 def test_without_vnni_weights_are_quantised_to_7_bits(tmp_path, tiny_bundle, calib_dir, monkeypatch):
     import sat_export.quantize
-    from training.machine import CpuInfo
 
-    features = dict(avx2=True, avx512=False, vnni=False, avx512_bf16=False, amx=False)
     bundle = shutil.copytree(tiny_bundle, tmp_path / "b")
     ranges = {}
     for vnni in (True, False):
-        cpu = CpuInfo("test cpu", "AVX2", {**features, "vnni": vnni})
+        cpu = fake_cpu(vnni=vnni)
         monkeypatch.setattr(sat_export.quantize, "cpu_info", lambda cpu=cpu: cpu)
         graph = onnx.load(str(quantize_encoder(bundle, calib_dir, out=tmp_path / f"vnni{vnni}.onnx"))).graph
         weights = [onnx.numpy_helper.to_array(t) for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]

@@ -142,7 +142,7 @@ def test_truncated_and_bomb_images_are_refused(tmp_path):
         load_image(tmp_path / "missing.jpg", CFG)
 
 
-def _photo(size=(2400, 1800), seed=0) -> Image.Image:
+def _large_photo(size=(2400, 1800), seed=0) -> Image.Image:
     """A smooth photo-like picture with some texture, big enough for reduced-size JPEG decoding."""
     rng = np.random.default_rng(seed)
     small = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(size, Image.Resampling.BICUBIC)
@@ -153,9 +153,9 @@ def _photo(size=(2400, 1800), seed=0) -> Image.Image:
 @pytest.mark.parametrize("short_side,decoded", [(None, (2400, 1800)), (1000, (2400, 1800)), (900, (1200, 900)),
                                                 (450, (600, 450)), (100, (300, 225))])
 def test_a_jpeg_is_decoded_at_the_smallest_scale_that_keeps_the_short_side(short_side, decoded):
-    jpeg = _encode(_photo(), "JPEG", quality=90)
+    jpeg = _encode(_large_photo(), "JPEG", quality=90)
     assert load_rgb(jpeg, short_side=short_side).size == decoded
-    assert load_rgb(_encode(_photo(), "PNG"), short_side=100).size == (2400, 1800)  # other formats: every pixel
+    assert load_rgb(_encode(_large_photo(), "PNG"), short_side=100).size == (2400, 1800)  # other formats: every pixel
     with pytest.raises(ImageDecodeError, match="2400x1800 = 4320000 pixels"):  # the limit is on the full image
         load_rgb(jpeg, max_pixels=4_000_000, short_side=100)
 
@@ -163,14 +163,14 @@ def test_a_jpeg_is_decoded_at_the_smallest_scale_that_keeps_the_short_side(short
 def test_reduced_size_decoding_follows_exif_rotation():
     exif = Image.Exif()
     exif[0x0112] = 6  # stored landscape, shown portrait
-    jpeg = _encode(_photo((2400, 1800)), "JPEG", quality=90, exif=exif)
+    jpeg = _encode(_large_photo((2400, 1800)), "JPEG", quality=90, exif=exif)
     assert load_rgb(jpeg, short_side=450).size == (450, 600) and load_rgb(jpeg).size == (1800, 2400)
 
 
 def test_compare_reduced_size_vs_full_decoding_of_what_the_model_sees():
     cfg = PreprocessConfig(resize=128, crop=128)
     assert cfg.draft_short_side == 256 and PreprocessConfig(draft_margin=None).draft_short_side is None
-    jpeg = _encode(_photo(), "JPEG", quality=90)
+    jpeg = _encode(_large_photo(), "JPEG", quality=90)
     full = preprocess(load_rgb(jpeg), cfg)
     drafted = load_image(jpeg, cfg)  # decoded at 1/4: 600x450, still >= 2 x 128 on the short side
     assert load_rgb(jpeg, short_side=cfg.draft_short_side).size == (600, 450)
@@ -183,7 +183,7 @@ def test_heic_photos_are_read_through_the_plugin_and_their_suffixes_are_listed(t
     from training.images import HEIF_PLUGIN, image_suffixes
 
     pillow_heif.register_heif_opener()
-    _photo((64, 48)).save(tmp_path / "a.heic", format="HEIF", quality=90)
+    _large_photo((64, 48)).save(tmp_path / "a.heic", format="HEIF", quality=90)
     assert HEIF_PLUGIN and {".heic", ".heif"} <= image_suffixes()
     assert load_rgb(tmp_path / "a.heic").size == (64, 48)
     assert load_image(tmp_path / "a.heic", CFG).shape == (3, 32, 32)
@@ -195,7 +195,7 @@ def test_without_the_plugin_a_heic_photo_is_refused_naming_the_extra(tmp_path):
 
     pillow_heif = pytest.importorskip("pillow_heif", reason="writing the HEIC test file needs pillow-heif")
     pillow_heif.register_heif_opener()
-    _photo((64, 48)).save(tmp_path / "a.heic", format="HEIF")
+    _large_photo((64, 48)).save(tmp_path / "a.heic", format="HEIF")
     script = ("import sys; sys.modules['pillow_heif'] = None\n"  # as without the extra
               "from training.images import image_suffixes, load_rgb\n"
               "assert '.heic' in image_suffixes()\n"

@@ -6,6 +6,7 @@ from typer.testing import CliRunner
 
 from sat_export.assets import demo_checkpoint_path
 from sat_export.cli.train import app
+from tests.conftest import fake_cpu
 from training.checkpoint import load_checkpoint, read_payload
 from training.data import load_captions
 from training.shapes import make_shapes
@@ -120,10 +121,8 @@ def test_amp_trains_in_bf16_only_where_the_cpu_has_it_and_says_so(shapes, tmp_pa
     from rich.console import Console
 
     import training.train
-    from training.machine import CpuInfo
 
-    features = dict(avx2=True, avx512=native, vnni=native, avx512_bf16=native, amx=False)
-    monkeypatch.setattr(training.train, "cpu_info", lambda: CpuInfo("test cpu", "AVX2", features))
+    monkeypatch.setattr(training.train, "cpu_info", lambda: fake_cpu(avx512=native, vnni=native, avx512_bf16=native))
     out = io.StringIO()
     trainer = Trainer(tiny(shapes, tmp_path, epochs=1, amp=True), console=Console(file=out, width=200))
     assert trainer.amp is native
