@@ -39,45 +39,23 @@ from rich.console import Console
 
 from benchmarks.ceilings import encoder_macs, gemm_rates
 from benchmarks.configs import BASELINE, CONFIGS, BenchConfig, emulated, open_config
+from benchmarks.options import BenchOptions
 from benchmarks.prepare import BenchModel
 from engines.base import Backend
 from engines.errors import BackendUnavailable
 from training.checkpoint import load_checkpoint
 from training.config import PreprocessConfig
-from training.decode import Caption, DecodeOptions, decode
-from training.errors import ImageDecodeError
+from training.console import make_console
+from training.decode import Caption, decode
+from training.errors import ImageDecodeError, first_line
 from training.faithful import judge
 from training.images import load_image
 from training.machine import cpu_info, usable_cores
 from training.metrics import caption_agreement
+from training.options import DecodeOptions
 from training.vocab import Vocab
 
 PAUSE_S = 0.05  # between timed batches: lets the previous runtime's spinning threads go idle
-
-
-@dataclass(frozen=True)
-class BenchOptions:
-    """What to measure; ``keys`` limits the configurations (empty: all)."""
-
-    batch_sizes: tuple[int, ...] = (1, 8, 32)
-    beam: int = 1
-    max_len: int = 20
-    warmup: int = 1
-    repeats: int = 5
-    timing_images: int = 64  # the first images of the set; the accuracy pass captions them all
-    keys: tuple[str, ...] = ()
-    quick: bool = False
-
-    def __post_init__(self):
-        if not self.batch_sizes or min(self.batch_sizes) < 1:
-            raise ValueError(f"batch sizes must be positive integers, got {self.batch_sizes}")
-        if self.timing_images < 1:
-            raise ValueError(f"timing_images must be at least 1, got {self.timing_images}")
-        if self.repeats < 1 or self.warmup < 0:
-            raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {self.repeats} and {self.warmup}")
-        known = {c.key for c in CONFIGS}
-        if set(self.keys) - known:
-            raise ValueError(f"unknown configurations {sorted(set(self.keys) - known)}; choose from {', '.join(known)}")
 
 
 @dataclass
@@ -197,7 +175,8 @@ def _guard(row: Row, what: str, fn):
     except BackendUnavailable as err:
         row.fail(f"unavailable: {err}")
     except Exception as err:  # noqa: BLE001 - a failing configuration must not stop the others
-        row.fail(f"error while {what}: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}")
+        detail = f": {first_line(err)}" if str(err).strip() else ""
+        row.fail(f"error while {what}: {type(err).__name__}{detail}")
     return None
 
 
@@ -239,7 +218,7 @@ def _score(rows: list[Row], model: BenchModel, kept: list[Path], vocab: Vocab) -
 def run_bench(model: BenchModel, options: BenchOptions = BenchOptions(), console: Console | None = None,
               ) -> BenchResult:
     """Measure every configuration of ``CONFIGS`` (or ``options.keys``) on ``model``'s bench images."""
-    console = console or Console(stderr=True)
+    console = console or make_console()
     start = time.perf_counter()
     environment = collect_environment()
     ckpt = load_checkpoint(model.ckpt)

@@ -1,22 +1,18 @@
 """``sat-bench``: latency and throughput of every configuration against PyTorch eager, in one process."""
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
-from benchmarks.bench import BenchOptions, run_bench
-from benchmarks.prepare import QUICK_RECIPE, Int8Options, Recipe, default_cache, from_checkpoint, reference_model
-from benchmarks.report import document, print_table, write_json, write_plot
-from sat_export.cli.common import console, user_errors
-from sat_export.quantize import METHODS, calibration_files
-from sat_export.quantize_search import DEFAULT_TARGET
+from benchmarks.options import BenchOptions
+from sat_export.cli.common import console, new_app, user_errors
+from sat_export.options import DEFAULT_TARGET, METHODS
+from training.console import make_console
 
-app = typer.Typer(add_completion=False, help="Benchmark every backend against PyTorch eager fp32.")
+app = new_app(help="Benchmark every backend against PyTorch eager fp32.")
 
 
 def bench_options(batch_sizes: str, **fields) -> BenchOptions:
@@ -38,32 +34,39 @@ def main(
     ckpt: Path = typer.Option(None, help="Checkpoint to measure (needs --images). Without it a reference model "
                               "with a trained backbone is prepared once and cached."),
     preset: str = typer.Option("small", help="Decoder preset of the prepared reference model."),
-    backbone: str = typer.Option(None, help="Backbone of the prepared reference model "
-                                 "[default: resnet101; mobilenet_v3_small_s16 with --quick]."),
-    images: Path = typer.Option(None, help="Folder of images to caption [default: the reference model's "
-                                "held-out images]."),
+    backbone: str = typer.Option(None, help="Backbone of the prepared reference model.",
+                                 show_default="resnet101; mobilenet_v3_small_s16 with --quick"),
+    images: Path = typer.Option(None, help="Folder of images to caption.",
+                                show_default="the reference model's held-out images"),
     refs: Path = typer.Option(None, help="Captions of --images (any format sat-train reads), to judge accuracy "
-                              "by BLEU-4/CIDEr-D [default: eager fp32's own captions are the references]."),
-    calib: Path = typer.Option(None, help="Calibration images of the int8 encoder [default: --images with --ckpt]."),
+                              "by BLEU-4/CIDEr-D.", show_default="eager fp32's own captions are the references"),
+    calib: Path = typer.Option(None, help="Calibration images of the int8 encoder.",
+                                show_default="--images with --ckpt"),
     calib_method: str = typer.Option("mse", help=f"int8 calibration: {', '.join(METHODS)}."),
     int8_target: float = typer.Option(DEFAULT_TARGET, help="Share of fp32's BLEU-4 and CIDEr-D the int8 encoder "
                                       "must keep on its held-back calibration images."),
-    batch_sizes: str = typer.Option(None, help="Comma-separated batch sizes [default: 1,8,32; --quick: 1,4]."),
+    batch_sizes: str = typer.Option(None, help="Comma-separated batch sizes.",
+                                     show_default="1,8,32; --quick: 1,4"),
     beam: int = typer.Option(1, help="Beam size (1: greedy)."),
-    repeats: int = typer.Option(None, help="Timed rounds [default: 5; --quick: 2]."),
+    repeats: int = typer.Option(None, help="Timed rounds.", show_default="5; --quick: 2"),
     timing_images: int = typer.Option(BenchOptions.timing_images, help="Images the timed rounds draw from (the "
                                       "first ones); the accuracy pass captions them all."),
-    configs: str = typer.Option("", help="Comma-separated configuration keys to run [default: all]."),
+    configs: str = typer.Option("", help="Comma-separated configuration keys to run.", show_default="all"),
     json_path: Path = typer.Option(Path("sat-bench.json"), "--json", help="Where to write every measurement."),
     plot: Path = typer.Option(Path("sat-bench.png"), help="Where to write the PNG plot (needs matplotlib)."),
-    cache: Path = typer.Option(None, help="Cache of prepared models and bundles [default: $SAT_BENCH_CACHE or "
-                               "~/.cache/sat-export/bench]."),
+    cache: Path = typer.Option(None, help="Cache of prepared models and bundles.",
+                               show_default="$SAT_BENCH_CACHE or ~/.cache/sat-export/bench"),
     quick: bool = typer.Option(False, "--quick", help="A smoke test: tiny model, few images, 2 rounds."),
 ):
     """Run every configuration on the same images and model; print a table, write JSON and a plot.
 
     Example:  sat-bench --json bench.json --plot bench.png
     """
+    from benchmarks.bench import run_bench
+    from benchmarks.prepare import QUICK_RECIPE, Int8Options, Recipe, default_cache, from_checkpoint, reference_model
+    from benchmarks.report import document, print_table, write_json, write_plot
+    from sat_export.quantize.ort import calibration_files
+
     if calib_method not in METHODS:
         raise typer.BadParameter(f"--calib-method must be one of {', '.join(METHODS)}, not {calib_method!r}")
     if ckpt is not None and images is None:
@@ -87,7 +90,7 @@ def main(
     result = run_bench(model, options, console)
     seconds = {"prepare": round(prepared, 1), "bench": result.seconds, "total": round(time.perf_counter() - start, 1)}
     doc = document(result, seconds)
-    print_table(doc, Console(width=None if sys.stdout.isatty() else 150))
+    print_table(doc, make_console(stderr=False))
     write_json(doc, json_path)
     console.print(f"measurements written to {json_path}; {write_plot(doc, plot)}; "
                   f"{seconds['total']:.0f} s in all ({seconds['prepare']:.0f} s preparing)", highlight=False,

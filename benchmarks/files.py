@@ -1,7 +1,7 @@
 """``python -m benchmarks.files PHOTOS``: sat-infer's images/s from files, beside the model's own rate.
 
 On real photos decoding can cost more than the model: a 12 MP JPEG holds ~700x the pixels the demo
-model looks at. This runs the real pipeline (``sat_export.infer.plan`` + ``run``, reader threads and
+model looks at. This runs the real pipeline (``sat_export.pipeline.infer.plan`` + ``run``, reader threads and
 all) on a folder of photos, in interleaved rounds, three ways:
 
 - ``reduced``: the photos as they are, large JPEGs decoded at reduced size (the default);
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -35,16 +34,19 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks.bench import collect_environment
-from sat_export.cli.common import console, user_errors
-from sat_export.evaluate import read_predictions
-from sat_export.infer import InferOptions, default_workers, open_for_readers, plan, prefetch, read_item, run
-from sat_export.inputs import discover
-from training.decode import DecodeOptions, decode
+from sat_export.cli.common import console, new_app, user_errors
+from sat_export.pipeline.infer import open_for_readers, plan, prefetch, read_item, run
+from sat_export.options import InferOptions, default_workers
+from sat_export.pipeline.inputs import discover
+from sat_export.reports.evaluate import read_predictions
+from training.console import make_console
+from training.decode import decode
 from training.images import load_image, load_rgb
 from training.metrics import caption_agreement
+from training.options import DecodeOptions
 
 VARIANTS = ("reduced", "full", "pre-shrunk")
-app = typer.Typer(add_completion=False)
+app = new_app()
 
 
 def shrink(files: list[tuple[Path, str]], root: Path, short_side: int) -> None:
@@ -83,7 +85,7 @@ def captions(out: Path) -> dict[str, str]:
 @user_errors
 def main(
     photos: Path = typer.Argument(..., help="Folder of photos (JPEG, PNG, HEIC...)."),
-    model: str = typer.Option(None, help="Checkpoint or bundle [default: the embedded demo model]."),
+    model: str = typer.Option(None, help="Checkpoint or bundle.", show_default="the embedded demo model"),
     backend: str = typer.Option("auto", help="auto, torch, onnxruntime or tensorrt."),
     batch_size: int = typer.Option(16, min=1),
     workers: int = typer.Option(default_workers(), min=1, help="Reader threads, as sat-infer --workers."),
@@ -124,7 +126,7 @@ def main(
            "reduced_vs_full_identical_captions": caption_agreement([full[k] for k in sorted(full)],
                                                                    [reduced[k] for k in sorted(full)]),
            **collect_environment()}
-    print_table(doc, Console(width=None if sys.stdout.isatty() else 120))
+    print_table(doc, make_console(stderr=False))
     json_path.write_text(json.dumps(doc, indent=1) + "\n")
     console.print(f"measurements written to {json_path}", highlight=False)
 

@@ -12,27 +12,26 @@ Example:  python -m benchmarks.gpu --json gpu-bench.json
 """
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 import typer
-from rich.console import Console
 
 from benchmarks.bench import run_bench
 from benchmarks.cli import bench_options
 from benchmarks.prepare import BenchModel
 from benchmarks.report import document, print_table, write_json
-from sat_export.cli.common import console, user_errors
+from sat_export.cli.common import console, new_app, user_errors
 from training.checkpoint import save_checkpoint
+from training.console import make_console
 from training.data import load_captions
 from training.model import make_model
 from training.shapes import make_shapes
 from training.vocab import Vocab
 
 CUDA_ROWS = ("torch-cuda-fp32", "torch-cuda-fp16", "torch-cuda-compile")
-app = typer.Typer(add_completion=False)
+app = new_app()
 
 
 @app.command()
@@ -60,7 +59,7 @@ def main(
         options = bench_options(batch_sizes, max_len=max_len, repeats=repeats, timing_images=images, keys=CUDA_ROWS)
         result = run_bench(model, options, console)
     doc = document(result, {"bench": result.seconds})
-    print_table(doc, Console(width=None if sys.stdout.isatty() else 150))
+    print_table(doc, make_console(stderr=False))
     write_json(doc, json_path)
     console.print(f"measurements written to {json_path}", highlight=False)
 

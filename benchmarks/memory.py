@@ -1,7 +1,7 @@
 """``python -m benchmarks.memory``: does ``sat-infer``'s memory stay flat over a big folder?
 
 Writes ``--n`` small JPEGs to a temporary folder, captions them in this process with the real
-pipeline (``sat_export.infer.plan`` + ``run``), and samples the resident set size every 50 ms
+pipeline (``sat_export.pipeline.infer.plan`` + ``run``), and samples the resident set size every 50 ms
 and after every ``--every`` rows. Prints start / peak / end RSS and RSS against rows done, and
 writes all of it to JSON. Flat means the RSS after the first thousand rows is the RSS at the
 end: the reader pool is bounded, rows go straight to disk, nothing is kept per image.
@@ -22,11 +22,12 @@ import typer
 from PIL import Image
 
 from benchmarks.bench import collect_environment, rss_mb
-from sat_export.cli.common import console, user_errors
-from sat_export.infer import InferOptions, open_for_readers, plan, run
-from training.decode import DecodeOptions
+from sat_export.cli.common import console, new_app, user_errors
+from sat_export.pipeline.infer import open_for_readers, plan, run
+from sat_export.options import InferOptions
+from training.options import DecodeOptions
 
-app = typer.Typer(add_completion=False)
+app = new_app()
 
 
 def write_images(folder: Path, n: int, size: int, distinct: int = 64) -> None:
@@ -72,7 +73,7 @@ class RssSampler:
 def main(
     n: int = typer.Option(10_000, min=1, help="Images to generate and caption."),
     size: int = typer.Option(64, min=8, help="Side of the generated images, pixels."),
-    model: str = typer.Option(None, help="Checkpoint or bundle [default: the embedded demo model]."),
+    model: str = typer.Option(None, help="Checkpoint or bundle.", show_default="the embedded demo model"),
     backend: str = typer.Option("auto", help="auto, torch, onnxruntime or tensorrt."),
     batch_size: int = typer.Option(32, min=1),
     workers: int = typer.Option(2, min=1),

@@ -16,7 +16,7 @@ and the two give different weights, so the cache key says which. ``prepared.json
 last, so an interrupted preparation is redone. Bundles (fp32 graphs and the accuracy-aware int8 encoder;
 TensorRT engines too where there is a GPU) are built with ``sat-export build``'s library and
 cached beside the checkpoint they come from; where OpenVINO and NNCF are installed, the NNCF int8
-encoder of the ``ov-int8`` row is added to them (``sat_export.quantize_openvino``).
+encoder of the ``ov-int8`` row is added to them (``sat_export.quantize.openvino``).
 """
 from __future__ import annotations
 
@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from sat_export.bundle import read_manifest, sha256
+from sat_export.bundle.format import read_manifest, sha256
 from sat_export.errors import ParityError
-from sat_export.quantize import calibration_files
-from sat_export.quantize_search import DEFAULT_TARGET
+from sat_export.quantize.ort import calibration_files
+from sat_export.options import DEFAULT_TARGET
 from training.checkpoint import save_checkpoint
 from training.errors import SatError
 from training.machine import cpu_info
@@ -125,7 +125,8 @@ def bench_bundle(ckpt: Path, calib: Path, int8: Int8Options, cache: Path, consol
 
 def _build(ckpt: Path, calib: Path, int8: Int8Options, out: Path, console: Console) -> None:
     """``sat-export build`` of the bench bundle: fp32, int8 encoder, TensorRT fp16 where there is a GPU."""
-    from sat_export.build import BuildOptions, build_bundle
+    from sat_export.build.builder import build_bundle
+    from sat_export.options import BuildOptions
 
     gpu = torch.cuda.is_available()
     console.print(f"building the bench bundle in {out} (fp32, int8 encoder{', TensorRT fp16' if gpu else ''})",
@@ -149,7 +150,7 @@ def _openvino_int8(bundle: Path, calib: Path, int8: Int8Options, console: Consol
     """Add the NNCF int8 encoder to ``bundle``; None, or why it could not be (the ``ov-int8`` row then says
     the bundle has none)."""
     from engines.errors import BackendUnavailable
-    from sat_export.quantize_openvino import quantize_openvino_encoder
+    from sat_export.quantize.openvino import quantize_openvino_encoder
 
     try:
         quantize_openvino_encoder(bundle, calib, int8.target, console=console)
@@ -225,8 +226,9 @@ def reference_model(recipe: Recipe, int8: Int8Options, cache: Path, console: Con
 
 def _prepare(recipe: Recipe, root: Path, console: Console, precision: str) -> dict:
     """Generate the three image sets, train in phases (``precision`` bf16 or fp32), keep ``model.pth``."""
+    from training.options import TrainConfig
     from training.shapes import make_shapes
-    from training.train import Trainer, TrainConfig
+    from training.train import Trainer
 
     start = time.perf_counter()
     for name, n, offset in (("train", recipe.n_train, 0), ("calib", recipe.n_calib, 1), ("test", recipe.n_test, 2)):

@@ -18,7 +18,7 @@ from rich.table import Table
 
 from benchmarks.bench import BenchResult, Row, Timing
 from benchmarks.configs import BASELINE, emulated
-from training.faithful import RATIO
+from training.options import FAITHFUL_RATIO
 
 
 def batch_stats(timings: list[Timing], size: int) -> dict:
@@ -99,7 +99,7 @@ def verdict(rows: list[dict], batch: int, ceilings: dict | None = None) -> dict:
     faithful = [r for r in timed if r["accuracy"] and r["accuracy"]["faithful"]]
     best_torch, fastest = min(torch_rows, key=median), min(faithful, key=median)
     accuracy = base["accuracy"]
-    out = {"batch": batch, "rule": f"BLEU-4 and CIDEr-D >= {RATIO:.0%} of eager fp32's on {accuracy['images']} "
+    out = {"batch": batch, "rule": f"BLEU-4 and CIDEr-D >= {FAITHFUL_RATIO:.0%} of eager fp32's on {accuracy['images']} "
                                    "images, same run", "best_torch": best_torch["key"],
            "eager_bleu4": accuracy["bleu4"]["reference"], "eager_cider_d": accuracy["cider_d"]["reference"],
            "fastest_faithful": fastest["key"], "fastest_faithful_agreement": fastest["agreement"],

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from engines.errors import ShapeError
 
 BATCH = "batch"
+DEFAULT_OPSET = 18  # of both graphs (``sat-export build --opset``)
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ def check_graph_io(path, spec: GraphSpec, found: dict[str, list[tuple[str, str, 
     """A graph's inputs and outputs (``found``: ``"input"``/``"output"`` -> ``(name, dtype, shape)``, ``BATCH``
     for a dynamic axis) are the contract's names, dtypes and sizes for this config, the batch symbolic:
     ``ShapeError`` naming file and tensor. The one comparison for an ONNX file as written
-    (``sat_export.export.check_graph_io``) and as a runtime loaded it (so a graph that does not fit its
+    (``sat_export.export.onnx.check_graph_io``) and as a runtime loaded it (so a graph that does not fit its
     config, say a hand-edited manifest, is refused before any image is read)."""
     for kind, wanted in (("input", spec.inputs), ("output", spec.outputs)):
         names = [name for name, _, _ in found[kind]]

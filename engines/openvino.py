@@ -1,7 +1,7 @@
 """OpenVINO backend: the encoder compiled by OpenVINO on the CPU, the decoder step on ONNX Runtime.
 
 The encoder is an ONNX file (OpenVINO reads it directly) or an OpenVINO IR ``.xml`` (the NNCF int8
-encoder of ``sat_export.quantize_openvino``). Its inference precision is always pinned, f32 or bf16:
+encoder of ``sat_export.quantize.openvino``). Its inference precision is always pinned, f32 or bf16:
 left alone, OpenVINO runs bf16 on a CPU with native bf16. bf16 is refused where the CPU would only
 emulate it. One dynamic-batch model per performance hint, compiled when first needed: a batch of one
 image on ``LATENCY`` (one request, every thread), larger batches on ``THROUGHPUT``, split into one

@@ -3,7 +3,7 @@
 Written against the TensorRT 10/11 Python API (named I/O tensors, ``set_input_shape``,
 ``set_tensor_address``, ``execute_async_v3``). Input shapes are set only when they change (the
 decode loop's batch shrinks as rows finish). An engine is valid only on the TensorRT version and
-GPU that built it: whoever opens one checks that first (``sat_export.tensorrt.check_engines``).
+GPU that built it: whoever opens one checks that first (``sat_export.build.tensorrt.check_engines``).
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ bundle dir     tensorrt if it has engines   and TensorRT + CUDA are usable, else
 
 ``backend="openvino"`` (the ``[openvino]`` extra) is never picked by ``auto``: it runs the bundle's
 fp32 encoder on OpenVINO in fp32 or bf16 (CPUs with native bf16), or its NNCF int8 encoder
-(``precision="int8"``, ``sat_export.quantize_openvino``), always on the CPU.
+(``precision="int8"``, ``sat_export.quantize.openvino``), always on the CPU.
 """
 from __future__ import annotations
 
@@ -23,13 +23,12 @@ import torch
 
 from engines.base import Backend
 from engines.errors import BackendUnavailable
-from sat_export.bundle import MANIFEST_FILE, Bundle, load_bundle, sha256
+from sat_export.build.tensorrt import open_engines
+from sat_export.bundle.format import MANIFEST_FILE, Bundle, load_bundle, sha256
+from sat_export.options import BACKEND_NAMES, OPENVINO_PRECISIONS
 from training.checkpoint import load_checkpoint
 from training.config import ModelConfig
 from training.errors import SatError
-
-BACKEND_NAMES = ("auto", "torch", "onnxruntime", "tensorrt", "openvino")
-OPENVINO_PRECISIONS = ("fp32", "bf16", "int8")
 
 
 def default_device() -> torch.device:
@@ -68,7 +67,7 @@ def model_sha256(model: str | Path | None) -> str:
 def resolve_model(model: str | Path | None, backend: str = "auto") -> Path | Bundle:
     """What ``backend`` opens for ``model``: the checkpoint file for torch, else the verified bundle.
 
-    A checkpoint given to a bundle backend is built once into the cache (``sat_export.bundle_cache``).
+    A checkpoint given to a bundle backend is built once into the cache (``sat_export.build.cache``).
     """
     if backend not in BACKEND_NAMES:
         raise SatError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_NAMES)}")
@@ -79,7 +78,7 @@ def resolve_model(model: str | Path | None, backend: str = "auto") -> Path | Bun
         return path
     if is_bundle(path):
         return load_bundle(path)
-    from sat_export.bundle_cache import cached_bundle
+    from sat_export.build.cache import cached_bundle
 
     return cached_bundle(path)
 
@@ -115,7 +114,7 @@ def open_backend(model: str | Path | None = None, backend: str = "auto", device:
     engines = precision == "fp32" and bundle.manifest.get("tensorrt")  # a precision asked for is onnxruntime's
     if backend == "tensorrt" or (backend == "auto" and device.type == "cuda" and engines):
         try:
-            return _open_tensorrt(bundle, device)
+            return open_engines(bundle, device)
         except BackendUnavailable:
             if backend == "tensorrt":
                 raise
@@ -123,14 +122,6 @@ def open_backend(model: str | Path | None = None, backend: str = "auto", device:
 
     encoder, decoder = bundle.graph_paths(precision)
     return OrtBackend(encoder, decoder, bundle.config, bundle.vocab, device, threads)
-
-
-def _open_tensorrt(bundle: Bundle, device: torch.device) -> Backend:
-    from engines.trt import TensorRTBackend
-    from sat_export.tensorrt import check_engines
-
-    encoder, decoder = check_engines(bundle, device)  # says what is missing before looking at engines
-    return TensorRTBackend(encoder, decoder, bundle.config, bundle.vocab, device)
 
 
 def _open_openvino(bundle: Bundle, device: torch.device, threads: int | None, precision: str) -> Backend:

@@ -2,42 +2,14 @@
 from __future__ import annotations
 
 import urllib.error
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
 
+from training.config import backbone_spec
 from training.errors import WeightsUnavailable
-
-
-@dataclass(frozen=True)
-class Backbone:
-    """A torchvision classifier (``arch``), how to cut it, and its channels and stride once cut."""
-
-    arch: str
-    channels: int
-    stride: int
-    n_blocks: int | None = None  # keep only ``features[:n_blocks]`` (MobileNet)
-
-
-BACKBONES: dict[str, Backbone] = {
-    "resnet18": Backbone("resnet18", 512, 32),
-    "resnet34": Backbone("resnet34", 512, 32),
-    "resnet50": Backbone("resnet50", 2048, 32),
-    "resnet101": Backbone("resnet101", 2048, 32),
-    "resnet152": Backbone("resnet152", 2048, 32),
-    "mobilenet_v3_small": Backbone("mobilenet_v3_small", 576, 32),
-    # First 9 blocks only: stride 16 keeps a 14x14 grid at 224 px (0.19 M params): the demo model's.
-    "mobilenet_v3_small_s16": Backbone("mobilenet_v3_small", 48, 16, n_blocks=9),
-}
-
-
-def backbone_spec(name: str) -> Backbone:
-    if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
-    return BACKBONES[name]
 
 
 def build_backbone(name: str, pretrained: bool | str | Path = False) -> nn.Module:

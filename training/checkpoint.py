@@ -20,13 +20,14 @@ from pathlib import Path
 import torch
 
 from training.config import ModelConfig
-from training.errors import CheckpointError
+from training.errors import CheckpointError, clip
 from training.model import ShowAttendTell
 from training.vocab import Vocab
 
 FORMAT = "sat-checkpoint"
 VERSION = 1
 REQUIRED_KEYS = ("format", "version", "config", "vocab", "state_dict")
+TRUNCATION_SIGNS = ("failed finding central directory", "Ran out of input", "EOF")
 
 
 @dataclass
@@ -79,16 +80,17 @@ def read_payload(path: str | Path) -> dict:
         if "GLOBAL" in str(err) or "Unsupported global" in str(err):
             raise CheckpointError(
                 f"{path}: refusing to load: the file pickles Python objects or code, not only tensors "
-                f"({_reason(err)}; loading it could execute code). "
+                f"({load_reason(err)}; loading it could execute code). "
                 "Convert trusted files with `sat-export import --trust-pickle`."
             ) from None
-        raise CheckpointError(f"{path}: corrupt file, not a PyTorch checkpoint ({_reason(err)})") from None
+        raise CheckpointError(f"{path}: corrupt file, not a PyTorch checkpoint ({load_reason(err)})") from None
     except PermissionError as err:
         raise CheckpointError(f"{path}: cannot read the checkpoint ({err.strerror})") from None
     except (RuntimeError, zipfile.BadZipFile, EOFError, OSError) as err:
-        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({_reason(err)})") from None
+        kind = "truncated" if is_truncated(err) else "corrupt"
+        raise CheckpointError(f"{path}: {kind} checkpoint ({load_reason(err)})") from None
     except Exception as err:  # noqa: BLE001 - the unpickler raises arbitrary types on garbage input
-        raise CheckpointError(f"{path}: corrupt file, not a PyTorch checkpoint ({_reason(err)})") from None
+        raise CheckpointError(f"{path}: corrupt file, not a PyTorch checkpoint ({load_reason(err)})") from None
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
@@ -133,7 +135,7 @@ def _check_state_dict(path: Path, config: ModelConfig, state_dict: dict) -> None
         with torch.device("meta"):
             expected = ShowAttendTell(config).state_dict()
     except (ValueError, RuntimeError, OverflowError) as err:  # an unknown backbone, sizes torch cannot make
-        raise CheckpointError(f"{path}: invalid config: {str(err)[:160]}") from None
+        raise CheckpointError(f"{path}: invalid config: {clip(str(err), 160)}") from None
     if not isinstance(state_dict, dict):
         raise CheckpointError(f"{path}: state_dict is a {type(state_dict).__name__}, expected a dict of tensors")
     missing = sorted(set(expected) - set(state_dict))
@@ -152,9 +154,17 @@ def _few(keys: list[str], n: int = 3) -> str:
     return "[]" if not keys else ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
 
 
-def _reason(err: Exception) -> str:
-    """The most specific line of a (possibly multi-line) torch error, cut short."""
+def load_reason(err: BaseException) -> str:
+    """The most specific line of a (possibly multi-line) torch error, its first sentence where it goes on to
+    advise (torch's zip reader does), ``clip``ped."""
     lines = [ln.strip().removeprefix("WeightsUnpickler error: ") for ln in str(err).splitlines() if ln.strip()]
-    specific = [ln.split(" was not an allowed global")[0] for ln in lines
+    specific = [ln.split(" was not an allowed global")[0].split(". This is an internal")[0] for ln in lines
                 if ln.startswith(("Unsupported", "Trying to load", "PytorchStreamReader"))]
-    return (specific or lines or [type(err).__name__])[0][:160]
+    return clip((specific or lines or [type(err).__name__])[0], 160)
+
+
+def is_truncated(err: BaseException) -> bool:
+    """Whether torch's loader failed because the file ends early: pickle ran out of input, or the zip
+    archive lacks its central directory (written last, so a cut file has none)."""
+    text = str(err)
+    return isinstance(err, EOFError) or any(sign in text for sign in TRUNCATION_SIGNS)

@@ -14,7 +14,7 @@ from functools import cache
 
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
-from training.errors import CheckpointError
+from training.errors import CheckpointError, clip
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -178,7 +178,7 @@ class ModelConfig:
         except ValidationError as err:
             raise CheckpointError(f"{source}: invalid config: {first_error(err)}") from None
         except (TypeError, ValueError, RecursionError) as err:  # json.dumps: not JSON data
-            raise CheckpointError(f"{source}: invalid config: {type(err).__name__}: {str(err)[:160]}") from None
+            raise CheckpointError(f"{source}: invalid config: {type(err).__name__}: {clip(str(err), 160)}") from None
 
 
 @cache
@@ -192,3 +192,31 @@ def first_error(err: ValidationError) -> str:
     where = ".".join(str(part) for part in first["loc"])
     what = first["msg"].removeprefix("Value error, ")
     return f"field {where!r}: {what}" if where else what
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A torchvision classifier (``arch``), how to cut it, and its channels and stride once cut."""
+
+    arch: str
+    channels: int
+    stride: int
+    n_blocks: int | None = None  # keep only ``features[:n_blocks]`` (MobileNet)
+
+
+BACKBONES: dict[str, Backbone] = {
+    "resnet18": Backbone("resnet18", 512, 32),
+    "resnet34": Backbone("resnet34", 512, 32),
+    "resnet50": Backbone("resnet50", 2048, 32),
+    "resnet101": Backbone("resnet101", 2048, 32),
+    "resnet152": Backbone("resnet152", 2048, 32),
+    "mobilenet_v3_small": Backbone("mobilenet_v3_small", 576, 32),
+    # First 9 blocks only: stride 16 keeps a 14x14 grid at 224 px (0.19 M params): the demo model's.
+    "mobilenet_v3_small_s16": Backbone("mobilenet_v3_small", 48, 16, n_blocks=9),
+}
+
+
+def backbone_spec(name: str) -> Backbone:
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    return BACKBONES[name]

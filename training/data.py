@@ -29,9 +29,9 @@ from training.config import PreprocessConfig
 from training.errors import DatasetError, ImageDecodeError
 from training.images import load_image, load_rgb
 from training.metrics import box_coverage, crop_window
+from training.options import MAX_LEN
 from training.vocab import Vocab, tokenize
 
-MAX_LEN = 30  # words per caption; longer captions are cut
 SPLITS = ("train", "val", "test")
 IMAGE_DIRS = ("Images", "images", "Flicker8k_Dataset", "Flickr8k_Dataset")  # tried next to the captions file
 _TOKEN_LINE = re.compile(r"^(?P<name>[^\t#]+)#\d+\t(?P<caption>.*)$")

@@ -15,26 +15,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from training.options import DecodeOptions
+
 EncoderOutputs = tuple[Tensor, Tensor, Tensor, Tensor]  # features, features_proj, h0, c0
 StepOutputs = tuple[Tensor, Tensor, Tensor, Tensor]  # logprobs, alpha, h_next, c_next
 StepFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], StepOutputs]
-
-
-@dataclass(frozen=True)
-class DecodeOptions:
-    """``beam`` 1 is greedy; ``length_penalty`` p ranks hypotheses by ``sum(logp) / length**p``."""
-
-    beam: int = 1
-    max_len: int = 20
-    length_penalty: float = 0.0
-
-    def __post_init__(self):
-        if self.beam < 1:
-            raise ValueError(f"beam must be at least 1, got {self.beam}")
-        if self.max_len < 1:
-            raise ValueError(f"max_len must be at least 1, got {self.max_len}")
-        if self.length_penalty < 0:
-            raise ValueError(f"length_penalty must not be negative, got {self.length_penalty}")
 
 
 @dataclass

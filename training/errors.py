@@ -11,10 +11,20 @@ class SatError(Exception):
 
 
 def first_line(err: BaseException, limit: int = 200) -> str:
-    """The first line of ``err``'s message, cut to ``limit`` characters (its type's name when it has none):
-    how a library's own exception is quoted inside one of ours."""
+    """The first line of ``err``'s message, ``clip``ped to ``limit`` characters (its type's name when it has
+    none): how a library's own exception is quoted inside one of ours."""
     text = str(err).strip()
-    return text.splitlines()[0][:limit] if text else type(err).__name__
+    return clip(text.splitlines()[0], limit) if text else type(err).__name__
+
+
+def clip(text: str, limit: int = 200) -> str:
+    """``text`` in at most ``limit`` characters: whole, or cut after a word and ending ``...`` so a reader
+    knows it was cut (a single word longer than half the limit is cut inside it)."""
+    if len(text) <= limit:
+        return text
+    head = text[:limit - 4]
+    space = head.rfind(" ")
+    return (head[:space] if space > limit // 2 else head).rstrip(" ,;:.") + " ..."
 
 
 class CheckpointError(SatError):

@@ -14,16 +14,15 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-
 from rich.console import Console
 
 from training.checkpoint import load_checkpoint
 from training.data import SPLITS, ImageInputs, boxes_next_to, check_images, load_boxes, load_captions, upright_size
-from training.decode import DecodeOptions
 from training.errors import DatasetError
 from training.metrics import attention_grounding, corpus_bleu, summarize_grounding
+from training.options import DecodeOptions, TrainConfig
 from training.shapes import make_shapes
-from training.train import TrainConfig, caption_images, train
+from training.train import caption_images, train
 
 DEMO_CONFIG = dict(backbone="mobilenet_v3_small_s16", preset="small", grid=8, resize=128, crop=128,
                    finetune_encoder=True, epochs=10, batch_size=64, lr=2e-3, encoder_lr=2e-3, alpha_c=1.0, box_loss=0.5,

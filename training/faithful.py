@@ -3,7 +3,7 @@
 MLPerf Inference accepts a quantised result when its task metric is at least 99 % of the fp32
 reference's. Here: a candidate captioner (an int8 encoder, bf16 autocast, another runtime) is
 *faithful* to a reference (eager fp32, same images, same run) when its corpus BLEU-4 and CIDEr-D
-against the human references are each at least ``RATIO`` times the reference's. Exact-caption
+against the human references are each at least ``FAITHFUL_RATIO`` times the reference's. Exact-caption
 agreement is reported beside it, as information: a model whose captions change at 3 % feature noise
 changes words where neither caption is worse.
 
@@ -24,8 +24,8 @@ import numpy as np
 from nltk.translate.bleu_score import closest_ref_length, modified_precision
 
 from training.metrics import caption_agreement, cider_d
+from training.options import FAITHFUL_RATIO
 
-RATIO = 0.99
 N_BOOTSTRAP = 1000
 ORDER = 4
 
@@ -63,7 +63,7 @@ def _comparison(reference: float, candidate: float, boot_ref: np.ndarray, boot_c
 
 
 def judge(references: Sequence[Sequence[Sequence[str]]], reference_captions: Sequence[Sequence[str]],
-          candidate_captions: Sequence[Sequence[str]], ratio: float = RATIO, n_bootstrap: int = N_BOOTSTRAP,
+          candidate_captions: Sequence[Sequence[str]], ratio: float = FAITHFUL_RATIO, n_bootstrap: int = N_BOOTSTRAP,
           seed: int = 0) -> dict:
     """Is the candidate faithful to the reference captioner on these images?
 

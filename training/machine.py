@@ -16,8 +16,6 @@ import os
 import platform
 from dataclasses import dataclass
 
-import torch
-
 # torch.cpu's feature probes (cpuinfo-based, on every OS), or'ed with Linux's flags (``avx_vnni``: AVX2-VNNI).
 _PROBES = {"avx2": "_is_avx2_supported", "avx512": "_is_avx512_supported", "vnni": "_is_vnni_supported",
            "avx512_bf16": "_is_avx512_bf16_supported", "amx": "_is_amx_tile_supported"}
@@ -61,6 +59,8 @@ class CpuInfo:
 @functools.cache
 def cpu_info() -> CpuInfo:
     """This machine's CPU, from torch's feature probes and, on Linux, ``/proc/cpuinfo``."""
+    import torch  # here, not at the top: ``usable_cores`` is read by --help, which must not wait for torch
+
     model, flags = platform.processor() or platform.machine(), set()
     try:
         with open("/proc/cpuinfo") as f:

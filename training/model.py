@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from training.backbones import backbone_spec, build_backbone
-from training.config import PRESETS, ModelConfig
+from training.backbones import build_backbone
+from training.config import PRESETS, ModelConfig, backbone_spec
 
 
 class Attention(nn.Module):

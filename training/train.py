@@ -16,7 +16,7 @@ import json
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -24,83 +24,18 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from training.backbones import backbone_spec
 from training.checkpoint import load_checkpoint, save_checkpoint
-from training.config import PRESETS, PreprocessConfig
-from training.data import (MAX_LEN, CaptionDataset, EpochBatches, ImageCaptions, ImageInputs, attention_targets,
-                           boxes_next_to, check_images, collate, load_boxes, load_captions)
-from training.decode import Caption, DecodeOptions, decode
+from training.console import make_console
+from training.data import (CaptionDataset, EpochBatches, ImageCaptions, ImageInputs, attention_targets, boxes_next_to,
+                           check_images, collate, load_boxes, load_captions)
+from training.decode import Caption, decode
 from training.errors import CheckpointError, DatasetError
 from training.features import build_feature_cache
 from training.machine import cpu_info
 from training.metrics import corpus_bleu
 from training.model import ShowAttendTell, caption_loss, make_model
+from training.options import DecodeOptions, TrainConfig
 from training.vocab import Vocab
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Every setting of a run; stored in its checkpoints (``train["config"]``) so it can resume."""
-
-    data: str  # captions file or folder (see training.data.load_captions)
-    out: str = "runs/train"
-    images: str | None = None
-    format: str = "auto"
-    backbone: str = "resnet101"
-    preset: str = "small"
-    grid: int = 14
-    resize: int = 256
-    crop: int = 224
-    resize_mode: str = "shorter_side"  # or "squash", "torchvision" (training.config.PreprocessConfig)
-    attention: str = "tanh"
-    gate: bool = True
-    dropout: float = 0.5
-    pretrained: bool = False
-    pretrained_weights: str | None = None
-    finetune_encoder: bool = False
-    cache: bool = True  # frozen encoder: train from cached grid features
-    cache_dir: str = ".cache/features"
-    epochs: int = 20
-    batch_size: int = 64
-    lr: float = 4e-4
-    encoder_lr: float = 1e-4
-    weight_decay: float = 0.01
-    warmup: float = 0.05  # share of all steps with a linear learning-rate warm-up
-    grad_clip: float = 5.0
-    alpha_c: float = 1.0
-    box_loss: float = 0.0  # weight of the attention supervision from boxes.json (ground-truth attention)
-    boxes: str | None = None  # boxes.json for box_loss; default: the one next to the captions
-    amp: bool = False  # bf16 autocast, where the CPU has native bf16 (else fp32, with a warning)
-    max_len: int = MAX_LEN
-    min_freq: int = 1
-    val_frac: float = 0.05
-    test_frac: float = 0.05
-    val_images: int = 500  # at most this many validation images are captioned for BLEU
-    patience: int = 5
-    seed: int = 0
-    max_steps: int | None = None  # stop (and save last.pth) after this many optimiser steps in all
-    threads: int | None = None  # torch intra-op threads (None: torch's default, one per core)
-
-    def __post_init__(self):
-        for name in ("epochs", "batch_size", "patience", "val_images", "min_freq", "max_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not 0 <= self.warmup < 1:
-            raise ValueError(f"warmup must be in [0, 1), got {self.warmup}")
-        if self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
-        backbone_spec(self.backbone)  # raises for an unknown backbone
-        self.preprocess  # noqa: B018 - raises for an unknown resize mode or a crop larger than the resize
-
-    @property
-    def preprocess(self) -> PreprocessConfig:
-        """The model's preprocessing (ImageNet mean/std), recorded in its checkpoints."""
-        return PreprocessConfig(self.resize, self.crop, resize_mode=self.resize_mode)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 @dataclass
@@ -124,7 +59,7 @@ def load_data(cfg: TrainConfig, vocab: Vocab | None = None, console: Console | N
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         report = Path(cfg.out) / "skipped_images.txt"
         report.write_text("".join(f"{p}\t{why}\n" for p, why in skipped))
-        (console or Console(stderr=True)).print(
+        (console or make_console()).print(
             f"[yellow]skipped {len(skipped)} missing or unreadable images[/] "
             + escape(f"(first: {skipped[0][0]}: {skipped[0][1]}; all listed in {report})"), highlight=False)
     train = [i for i, it in enumerate(items) if it.split == "train"]
@@ -176,7 +111,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, resume: dict | None = None, vocab: Vocab | None = None,
                  state_dict: dict | None = None, console: Console | None = None):
         self.cfg, self.out = cfg, Path(cfg.out)
-        self.console = console or Console(stderr=True)
+        self.console = console or make_console()
         self.amp = cfg.amp and cpu_info().native_bf16
         if cfg.amp and not self.amp:
             self.console.print(f"[yellow]--amp: bf16 is emulated on this CPU[/] ({cpu_info().describe()}), "

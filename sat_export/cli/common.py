@@ -8,13 +8,19 @@ from __future__ import annotations
 import functools
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
 from sat_export.text import printable
+from training.console import make_console
 from training.errors import SatError
 
-console = Console(stderr=True)
+console = make_console()
+
+
+def new_app(**options) -> typer.Typer:
+    """A typer app as every tool has it: no shell-completion commands, and help texts shown as written (rich
+    markup off: a ``[trt]`` or ``[default: ...]`` in a help text would otherwise vanish as a style tag)."""
+    return typer.Typer(add_completion=False, rich_markup_mode=None, **options)
 
 
 def user_errors(fn):

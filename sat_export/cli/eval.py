@@ -5,18 +5,14 @@ import json
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from sat_export.cli.common import user_errors
+from sat_export.cli.common import new_app, user_errors
 from sat_export.errors import UsageError
-from sat_export.evaluate import compare as compare_runs
-from sat_export.evaluate import evaluate
-from sat_export.registry import model_config
-from sat_export.report_html import LABELS, LISTS, write_html
 from sat_export.text import printable
+from training.console import make_console
 
-app = typer.Typer(add_completion=False)
+app = new_app()
 SHOWN = 10  # names printed per list; --json and --html have them all
 
 
@@ -44,6 +40,11 @@ def main(
 
     Example:  sat-eval --compare captions.onnx.jsonl captions.int8.jsonl
     """
+    from sat_export.registry import model_config
+    from sat_export.reports.evaluate import compare as compare_runs
+    from sat_export.reports.evaluate import evaluate
+    from sat_export.reports.html import write_html
+
     preprocess = None
     if compare is not None:
         if pred or refs:
@@ -65,7 +66,9 @@ def main(
 
 def print_report(report: dict) -> None:
     """Metrics and counts as a table on stdout; the first names of every non-empty list after it."""
-    out = Console()
+    from sat_export.reports.html import LABELS, LISTS
+
+    out = make_console(stderr=False)
     table = Table(show_header=False, box=None)
     for key, value in report["metrics"].items():
         table.add_row(LABELS[key], f"{value:.4f}")

@@ -5,23 +5,20 @@ import json
 from itertools import islice
 from pathlib import Path
 
-import torch
 import typer
 from rich.markup import escape
 
-from sat_export.build import BuildOptions
-from sat_export.cli.common import console, user_errors
-from sat_export.quantize import METHODS
+from sat_export.cli.common import console, new_app, user_errors
+from sat_export.options import METHODS, BuildOptions
 from sat_export.text import printable
-from training.checkpoint import load_checkpoint
 
 DEFAULTS = BuildOptions()
 SHOWN_ITEMS, SHOWN_DEPTH, SHOWN_CHARS = 8, 3, 120  # what `info` prints of the training record, at most
 
-app = typer.Typer(
+app = new_app(
     help="Export Show-Attend-Tell checkpoints to ONNX / TensorRT bundles.\n\n"
     "Example:  sat-export info runs/demo/best.pth",
-    no_args_is_help=True, add_completion=False,
+    no_args_is_help=True,
 )
 
 
@@ -37,6 +34,8 @@ def info(ckpt: Path = typer.Argument(..., readable=False, help="Checkpoint (.pth
 
     Example:  sat-export info small.pth
     """
+    from training.checkpoint import load_checkpoint
+
     ck = load_checkpoint(ckpt)
     n_params = sum(t.numel() for t in ck.state_dict.values() if t.is_floating_point())
     train = {k: v for k, v in ck.train.items() if not isinstance(v, dict)}  # not the config and resume state
@@ -48,6 +47,8 @@ def info(ckpt: Path = typer.Argument(..., readable=False, help="Checkpoint (.pth
 def shown(value, depth: int = SHOWN_DEPTH):
     """``value`` cut for printing: ``SHOWN_ITEMS`` items per list or dict, ``SHOWN_DEPTH`` levels, ``SHOWN_CHARS``
     per string; what is cut is counted, never walked (a checkpoint's record can be any size or depth)."""
+    import torch
+
     if isinstance(value, str):
         return value if len(value) <= SHOWN_CHARS else f"{value[:SHOWN_CHARS]}... ({len(value)} characters)"
     if isinstance(value, int | float) or value is None:  # weights_only unpickles ints of at most 255 bytes
@@ -80,8 +81,8 @@ def build(
                                       "CIDEr-D the int8 encoder must keep on held-back calibration images; sensitive "
                                       "layers stay fp32 until it does."),
     calib_captions: Path | None = typer.Option(None, "--calib-captions", help="Captions of the calibration images "
-                                               "(any format sat-train reads) [default: one found in --calib or its "
-                                               "parent; else fp32's own captions are the references]."),
+                                               "(any format sat-train reads).", show_default="one found in --calib or "
+                                               "its parent; else fp32's own captions are the references"),
     trt: bool = typer.Option(False, "--trt", help="Also build TensorRT engines (needs the [trt] extra and a GPU)."),
     trt_profile: str = typer.Option(",".join(map(str, DEFAULTS.trt_profile)), "--trt-profile",
                                     help="TensorRT min,opt,max batch."),
@@ -92,7 +93,7 @@ def build(
     Example:  sat-export build --ckpt small.pth --out small_bundle --fp16
     """
     from engines.trt_build import check_profile
-    from sat_export.build import build_bundle
+    from sat_export.build.builder import build_bundle
 
     if int8_encoder != (calib is not None):
         raise typer.BadParameter("--int8-encoder and --calib DIR go together")
@@ -119,7 +120,7 @@ def check(
 
     Example:  sat-export check small_bundle --strict
     """
-    from sat_export.check import check_bundle, require_passed_gates
+    from sat_export.build.check import check_bundle, require_passed_gates
 
     summary = check_bundle(bundle)
     for name, gate in summary["parity"].items():
@@ -150,7 +151,7 @@ def import_(
     Examples:  sat-export import resnet101-small.pth --captions Flickr8k.token.txt --out seed.pth
                sat-export import BEST_checkpoint_coco.pth.tar --wordmap WORDMAP_coco.json --trust-pickle --out coco.pth
     """
-    from sat_export.importers import import_seed, import_sgrvinod
+    from sat_export.build.importers import import_seed, import_sgrvinod
 
     if (captions is None) == (wordmap is None):
         raise typer.BadParameter("give --captions (seed layout) or --wordmap (sgrvinod layout), not both or neither")

@@ -9,15 +9,13 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
-from sat_export.cli.common import console, user_errors
-from sat_export.infer import InferOptions, Summary, open_for_readers, plan, run, run_settings
-from sat_export.ray_infer import RayOptions, run_ray
-from sat_export.registry import BACKEND_NAMES
+from sat_export.cli.common import console, new_app, user_errors
+from sat_export.options import BACKEND_NAMES, InferOptions, RayOptions
 from sat_export.text import printable
-from training.decode import DecodeOptions
 from training.errors import SatError
+from training.options import DecodeOptions
 
-app = typer.Typer(add_completion=False)
+app = new_app()
 DEFAULTS, RAY_DEFAULTS = InferOptions(), RayOptions()
 
 
@@ -35,7 +33,8 @@ def main(
                                        help="Folders (recursive), .txt/.lst files listing images, or images."),
     out: Path = typer.Option(Path("captions.jsonl"), "--out", "-o", readable=False,
                              help="JSONL output; rerunning resumes it."),
-    model: str = typer.Option(None, help="Checkpoint (.pth) or bundle folder [default: the embedded demo model]."),
+    model: str = typer.Option(None, help="Checkpoint (.pth) or bundle folder.",
+                                show_default="the embedded demo model"),
     backend: str = typer.Option("auto", help=f"One of {', '.join(BACKEND_NAMES)}."),
     precision: str = typer.Option("fp32", help="The encoder's precision: fp32; onnxruntime: fp16 or int8 (graphs "
                                   "of the bundle); openvino: bf16 (CPUs with native bf16) or int8 (an NNCF encoder)."),
@@ -44,7 +43,8 @@ def main(
     max_len: int = typer.Option(DEFAULTS.decode.max_len, min=1, help="Most words per caption."),
     workers: int = typer.Option(DEFAULTS.workers, min=1, help="Threads decoding images ahead of the model."),
     max_pixels: int = typer.Option(DEFAULTS.max_pixels, min=1, help="Larger images are error rows (decompression bombs)."),
-    threads: int = typer.Option(None, min=1, help="Inference threads [default: cores left by --workers, at least 1]."),
+    threads: int = typer.Option(None, min=1, help="Inference threads.",
+                                 show_default="the cores left by --workers, at least 1"),
     alphas: Path = typer.Option(None, readable=False,
                                 help="Write each image's attention (T, grid, grid) to DIR/<image>.npz."),
     overlays: Path = typer.Option(None, readable=False,
@@ -71,6 +71,9 @@ def main(
 
     On a Ray cluster:  sat-infer /shared/photos --out /shared/captions.jsonl --ray --ray-address auto --ray-actors 8
     """
+    from sat_export.pipeline.infer import Summary, open_for_readers, plan, run, run_settings
+    from sat_export.pipeline.ray_infer import run_ray
+
     options = InferOptions(batch_size, DecodeOptions(beam, max_len), workers, max_pixels, alphas, overlays,
                            full_decode)
     settings = run_settings(model, options.decode, options.full_decode, precision)

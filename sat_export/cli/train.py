@@ -8,15 +8,15 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from sat_export.cli.common import console, user_errors
+from sat_export.cli.common import console, new_app, user_errors
 from sat_export.errors import UsageError
 from training.config import PRESETS
-from training.train import TrainConfig
+from training.options import TrainConfig
 
-app = typer.Typer(
+app = new_app(
     help="Train Show-Attend-Tell captioners.\n\n"
     "Example:  sat-train make-shapes data/shapes --n 2000 && sat-train train data/shapes --out runs/shapes",
-    no_args_is_help=True, add_completion=False,
+    no_args_is_help=True,
 )
 
 DEFAULTS = TrainConfig(data="")
@@ -70,22 +70,22 @@ def train_cmd(
     finetune_encoder: bool = typer.Option(False, "--finetune-encoder", help="Train the backbone end to end."),
     cache: bool = typer.Option(DEFAULTS.cache, help="With a frozen encoder, train from cached grid features."),
     cache_dir: Path = typer.Option(Path(DEFAULTS.cache_dir), help="Where cached features live."),
-    epochs: int = typer.Option(DEFAULTS.epochs),
-    batch_size: int = typer.Option(DEFAULTS.batch_size),
+    epochs: int = typer.Option(DEFAULTS.epochs, help="Passes over the training images, at most (see --patience)."),
+    batch_size: int = typer.Option(DEFAULTS.batch_size, help="Captions per optimiser step."),
     lr: float = typer.Option(DEFAULTS.lr, help="AdamW learning rate of the decoder."),
     encoder_lr: float = typer.Option(DEFAULTS.encoder_lr, help="Learning rate of the backbone with --finetune-encoder."),
     alpha_c: float = typer.Option(DEFAULTS.alpha_c, help="Weight of the doubly stochastic attention loss."),
     box_loss: float = typer.Option(DEFAULTS.box_loss, help="Weight of attention supervision: -log attention mass inside the "
                                    "box of each boxed word (needs boxes.json, e.g. from make-shapes)."),
     boxes: Optional[Path] = typer.Option(None, help="boxes.json for --box-loss (default: next to DATA)."),
-    dropout: float = typer.Option(DEFAULTS.dropout),
+    dropout: float = typer.Option(DEFAULTS.dropout, help="Dropout before the decoder's output layer."),
     grad_clip: float = typer.Option(DEFAULTS.grad_clip, help="Clip the gradient norm to this."),
     amp: bool = typer.Option(False, "--amp", help="bfloat16 autocast on CPU."),
     min_freq: int = typer.Option(DEFAULTS.min_freq, help="Words seen fewer times become <unk>."),
     val_frac: float = typer.Option(DEFAULTS.val_frac, help="Share of images for validation (formats without splits)."),
     test_frac: float = typer.Option(DEFAULTS.test_frac, help="Share of images held out for testing (formats without splits)."),
     patience: int = typer.Option(DEFAULTS.patience, help="Stop after this many epochs without a better val BLEU-4."),
-    seed: int = typer.Option(DEFAULTS.seed),
+    seed: int = typer.Option(DEFAULTS.seed, help="Seed of the initial weights and of the batch order."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimiser steps (resume later)."),
     threads: Optional[int] = typer.Option(None, help="torch threads (default: one per core; 1 on busy cores)."),
 ):
@@ -95,7 +95,8 @@ def train_cmd(
 
     Example (resume):  sat-train train --resume runs/train/last.pth
     """
-    from training.train import resume as resume_run, train
+    from training.train import resume as resume_run
+    from training.train import train
 
     if resume is not None:
         record = resume_run(resume, max_steps, console)

@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 import benchmarks.configs
-import sat_export.build
+import sat_export.build.builder
 from benchmarks.cli import app
 from benchmarks.configs import CONFIGS
 from benchmarks.prepare import Int8Options, Recipe, reference_model
@@ -40,7 +40,7 @@ def test_quick_bench_has_a_row_with_a_status_for_every_configuration(tmp_path, t
         out_dir.mkdir(parents=True, exist_ok=True)
         return {g: shutil.copy(tiny_bundle / f"{g}.onnx", out_dir / f"{g}.onnx") for g in ("encoder", "decoder_step")}
 
-    monkeypatch.setattr(sat_export.build, "export_onnx", copy_graphs)
+    monkeypatch.setattr(sat_export.build.builder, "export_onnx", copy_graphs)
     break_runtime(monkeypatch, "tensorrt")
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(app, ["--quick", "--ckpt", str(tiny_ckpt), "--images", str(shapes), "--calib-method",
@@ -79,7 +79,8 @@ def test_quick_bench_has_a_row_with_a_status_for_every_configuration(tmp_path, t
 
 def test_a_configuration_that_fails_gets_its_error_and_the_others_go_on(tmp_path, tiny_ckpt, tiny_bundle, shapes,
                                                                          monkeypatch):
-    from benchmarks.bench import BenchOptions, run_bench
+    from benchmarks.bench import run_bench
+    from benchmarks.options import BenchOptions
     from benchmarks.prepare import BenchModel
 
     break_runtime(monkeypatch, "onnxruntime")
@@ -94,7 +95,8 @@ def test_a_configuration_that_fails_gets_its_error_and_the_others_go_on(tmp_path
 
 def test_without_openvino_its_rows_say_how_to_install_it_and_the_others_go_on(tiny_ckpt, tiny_bundle, shapes,
                                                                               monkeypatch):
-    from benchmarks.bench import BenchOptions, run_bench
+    from benchmarks.bench import run_bench
+    from benchmarks.options import BenchOptions
     from benchmarks.prepare import BenchModel
 
     monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino raises ImportError, installed or not
@@ -132,7 +134,8 @@ def test_reference_model_is_prepared_once_then_read_from_the_cache(tmp_path):
 
 def test_a_row_this_cpu_only_emulates_is_marked_timed_once_and_not_judged(tmp_path, tiny_ckpt, tiny_bundle, shapes,
                                                                           monkeypatch):
-    from benchmarks.bench import BenchOptions, run_bench
+    from benchmarks.bench import run_bench
+    from benchmarks.options import BenchOptions
     from benchmarks.prepare import BenchModel
     from benchmarks.report import document
 

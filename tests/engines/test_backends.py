@@ -8,8 +8,9 @@ from engines.errors import BackendUnavailable
 from engines.torch_eager import TorchBackend
 from sat_export.registry import open_backend
 from tests.conftest import tiny_model
-from training.decode import DecodeOptions, decode
+from training.decode import decode
 from training.errors import SatError
+from training.options import DecodeOptions
 
 
 def test_torch_backend_equals_model_and_drives_decode(tiny_ckpt, vocab):
@@ -55,7 +56,7 @@ def test_cuda_request_without_gpu_is_a_clear_error(tiny_ckpt):
 
 
 def test_auto_on_a_checkpoint_builds_the_bundle_once_and_matches_torch(tiny_ckpt, vocab, tmp_path, monkeypatch):
-    from sat_export import bundle_cache
+    from sat_export.build import cache as bundle_cache
 
     monkeypatch.setenv(bundle_cache.CACHE_ENV, str(tmp_path / "cache"))
     images = torch.randn(4, 3, 64, 64)

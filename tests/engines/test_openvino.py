@@ -6,9 +6,9 @@ import torch
 
 from engines.contract import ENCODER
 from engines.errors import BackendUnavailable, EngineError, ShapeError
-from sat_export.bundle import load_bundle
+from sat_export.bundle.format import load_bundle
 from sat_export.errors import BundleError
-from sat_export.parity import TOLERANCES, compare, synthetic_images, verify
+from sat_export.export.parity import TOLERANCES, compare, synthetic_images, verify
 from sat_export.registry import open_backend
 from tests.conftest import fake_cpu
 from training.errors import SatError
@@ -82,7 +82,7 @@ def test_registry_refuses_other_precisions_and_a_bundle_without_an_nncf_encoder(
 
 
 def test_nncf_int8_encoder_is_quantised_judged_registered_and_checksummed(tmp_path, tiny_bundle):
-    from sat_export.quantize_openvino import quantize_openvino_encoder
+    from sat_export.quantize.openvino import quantize_openvino_encoder
 
     bundle = shutil.copytree(tiny_bundle, tmp_path / "b")
     shapes = make_shapes(tmp_path / "shapes", 12, size=64) / "images"

@@ -6,7 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import tiny_model
-from training.decode import DecodeOptions, beam_search, decode, greedy_search
+from training.decode import beam_search, decode, greedy_search
+from training.options import DecodeOptions
 
 SPECIALS = {"pad": 0, "start": 1, "end": 2, "unk": 3}
 

@@ -6,8 +6,9 @@ import torch
 from tests.conftest import tiny_model
 from training.data import ImageInputs
 from training.features import build_feature_cache, cache_key
+from training.options import TrainConfig
 from training.shapes import make_shapes
-from training.train import TrainConfig, train
+from training.train import train
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,9 @@ from sat_export.cli.train import app
 from tests.conftest import fake_cpu
 from training.checkpoint import load_checkpoint, read_payload
 from training.data import load_captions
+from training.options import TrainConfig
 from training.shapes import make_shapes
-from training.train import TrainConfig, Trainer, box_attention_loss, resume, train
+from training.train import Trainer, box_attention_loss, resume, train
 
 
 @pytest.fixture(scope="module")

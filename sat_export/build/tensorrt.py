@@ -1,0 +1,76 @@
+"""A bundle's TensorRT engines (``encoder.plan``, ``decoder_step.plan``): built, recorded, checked.
+
+Plans are built from the bundle's ONNX graphs by ``engines.trt_build`` (fp32 graphs, or on
+TensorRT 11 the fp16 ones for fp16 engines), with a timing cache kept in the bundle. An engine is
+only valid for the TensorRT version and GPU that built it, so both are recorded in the manifest
+and checked before an engine is opened.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from engines.base import Backend
+from engines.contract import DECODER_STEP, ENCODER
+from engines.trt import import_tensorrt
+from engines.trt_build import DEFAULT_PROFILE, build_plan, check_profile, strongly_typed_fp16
+from sat_export.bundle.format import TIMING_CACHE, Bundle, graph_file, load_bundle
+from sat_export.errors import BundleError
+
+
+def build_engines(bundle_dir, fp16: bool = False, profile: tuple[int, int, int] = DEFAULT_PROFILE) -> dict:
+    """Build both engines into the bundle folder; returns the manifest's ``tensorrt`` section.
+
+    Raises ``BackendUnavailable`` (one line) where TensorRT or a CUDA GPU is missing.
+    """
+    trt = import_tensorrt()
+    profile = check_profile(profile)
+    bundle = load_bundle(bundle_dir)
+    source = "fp16" if fp16 and strongly_typed_fp16(trt) else "fp32"
+    if source not in bundle.precisions:
+        raise BundleError(f"{bundle.dir}: TensorRT {trt.__version__} builds fp16 engines from fp16 ONNX graphs; "
+                          "build with --fp16 --trt")
+    cache_path = bundle.dir / TIMING_CACHE
+    cache = cache_path.read_bytes() if cache_path.is_file() else b""
+    files = {}
+    for spec, onnx_path in zip((ENCODER, DECODER_STEP), bundle.graph_paths(source)):
+        plan, cache = build_plan(trt, onnx_path, spec, bundle.config.dims(), profile, fp16=fp16, cache=cache)
+        path = bundle.dir / graph_file(spec, suffix=".plan")
+        path.write_bytes(plan)
+        files[spec.name] = path.name
+    cache_path.write_bytes(cache)
+    device = torch.cuda.current_device()
+    return {"tensorrt": trt.__version__, "gpu": torch.cuda.get_device_name(device),
+            "compute_capability": ".".join(map(str, torch.cuda.get_device_capability(device))),
+            "precision": "fp16" if fp16 else "fp32", "onnx": source,
+            "profile": dict(zip(("min", "opt", "max"), profile)), "files": files, "timing_cache": TIMING_CACHE}
+
+
+def check_engine_compatible(plan: Path, built_with: dict, trt_version: str, gpu_name: str) -> None:
+    """Refuse an engine built by another TensorRT version or on another GPU model."""
+    if built_with.get("tensorrt") != trt_version:
+        raise BundleError(f"{plan}: engine built with TensorRT {built_with.get('tensorrt')}, this is "
+                          f"TensorRT {trt_version}; rebuild it with `sat-export build --trt`")
+    if built_with.get("gpu") != gpu_name:
+        raise BundleError(f"{plan}: engine built on {built_with.get('gpu')}, this GPU is {gpu_name}; "
+                          "rebuild it with `sat-export build --trt` on this machine")
+
+
+def check_engines(bundle: Bundle, device: torch.device | str | None = None) -> tuple[Path, Path]:
+    """The bundle's ``(encoder.plan, decoder_step.plan)``, refused if built by another TensorRT or by
+    another GPU model than ``device`` (default: the current CUDA device)."""
+    trt = import_tensorrt()
+    encoder, decoder, built_with = bundle.engine_paths()
+    gpu = torch.cuda.get_device_name(device)
+    for plan in (encoder, decoder):
+        check_engine_compatible(plan, built_with, trt.__version__, gpu)
+    return encoder, decoder
+
+
+def open_engines(bundle: Bundle, device: torch.device) -> Backend:
+    """The TensorRT backend of ``bundle``'s engines on ``device``, after ``check_engines`` says they fit it."""
+    from engines.trt import TensorRTBackend
+
+    encoder, decoder = check_engines(bundle, device)  # says what is missing before looking at engines
+    return TensorRTBackend(encoder, decoder, bundle.config, bundle.vocab, device)

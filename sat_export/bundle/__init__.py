@@ -1,0 +1,1 @@
+"""The bundle format, one owner: files, manifest, seal (``format``), and the manifest schema (``schema``)."""

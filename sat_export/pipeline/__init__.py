@@ -1,0 +1,1 @@
+"""Captioning: inputs (sources), outputs (sinks: rows, resume, lock), the run (``infer``), Ray (``ray_infer``)."""

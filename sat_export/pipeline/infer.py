@@ -1,0 +1,325 @@
+"""Caption many images: a bounded reader pool feeding batches to a backend, rows streamed to JSONL.
+
+``plan`` finds the inputs and what an earlier run of the same output already did (resume);
+``run`` captions the rest. Images are decoded and preprocessed by a thread pool (Pillow
+releases the GIL) at most ``prefetch`` items ahead of inference, so memory does not grow
+with the folder. Each batch's alphas files are written first, then its rows are appended and
+fsynced, so a killed run leaves only whole rows (plus at most one torn line, which the next
+``plan`` cuts off) and every row's files exist. A plan holds ``out``'s lock (``outputs.OutputLock``)
+until it is closed, so two runs never append to one file.
+"""
+from __future__ import annotations
+
+import os
+import stat
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import torch
+from PIL import Image
+
+from engines.base import Backend
+from sat_export.errors import OutputError
+from sat_export.options import InferOptions, default_workers
+from sat_export.pipeline.inputs import InputItem, discover
+from sat_export.pipeline.outputs import OutputLock, check_output_paths, resume_output, row_line, whole_rows
+from sat_export.registry import model_sha256, open_backend
+from sat_export.reports.gallery import THUMB, overlay_folder, write_gallery, write_overlays
+from sat_export.results.paths import sidecar_path
+from training.config import PreprocessConfig
+from training.decode import Caption, decode
+from training.errors import ImageDecodeError
+from training.images import DEFAULT_MAX_PIXELS, load_rgb, preprocess
+from training.machine import usable_cores
+from training.options import DecodeOptions
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The items still to caption, how many rows (and error rows) the output already holds, and its lock.
+
+    Close it (or use it as a context manager) once the run is over: that releases the lock.
+    """
+
+    out: Path
+    todo: list[InputItem]
+    done: int
+    done_errors: int
+    lock: OutputLock | None = None
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+    def __enter__(self) -> Plan:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass
+class Summary:
+    """What a run did. ``images_per_s`` counts every row written (captions and errors)."""
+
+    captioned: int = 0
+    errors: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    nodes: set[str] = field(default_factory=set)  # the Ray nodes whose actors captioned (``--ray``)
+
+    @property
+    def images_per_s(self) -> float:
+        return (self.captioned + self.errors) / self.seconds if self.seconds > 0 else 0.0
+
+    def add(self, rows: list[dict]) -> None:
+        """Count rows just written."""
+        n_err = sum("error" in row for row in rows)
+        self.errors += n_err
+        self.captioned += len(rows) - n_err
+
+
+@dataclass
+class Loaded:
+    """One item after the reader: its model input, or why there is none."""
+
+    item: InputItem
+    pixels: np.ndarray | None  # (3, crop, crop) float32
+    error: str | None
+    thumbnail: Image.Image | None = None  # kept for overlays only
+
+
+def open_for_readers(model: str | Path | None, backend: str = "auto", workers: int | None = None,
+                     threads: int | None = None, precision: str = "fp32") -> Backend:
+    """``registry.open_backend`` with its inference threads set to the cores the ``workers`` readers leave
+    (at least 1; ``workers`` None: ``default_workers()``, the pipeline's own default).
+
+    Torch's and ONNX Runtime's thread pools spin-wait, so on oversubscribed cores they lose an
+    order of magnitude: on 2 cores with 2 reader threads, 1 inference thread gave 518 images/s
+    and 2 gave 59 (ONNX Runtime, tiny model; torch eager: 475 vs 65).
+    """
+    readers = default_workers() if workers is None else workers
+    return open_backend(model, backend, threads=threads or max(1, usable_cores() - readers), precision=precision)
+
+
+def run_settings(model: str | Path | None, decode: DecodeOptions, full_decode: bool = False,
+                 precision: str = "fp32") -> dict:
+    """What the rows of a run depend on: the model's identity (``registry.model_sha256``; the demo
+    model by default), how images are decoded, the decoding options and a precision other than fp32.
+
+    ``image_decoding`` is ``reduced`` (large JPEGs at reduced size, as the model's preprocessing
+    allows) or ``full``; run records written before it existed (full decoding) do not match either,
+    so their rows are not resumed together with rows of another decoding. Rows made before there was
+    a choice of precision were fp32, and their records say nothing of it.
+    """
+    settings = {"model_sha256": model_sha256(model), "image_decoding": "full" if full_decode else "reduced",
+                "beam": decode.beam, "max_len": decode.max_len, "length_penalty": decode.length_penalty}
+    return settings if precision == "fp32" else {**settings, "precision": precision}
+
+
+def plan(paths: Iterable[str | Path], out: str | Path, overwrite: bool = False, settings: dict | None = None,
+         folders: Iterable[Path | None] = ()) -> Plan:
+    """Discover the inputs, lock ``out`` and prepare it (``outputs.resume_output``: validated, then a
+    torn line cut, or emptied with ``overwrite``). The plan holds the lock until it is closed.
+
+    With ``settings`` (``run_settings``), an ``out`` whose rows were made with other settings is
+    refused rather than resumed, and the settings are recorded beside it. ``folders`` (alphas,
+    overlays) are checked up front with ``out``, before anything is read or written.
+
+    Raises ``InputError`` for a missing input or a key clash; ``OutputError`` for an output of the
+    wrong kind, not sat-infer JSONL, made with other settings, or locked by another run.
+    """
+    out = Path(out)
+    check_output_paths(out, folders)
+    items = discover(paths)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"{out.parent}: cannot create the output folder ({err.strerror})") from None
+    lock = OutputLock(out)
+    try:
+        done = resume_output(out, overwrite, settings)
+    except BaseException:
+        lock.release()
+        raise
+    todo = [item for item in items if item.key not in done]
+    done_errors = sum(done[item.key] for item in items if item.key in done)
+    return Plan(out, todo, len(items) - len(todo), done_errors, lock)
+
+
+def run(backend: Backend, plan: Plan, options: InferOptions = InferOptions(),
+        on_rows: Callable[[int], None] | None = None) -> Summary:
+    """Caption ``plan.todo`` with ``backend``, appending one row per item to ``plan.out``.
+
+    ``on_rows(n)`` is called after each batch's ``n`` rows are on disk (progress bars).
+    Unreadable or undecodable files become error rows; backend failures propagate.
+    """
+    summary = Summary(skipped=plan.done)
+    start = time.perf_counter()
+    pool = ThreadPoolExecutor(options.workers, thread_name_prefix="sat-reader")
+    try:
+        with appending(plan, summary) as append:
+            thumb = THUMB if options.overlays_dir is not None else None
+            reader = partial(read_item, cfg=backend.config.preprocess, max_pixels=options.max_pixels, thumbnail=thumb,
+                             full_decode=options.full_decode)
+            loaded = prefetch(pool, reader, plan.todo, options.prefetch)
+            for batch in batches(loaded, options.batch_size):
+                rows = caption_batch(backend, batch, options, plan.out.parent)
+                append(rows)
+                if on_rows is not None:
+                    on_rows(len(rows))
+            if options.overlays_dir is not None:
+                write_gallery(plan.out, options.overlays_dir, backend.vocab)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        summary.seconds = time.perf_counter() - start
+    return summary
+
+
+@contextmanager
+def appending(plan: Plan, summary: Summary) -> Iterator[Callable[[list[dict]], None]]:
+    """``append(rows)``: rows onto ``plan.out``, on disk when it returns, counted in ``summary``.
+
+    An ``OSError`` in the block (a full disk, while writing rows or their alphas and overlay files)
+    becomes one ``OutputError`` line naming the file and the rows kept; rerunning resumes. The file
+    is unbuffered, so closing it after a failed write does not fail again.
+    """
+    try:
+        with plan.out.open("ab", buffering=0) as sink:
+            def append(rows: list[dict]) -> None:
+                append_rows(sink, rows)
+                summary.add(rows)
+
+            yield append
+    except OSError as err:
+        kept = whole_rows(plan.out)  # what is on disk: a batch may have been written in part
+        raise OutputError(f"{err.filename or plan.out}: cannot write ({err.strerror or err}); {plan.out} keeps "
+                          f"its {kept} whole rows: make room and rerun the same command to resume") from None
+
+
+def read_item(item: InputItem, cfg: PreprocessConfig, max_pixels: int = DEFAULT_MAX_PIXELS,
+              thumbnail: int | None = None, full_decode: bool = False) -> Loaded:
+    """Read, decode (at reduced size where ``cfg`` allows, unless ``full_decode``) and preprocess one
+    item; every way a file can be bad becomes ``Loaded.error``.
+
+    With ``thumbnail``, the decoded image is also kept, shrunk to at most that many pixels a side.
+    """
+    if item.error is not None:
+        return Loaded(item, None, item.error)
+    try:
+        info = item.path.stat()
+        if stat.S_ISDIR(info.st_mode):
+            raise ImageDecodeError("is a directory, not an image file")
+        if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block or never end
+            raise ImageDecodeError("not a regular file")
+        if info.st_size == 0:
+            raise ImageDecodeError("empty file (0 bytes)")
+        with item.path.open("rb") as f:  # opened here so a permission error reads as one; Pillow reads lazily
+            image = load_rgb(f, max_pixels, None if full_decode else cfg.draft_short_side)
+        pixels = preprocess(image, cfg)
+        if thumbnail is None:
+            return Loaded(item, pixels, None)
+        image.thumbnail((thumbnail, thumbnail))
+        return Loaded(item, pixels, None, image)
+    except ImageDecodeError as err:
+        return Loaded(item, None, str(err))
+    except OSError as err:
+        return Loaded(item, None, f"cannot read file: {err.strerror or err}")
+    except Exception as err:  # noqa: BLE001 - a decoder plugin bug on one file must not stop the run
+        return Loaded(item, None, f"cannot decode image: {type(err).__name__}: {err}")
+
+
+def prefetch(pool: Executor, fn: Callable, items: Iterable, depth: int) -> Iterator:
+    """``map(fn, items)`` on ``pool``, in order, with at most ``depth`` calls submitted ahead."""
+    pending: deque = deque()
+    for item in items:
+        if len(pending) >= depth:
+            yield pending.popleft().result()
+        pending.append(pool.submit(fn, item))
+    while pending:
+        yield pending.popleft().result()
+
+
+def batches(loaded: Iterable[Loaded], batch_size: int) -> Iterator[list[Loaded]]:
+    """Consecutive runs of items holding ``batch_size`` decodable images (plus the bad ones between)."""
+    batch: list[Loaded] = []
+    n_good = 0
+    for entry in loaded:
+        batch.append(entry)
+        n_good += entry.pixels is not None
+        if n_good == batch_size:
+            yield batch
+            batch, n_good = [], 0
+    if batch:
+        yield batch
+
+
+def caption_batch(backend: Backend, batch: list[Loaded], options: InferOptions, out_dir: Path) -> list[dict]:
+    """``caption_rows``, with each image's alphas file and overlays written before its row is returned."""
+    rows = []
+    for entry, (row, alphas) in zip(batch, caption_rows(backend, batch, options.decode)):
+        if alphas is not None and options.alphas_dir is not None:
+            save_alphas(row, alphas, options.alphas_dir, out_dir)
+        if alphas is not None and options.overlays_dir is not None:
+            write_overlays(overlay_folder(row["image"], options.overlays_dir), entry.thumbnail, alphas,
+                           [backend.vocab.itos[t] for t in row["tokens"]], backend.config.preprocess)
+        rows.append(row)
+    return rows
+
+
+def caption_rows(backend: Backend, batch: list[Loaded], options: DecodeOptions) -> list[tuple[dict, np.ndarray | None]]:
+    """Encode and decode the batch's images: per entry, in order, its row and its alphas.
+
+    Returns
+    -------
+    list of (row, alphas)
+        ``alphas`` is ``(T, grid, grid)`` float32 for the row's T tokens, or None for an error row.
+    """
+    good = [entry for entry in batch if entry.pixels is not None]
+    captions: Iterator[Caption] = iter(())
+    if good:
+        images = torch.from_numpy(np.stack([entry.pixels for entry in good])).to(backend.device)  # (n_img, 3, H, W)
+        captions = iter(decode(backend.step, backend.encode(images), backend.vocab.special_ids(), options))
+    grid = backend.config.grid
+    out: list[tuple[dict, np.ndarray | None]] = []
+    for entry in batch:
+        if entry.pixels is None:
+            out.append(({"image": entry.item.key, "error": entry.error}, None))
+            continue
+        caption = next(captions)
+        row = {"image": entry.item.key, "caption": " ".join(backend.vocab.decode(caption.tokens)),
+               "tokens": caption.tokens, "score": round(caption.score, 4)}
+        out.append((row, caption.alphas.reshape(len(caption.tokens), grid, grid)))  # (T, grid, grid)
+    return out
+
+
+def save_alphas(row: dict, alphas: np.ndarray, alphas_dir: Path, out_dir: Path) -> None:
+    """Write ``row``'s alphas file under ``alphas_dir`` and set ``row["alphas"]`` to it, relative to ``out_dir``."""
+    npz = write_alphas(sidecar_path(row["image"], alphas_dir, ".npz"), alphas, row["tokens"])
+    row["alphas"] = Path(os.path.relpath(npz, out_dir)).as_posix()
+
+
+def append_rows(sink: BinaryIO, rows: list[dict]) -> None:
+    """Append ``rows`` as JSON lines (``outputs.row_line``) to the unbuffered ``sink``, fsynced: on disk when this returns."""
+    data = memoryview(b"".join(row_line(row) for row in rows))
+    while data:  # an unbuffered write may write part; the next one raises (ENOSPC) or goes on
+        data = data[sink.write(data):]
+    os.fsync(sink.fileno())
+
+
+def write_alphas(path: Path, alphas: np.ndarray, tokens: list[int]) -> Path:
+    """Atomically write ``alphas (T, grid, grid)`` as float16 and ``tokens (T,)`` as int32 to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        np.savez(f, alphas=alphas.astype(np.float16), tokens=np.asarray(tokens, dtype=np.int32))
+    tmp.replace(path)
+    return path

@@ -1,0 +1,207 @@
+"""``sat-infer --ray``: the same rows as ``sat_export.pipeline.infer.run``, computed on a Ray cluster.
+
+The driver plans as the single-machine path does (``infer.plan``: inputs, resume) and turns
+the files still to caption into a Ray Dataset. Decoding and preprocessing run as CPU tasks
+(``read_batch``, ``infer.read_item`` on each file); captioning runs in a pool of actors
+(``Captioner``), each opening the model once. Finished rows stream back to the driver, which
+alone writes: each batch's alphas files first, then its rows, appended, flushed and fsynced,
+so a killed driver leaves whole rows and a rerun resumes. Rows arrive in completion order.
+
+Inputs, and the model unless it is the embedded demo model, are read by the workers: on a
+cluster they must be at the same absolute path on every node (shared storage). The output
+and alphas folder are written by the driver only.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from engines.errors import BackendUnavailable
+from sat_export.bundle.format import Bundle
+from sat_export.options import InferOptions, RayOptions
+from sat_export.pipeline.infer import (Loaded, Plan, Summary, appending, caption_rows, open_for_readers, read_item,
+                                       save_alphas)
+from sat_export.pipeline.inputs import InputItem
+from sat_export.registry import model_config, resolve_model
+from training.config import ModelConfig, PreprocessConfig
+from training.errors import SatError
+from training.options import DecodeOptions
+
+
+def import_ray():
+    """The ``ray`` module with Ray Data, or ``BackendUnavailable`` saying how to install it."""
+    try:
+        import ray
+        import ray.data  # noqa: F401 - ray without the [data] extra lacks its dependencies
+    except ImportError as err:
+        raise BackendUnavailable(f"--ray needs Ray Data ({err}): pip install 'sat-export[ray]' "
+                                 "(or pip install 'ray[data]>=2.9')") from None
+    return ray
+
+
+def driver_config(model: str | Path | None, backend: str) -> ModelConfig:
+    """Check the model on the driver, before any worker starts, and return its config.
+
+    A checkpoint for a bundle backend has its bundle built here, once, into this machine's
+    cache (``sat_export.build.cache``), where actors on this machine then find it.
+    """
+    resolved = resolve_model(model, backend)
+    return resolved.config if isinstance(resolved, Bundle) else model_config(resolved)
+
+
+def read_batch(batch: dict[str, np.ndarray], cfg: PreprocessConfig, max_pixels: int,
+               full_decode: bool = False) -> dict[str, np.ndarray]:
+    """CPU task: read, decode and preprocess each file of ``batch`` (columns ``path``, ``key``, ``error``).
+
+    Adds ``pixels (n, 3, crop, crop)`` float32 (zeros for a bad file) and sets ``error`` ("" when none).
+    """
+    loaded = [read_item(InputItem(Path(path), key, error or None), cfg, max_pixels, full_decode=full_decode)
+              for path, key, error in zip(batch["path"], batch["key"], batch["error"])]
+    blank = np.zeros((3, cfg.crop, cfg.crop), np.float32)
+    return {"path": batch["path"], "key": batch["key"],
+            "pixels": np.stack([entry.pixels if entry.pixels is not None else blank for entry in loaded]),
+            "error": np.array([entry.error or "" for entry in loaded], dtype=object)}
+
+
+class Captioner:
+    """Actor: opens the model once, then captions ``read_batch`` outputs into JSON rows.
+
+    Returns columns ``row`` (the row as JSON, without ``alphas``), ``alphas`` (the row's
+    ``(T, grid, grid)`` attention as float16 bytes; empty for error rows or when not kept) and
+    ``node`` (the Ray node the actor runs on).
+    """
+
+    def __init__(self, model: str | None, backend: str, threads: int, decode: DecodeOptions, keep_alphas: bool,
+                 precision: str = "fp32"):
+        import ray
+
+        self.backend = open_for_readers(model, backend, workers=0, threads=threads, precision=precision)
+        self.decode, self.keep_alphas = decode, keep_alphas
+        self.node = ray.get_runtime_context().get_node_id()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        loaded = [Loaded(InputItem(Path(path), key), None if error else pixels, error or None)
+                  for path, key, pixels, error in zip(batch["path"], batch["key"], batch["pixels"], batch["error"])]
+        pairs = caption_rows(self.backend, loaded, self.decode)
+        return {"row": np.array([json.dumps(row, ensure_ascii=False) for row, _ in pairs], dtype=object),
+                "alphas": np.array([alphas.astype(np.float16).tobytes() if alphas is not None and self.keep_alphas
+                                    else b"" for _, alphas in pairs], dtype=object),
+                "node": np.array([self.node] * len(pairs), dtype=object)}
+
+
+def run_ray(model: str | Path | None, plan: Plan, options: InferOptions = InferOptions(),
+            ray_options: RayOptions = RayOptions(), backend: str = "auto", threads: int | None = None,
+            on_rows: Callable[[int], None] | None = None, precision: str = "fp32") -> Summary:
+    """Caption ``plan.todo`` on Ray, appending one row per item to ``plan.out`` as rows arrive.
+
+    Joins the running Ray if ``ray.is_initialized()``, else ``ray.init(ray_options.address)``
+    (and shuts down what it started). Each actor gets ``threads`` inference threads
+    (default: its CPUs, at least 1) and opens ``backend`` at ``precision`` (``registry.open_backend``).
+    ``options.workers`` is unused: Ray schedules the readers.
+    ``on_rows(n)`` is called after each batch's ``n`` rows are on disk.
+
+    Raises
+    ------
+    BackendUnavailable
+        Ray Data is not installed.
+    SatError
+        The model cannot be read, ``options`` asks for overlays, the cluster cannot be joined, or
+        the actor pool would leave it (its resources at the start) no CPU to read images with.
+    """
+    if options.overlays_dir is not None:
+        raise SatError("--overlays is not supported with --ray: caption with --alphas, then draw the "
+                       "overlays with `sat-eval --html` or without --ray for the images you want")
+    ray = import_ray()
+    config = driver_config(model, backend)
+    summary = Summary(skipped=plan.done)
+    if not plan.todo:
+        return summary
+    start = time.perf_counter()
+    started = not ray.is_initialized()
+    if started:
+        address = ray_options.address or os.environ.get("RAY_ADDRESS")  # what ray.init will join
+        check_reachable(address)
+        try:
+            ray.init(address=ray_options.address)
+        except ConnectionError as err:
+            raise SatError(f"cannot join the Ray cluster at {address}: {err}") from None
+    try:
+        _check_fits(ray.cluster_resources(), ray_options)
+        rows = _caption_dataset(ray, plan, model, backend, config, options, ray_options, threads, precision)
+        with appending(plan, summary) as append:
+            for batch in rows.iter_batches(batch_size=None, batch_format="numpy"):
+                written = _finish_rows(batch, config.grid, options.alphas_dir, plan.out.parent)
+                append(written)
+                summary.nodes.update(batch["node"])
+                if on_rows is not None:
+                    on_rows(len(written))
+    finally:
+        if started:
+            ray.shutdown()
+        summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def check_reachable(address: str | None, timeout: float = 10.0) -> None:
+    """Refuse a ``HOST:PORT`` (or ``ray://HOST:PORT``) nothing answers on: ``ray.init`` would retry forever.
+
+    ``None``, ``auto`` and ``local`` are left to ``ray.init``, which fails fast for them.
+    """
+    if not address or address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise SatError(f"cannot reach the Ray cluster at {address} ({err.strerror or err}); is it running? "
+                       "(`ray status` on its head node)") from None
+
+
+def _check_fits(resources: dict[str, float], ray_options: RayOptions) -> None:
+    """Refuse an actor pool the cluster cannot hold with a CPU left for the readers: it would hang."""
+    cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
+    need_cpus = ray_options.actors * ray_options.cpus_per_actor
+    if need_cpus > cpus - 1:
+        raise SatError(f"{ray_options.actors} actor(s) x {ray_options.cpus_per_actor:g} CPU leave no CPU of the "
+                       f"cluster's {cpus:g} to read images: lower --ray-actors or --ray-cpus-per-actor")
+    if ray_options.actors * ray_options.gpus_per_actor > gpus:
+        raise SatError(f"{ray_options.actors} actor(s) x {ray_options.gpus_per_actor:g} GPU need more than the "
+                       f"cluster's {gpus:g} GPU(s): lower --ray-actors or --ray-gpus-per-actor")
+
+
+def _caption_dataset(ray, plan: Plan, model: str | Path | None, backend: str, config: ModelConfig,
+                     options: InferOptions, ray_options: RayOptions, threads: int | None, precision: str):
+    """The lazy Dataset: files -> ``read_batch`` CPU tasks -> ``Captioner`` actor pool -> rows."""
+    files = ray.data.from_items([{"path": os.path.abspath(item.path), "key": item.key, "error": item.error or ""}
+                                 for item in plan.todo])
+    # memory: a reader holds one decoded RGB image of up to max_pixels (at most 1 GiB asked); asking for it
+    # (actors ask for none) also keeps Ray from fusing reading into the actors, where it would not overlap inference
+    pixels = files.map_batches(read_batch, batch_size=options.batch_size, num_cpus=1,
+                               memory=min(3 * options.max_pixels, 2**30),
+                               fn_kwargs={"cfg": config.preprocess, "max_pixels": options.max_pixels,
+                                          "full_decode": options.full_decode})
+    actor_args = dict(model=None if model is None else os.path.abspath(model), backend=backend,
+                      threads=threads or max(1, int(ray_options.cpus_per_actor)), decode=options.decode,
+                      keep_alphas=options.alphas_dir is not None, precision=precision)
+    return pixels.map_batches(Captioner, batch_size=options.batch_size, fn_constructor_kwargs=actor_args,
+                              compute=ray.data.ActorPoolStrategy(size=ray_options.actors),
+                              num_cpus=ray_options.cpus_per_actor, num_gpus=ray_options.gpus_per_actor or None)
+
+
+def _finish_rows(batch: dict[str, np.ndarray], grid: int, alphas_dir: Path | None, out_dir: Path) -> list[dict]:
+    """The driver's part of a batch: parse its rows and write their alphas files (before the rows)."""
+    rows = [json.loads(row) for row in batch["row"]]
+    if alphas_dir is not None:
+        for row, raw in zip(rows, batch["alphas"]):
+            if "error" not in row:
+                alphas = np.frombuffer(raw, np.float16).reshape(len(row["tokens"]), grid, grid)  # (T, grid, grid)
+                save_alphas(row, alphas, alphas_dir, out_dir)
+    return rows

@@ -1,0 +1,102 @@
+"""ONNX export: the graphs follow the contract, keep their weights inside, and match eager at any batch."""
+from unittest import mock
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from engines.contract import DECODER_STEP, ENCODER
+from engines.ort import OrtBackend
+from sat_export.errors import BundleError
+from sat_export.export.onnx import (DecoderStepGraph, EncoderGraph, check_graph_io, export_graph, export_onnx,
+                                    step_inputs)
+from sat_export.export.parity import verify_onnx
+from tests.conftest import tiny_model
+
+
+def _rel_l2(got, ref):
+    return float(torch.linalg.vector_norm(got - ref) / torch.linalg.vector_norm(ref))
+
+
+def test_graphs_pass_checker_with_symbolic_batch_on_every_input_and_output(tiny_bundle):
+    for spec in (ENCODER, DECODER_STEP):
+        path = tiny_bundle / spec.file
+        check_graph_io(path, spec, tiny_model().config.dims())
+        graph = onnx.load(str(path)).graph
+        for value in [*graph.input, *graph.output]:
+            assert value.type.tensor_type.shape.dim[0].dim_param, f"{spec.file}: {value.name} has a static batch"
+        assert all(t.data_location != onnx.TensorProto.EXTERNAL for t in graph.initializer)
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_compare_eager_vs_onnxruntime_at_batch(tiny_bundle, vocab, batch):
+    model = tiny_model()
+    images = torch.randn(batch, 3, 64, 64, generator=torch.Generator().manual_seed(batch))
+    with OrtBackend(tiny_bundle / ENCODER.file, tiny_bundle / DECODER_STEP.file, model.config, vocab) as ort, \
+            torch.inference_mode():
+        for ref, got in zip(model.encode(images), ort.encode(images)):
+            assert got.shape == ref.shape and _rel_l2(got, ref) <= 1e-5
+        feeds = step_inputs(model, images, seed=batch)
+        args = [feeds[n] for n in DECODER_STEP.input_names]
+        for ref, got in zip(model.step(*args), ort.step(*args)):
+            assert got.shape == ref.shape and _rel_l2(got, ref) <= 1e-5
+
+
+def test_features_proj_is_computed_once_in_the_encoder_graph(tiny_bundle):
+    enc_att = tiny_model().attention.enc_att.weight.detach().numpy()
+
+    def holds_enc_att(path):
+        arrays = [onnx.numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer]
+        return any(a.shape in (enc_att.shape, enc_att.T.shape) and
+                   (np.array_equal(a, enc_att) or np.array_equal(a, enc_att.T)) for a in arrays)
+
+    assert holds_enc_att(tiny_bundle / ENCODER.file)
+    assert not holds_enc_att(tiny_bundle / DECODER_STEP.file)
+
+
+def test_wrappers_call_the_models_own_encode_and_step():
+    model = tiny_model()
+    images = torch.randn(2, 3, 64, 64)
+    with mock.patch.object(model, "encode", wraps=model.encode) as encode, torch.inference_mode():
+        EncoderGraph(model)(images)
+    encode.assert_called_once()
+    feeds = step_inputs(model, images)
+    with mock.patch.object(model, "step", wraps=model.step) as step, torch.inference_mode():
+        out = DecoderStepGraph(model)(*(feeds[n] for n in DECODER_STEP.input_names))
+    step.assert_called_once()
+    torch.testing.assert_close(out[0], model.step(*(feeds[n] for n in DECODER_STEP.input_names))[0])
+
+
+def test_export_refuses_a_batch_1_example(tmp_path):
+    model = tiny_model()
+    with pytest.raises(ValueError, match="at least 2"):
+        export_graph(EncoderGraph(model), ENCODER, {"images": torch.randn(1, 3, 64, 64)}, tmp_path / "e.onnx",
+                     model.config.dims())
+
+
+def test_check_graph_io_names_the_file_on_contract_mismatch(tiny_bundle, tmp_path):
+    dims = tiny_model().config.dims()
+    with pytest.raises(BundleError, match="decoder_step.onnx: inputs"):
+        check_graph_io(tiny_bundle / DECODER_STEP.file, ENCODER, dims)
+    static = onnx.load(str(tiny_bundle / ENCODER.file))
+    static.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2  # bake a static batch
+    onnx.save(static, str(tmp_path / "static.onnx"))
+    with pytest.raises(BundleError, match="static.onnx: input 'images'.*symbolic"):
+        check_graph_io(tmp_path / "static.onnx", ENCODER, dims)
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    with pytest.raises(BundleError, match="junk.onnx: not a valid ONNX model"):
+        check_graph_io(tmp_path / "junk.onnx", ENCODER, dims)
+
+
+def test_fp16_pair_keeps_float32_io_and_passes_fp16_parity(tmp_path, vocab):
+    model = tiny_model()
+    paths = export_onnx(model, tmp_path, "fp16")
+    assert [p.name for p in paths.values()] == ["encoder.fp16.onnx", "decoder_step.fp16.onnx"]
+    for spec in (ENCODER, DECODER_STEP):
+        check_graph_io(paths[spec.name], spec, model.config.dims())  # dtypes as in the contract: float32 I/O
+        ops = {init.data_type for init in onnx.load(str(paths[spec.name])).graph.initializer}
+        assert onnx.TensorProto.FLOAT16 in ops
+    report = verify_onnx(model, vocab, paths[ENCODER.name], paths[DECODER_STEP.name], "fp16")
+    assert report.passed, report.to_dict()
+    assert max(d.rel_l2 for d in report.diffs) > 1e-6  # really reduced precision, not an fp32 copy
