@@ -32,10 +32,10 @@ from pydantic import ValidationError
 
 import sat_export
 from engines.contract import DECODER_STEP, ENCODER, GRAPHS, GraphSpec
-from sat_export.bundle.schema import Manifest
+from sat_export.bundle.schema import Manifest, in_folder
 from sat_export.errors import BundleError
 from training.config import ModelConfig, first_error
-from training.errors import clip, first_line
+from training.errors import clip
 from training.vocab import Vocab
 
 MANIFEST_FILE = "manifest.json"
@@ -165,14 +165,15 @@ def referenced_files(manifest: dict) -> list[str]:
 def external_data_files(graph: Path) -> list[str]:
     """The files whose bytes ``graph`` (an ONNX model) keeps outside itself (``external_data`` locations).
 
-    ONNX Runtime reads them beside the graph, so the seal must cover them too. Read without loading them.
+    ONNX Runtime reads them beside the graph, so the seal must cover them too. Read without loading them;
+    a file that is not an ONNX model has none (the runtimes refuse it when they load it).
     """
     import onnx
 
     try:
         model = onnx.load_model(str(graph), load_external_data=False)
-    except Exception as err:  # noqa: BLE001 - protobuf raises its own types on a damaged file
-        raise BundleError(f"{graph}: not a valid ONNX model ({first_line(err)})") from None
+    except Exception:  # noqa: BLE001 - protobuf raises its own types on a damaged file
+        return []
     names = set()
     for tensor in _tensors(model.graph):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
@@ -193,7 +194,8 @@ def _tensors(graph) -> Iterator:
 def sealed_files(bundle_dir: Path, manifest: dict) -> list[str]:
     """``referenced_files`` and the external-data files of its ONNX graphs: every byte a bundle's runtimes read."""
     names = referenced_files(manifest)
-    return sorted(set(names) | {x for n in names if n.endswith(".onnx") for x in external_data_files(bundle_dir / n)})
+    external = {x for n in names if n.endswith(".onnx") for x in external_data_files(bundle_dir / n)}
+    return sorted(set(names) | {x for x in external if in_folder(x)})  # a path elsewhere is refused at load
 
 
 def _render(manifest: dict) -> bytes:

@@ -20,8 +20,13 @@ STRICT = ConfigDict(strict=True, extra="forbid")
 OPEN = ConfigDict(strict=True, extra="allow")  # records whose details are for people (parity, int8, TensorRT, OpenVINO)
 
 
+def in_folder(name: str) -> bool:
+    """Whether ``name`` names a file of the bundle folder itself (not a path, not ``..``)."""
+    return name not in ("", ".", "..") and not any(c in name for c in "/\\\0") and len(name.encode()) <= 255
+
+
 def _file_name(name: str) -> str:
-    if name in ("", ".", "..") or any(c in name for c in "/\\\0") or len(name.encode()) > 255:
+    if not in_folder(name):
         raise ValueError("must name a file of the bundle folder itself (this one points outside the bundle)")
     return name
 

@@ -58,7 +58,7 @@ def _cases(tiny_ckpt, tmp_path):
     return {
         "zero-byte": (_write(tmp_path, "empty.pth", raw=b""), "empty file"),
         "garbage": (_write(tmp_path, "garbage.pth", raw=os.urandom(4096)), "corrupt"),
-        "truncated": (_write(tmp_path, "trunc.pth", raw=good[: len(good) // 2]), "truncated or corrupt"),
+        "truncated": (_write(tmp_path, "trunc.pth", raw=good[: len(good) // 2]), "truncated checkpoint (PytorchStreamReader"),
         "text": (_write(tmp_path, "notes.pth", raw=b"hello, not a checkpoint\n"), "corrupt"),
         "code-pickling": (_write(tmp_path, "evil.pth", {"format": FORMAT, "x": Evil()}), "pickles Python objects"),
         "raw-pickle": (_write(tmp_path, "raw.pkl", raw=pickle.dumps(Evil())), "corrupt"),
