@@ -81,8 +81,11 @@ def build_bundle(ckpt_path: str | Path, out_dir: str | Path, options: BuildOptio
         from sat_export.tensorrt import build_engines
 
         start = time.perf_counter()
-        manifest["tensorrt"] = build_engines(out_dir, fp16=options.fp16, profile=options.trt_profile)
+        notes: list[str] = []
+        manifest["tensorrt"] = build_engines(out_dir, fp16=options.fp16, profile=options.trt_profile, notes=notes)
         console.print(f"built TensorRT engines in {time.perf_counter() - start:.1f} s", highlight=False)
+        for note in notes:
+            console.print(f"[yellow]note[/]: {note}", highlight=False, soft_wrap=True)
         write_manifest(out_dir, manifest)  # the engines are opened through the bundle by the gate
         _gate(model, ckpt.vocab, out_dir, manifest, "tensorrt", options.verify, console)
     return out_dir
@@ -117,9 +120,10 @@ def _tensorrt_parity(model: ShowAttendTell, vocab: Vocab, out_dir: Path, manifes
     """The bundle's TensorRT engines and eager fp32 on the CPU (on the GPU, cuDNN's default TF32
     convolutions would be the larger error), both judged against float64, at the engines' precision."""
     from engines.torch_eager import TorchBackend
-    from sat_export.registry import open_backend
+    from sat_export.bundle import load_bundle
+    from sat_export.tensorrt import open_engines
 
-    with TorchBackend(model, vocab) as eager, open_backend(out_dir, "tensorrt", "cuda") as trt:
+    with TorchBackend(model, vocab) as eager, open_engines(load_bundle(out_dir), "cuda") as trt:
         return verify(eager, trt, manifest["tensorrt"]["precision"], oracle=Float64Oracle(model, vocab))
 
 

@@ -34,7 +34,8 @@ class FakeCuda:
 
         @contextmanager
         def device(index):
-            index = int(getattr(index, "index", index))
+            index = getattr(index, "index", index)
+            index = cls.current if index is None else int(index)  # torch.device("cpu"): no change
             if not 0 <= index < count:
                 raise RuntimeError(f"CUDA error: invalid device ordinal {index}")
             previous, cls.current = cls.current, index
