@@ -14,6 +14,7 @@ from engines.errors import BackendUnavailable
 from engines.ort import CUDA, GPU_INSTALL, NO_SYNC, OrtBackend
 from sat_export.bundle import load_bundle
 from tests.engines.cuda_standins import FakeCuda
+from training.decode import DecodeOptions, decode
 
 
 def test_outputs_are_the_torch_tensors_bound_before_the_run(tiny_bundle):
@@ -103,3 +104,20 @@ def test_both_onnxruntime_distributions_installed_is_refused_on_cuda(tiny_bundle
         OrtBackend(*bundle.graph_paths("fp32"), bundle.config, bundle.vocab, "cuda")
     assert "both onnxruntime 1.32.0 and onnxruntime-gpu 1.31.1 are installed" in str(info.value)
     assert str(info.value).endswith(GPU_INSTALL)
+
+
+@pytest.mark.requires_cuda
+def test_compare_ort_cuda_vs_ort_cpu_captions_with_the_loop_on_the_backends_stream(tiny_bundle, vocab):
+    if CUDA not in onnxruntime.get_available_providers():
+        pytest.skip(f"onnxruntime-gpu is not installed: {GPU_INSTALL}")
+    bundle = load_bundle(tiny_bundle)
+    images, options = torch.randn(5, 3, 64, 64), DecodeOptions(beam=3, max_len=6)
+    with OrtBackend(*bundle.graph_paths("fp32"), bundle.config, bundle.vocab, "cpu") as cpu, \
+            OrtBackend(*bundle.graph_paths("fp32"), bundle.config, bundle.vocab, "cuda") as gpu:
+        ref = decode(cpu.step, cpu.encode(images), vocab.special_ids(), options)
+        with gpu.running():
+            enc = gpu.encode(images)
+            assert all(x.device == gpu.device for x in enc)
+            got = decode(gpu.step, enc, vocab.special_ids(), options)
+    assert [c.tokens for c in got] == [c.tokens for c in ref]
+    assert all(abs(a.score - b.score) < 1e-3 and abs(a.alphas - b.alphas).max() < 1e-3 for a, b in zip(got, ref))
