@@ -39,3 +39,18 @@ def test_gpu_bench_times_every_gpu_row_greedy_and_beam_3(tmp_path):
             assert rows[key]["status"] == "ok" and rows[key]["batches"]["4"]["speedup_vs_eager"] > 0, rows[key]
         trt = rows["trt-fp16"]["status"]
         assert trt == "ok" if importlib.util.find_spec("tensorrt") else trt.startswith("unavailable: TensorRT")
+
+
+def test_its_model_and_bundle_are_prepared_without_a_gpu(tmp_path):
+    """What a GPU run starts from, made here: images, a seeded checkpoint, a bundle with fp32 and fp16 graphs
+    (and no engines without TensorRT), so the GPU run cannot fail on its preparation."""
+    import importlib.util
+
+    from benchmarks.gpu import prepare
+    from sat_export.bundle import load_bundle
+
+    model = prepare(tmp_path, 3, "mobilenet_v3_small_s16")
+    bundle = load_bundle(model.bundle)
+    assert len(model.images) == 3 and model.ckpt.is_file()
+    assert set(bundle.precisions) == {"fp32", "fp16"}
+    assert bool(bundle.manifest.get("tensorrt")) == (importlib.util.find_spec("tensorrt") is not None)
