@@ -34,6 +34,8 @@ NO_SYNC = "disable_synchronize_execution_providers"
 
 
 def _import_ort():
+    """onnxruntime, imported after torch (this module imports it first): torch loads the CUDA 13 cuBLAS and cuDNN 9
+    of its nvidia wheels, which onnxruntime-gpu's CUDA provider needs (without torch: libcublasLt.so.13 not found)."""
     try:
         import onnxruntime
     except ImportError as err:
