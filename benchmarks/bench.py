@@ -150,15 +150,16 @@ def _run_batch(backend: Backend, images: torch.Tensor, special_ids: dict, option
                ) -> tuple[list[Caption], Timing]:
     cuda = backend.device.type == "cuda"
     _reset_peak()
-    start = time.perf_counter()
-    enc = backend.encode(images)
-    if cuda:
-        torch.cuda.synchronize(backend.device)
-    mid = time.perf_counter()
-    captions = decode(backend.step, enc, special_ids, options)
-    if cuda:
-        torch.cuda.synchronize(backend.device)
-    end = time.perf_counter()
+    with backend.running():  # on CUDA, the decode loop's own ops on the backend's stream
+        start = time.perf_counter()
+        enc = backend.encode(images)
+        if cuda:
+            torch.cuda.synchronize(backend.device)
+        mid = time.perf_counter()
+        captions = decode(backend.step, enc, special_ids, options)
+        if cuda:
+            torch.cuda.synchronize(backend.device)
+        end = time.perf_counter()
     return captions, Timing(end - start, mid - start, end - mid, _peak_mb())
 
 

@@ -8,6 +8,8 @@ install command. Which class opens which model is decided in ``sat_export.regist
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -21,6 +23,7 @@ class Backend(ABC):
     """A loaded model on one runtime and device. Use as a context manager to release it."""
 
     name: str = "backend"
+    stream: torch.cuda.Stream | None = None  # CUDA runtimes: the backend's own stream (``own_stream``)
 
     def __init__(self, config: ModelConfig, vocab: Vocab, device: torch.device | str = "cpu"):
         self.config = config
@@ -34,6 +37,40 @@ class Backend(ABC):
     @abstractmethod
     def step(self, tokens: Tensor, h: Tensor, c: Tensor, features: Tensor, features_proj: Tensor) -> StepOutputs:
         """One decoder step for every row -> ``logprobs, alpha, h_next, c_next``."""
+
+    def own_stream(self) -> None:
+        """On CUDA: pin ``device`` to its index (``cuda`` -> ``cuda:N``, the current device) and give the backend
+        its own non-default stream there (the legacy default stream adds device-wide synchronisations)."""
+        if self.device.type == "cuda":
+            index = torch.cuda.current_device() if self.device.index is None else self.device.index
+            self.device = torch.device("cuda", index)
+            with torch.cuda.device(index):
+                self.stream = torch.cuda.Stream(index)
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        """The caller's torch work (the decode loop) on this backend's device and stream; nothing to do on the CPU.
+
+        Not required for correctness (``on_stream`` orders the backend's work after the caller's), only to keep
+        the loop's small ops on the same stream as the runtime."""
+        if self.stream is None:
+            yield
+            return
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            yield
+
+    @contextmanager
+    def on_stream(self) -> Iterator[None]:
+        """Runtime work on the backend's stream, after what the caller's stream queued and before what it queues
+        next (``wait_stream`` both ways: no host synchronisation); nothing to do on the CPU."""
+        if self.stream is None:
+            yield
+            return
+        caller = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(caller)
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            yield
+        caller.wait_stream(self.stream)
 
     def close(self) -> None:
         """Release runtime resources (sessions, engines, device buffers)."""

@@ -1,9 +1,14 @@
 """TensorRT backend: two ``.plan`` engines (from their files), torch CUDA tensors as device buffers.
 
 Written against the TensorRT 10/11 Python API (named I/O tensors, ``set_input_shape``,
-``set_tensor_address``, ``execute_async_v3``). Input shapes are set only when they change (the
-decode loop's batch shrinks as rows finish). An engine is valid only on the TensorRT version and
-GPU that built it: whoever opens one checks that first (``sat_export.build.tensorrt.check_engines``).
+``set_tensor_address``, ``execute_async_v3``), as NVIDIA's samples and Polygraphy's runner use it:
+engines are deserialised and run on the backend's own device (``cuda:N``) and non-default stream, every
+call that reports failure by its return value is checked, input shapes are set only when they change
+(the decode loop's batch shrinks as rows finish), and work larger than the optimisation profile's maximum
+batch is split into runs of that size. Outputs are torch tensors of the contract's shapes, allocated on the
+backend's stream by torch's caching allocator (no ``cudaMalloc``, no host synchronisation). An engine is
+valid only on the TensorRT version and GPU that built it: whoever opens one checks that first
+(``sat_export.build.tensorrt.open_engines``).
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from torch import Tensor
 
 from engines.base import Backend, EncoderOutputs, StepOutputs
 from engines.contract import DECODER_STEP, ENCODER, GraphSpec
-from engines.errors import BackendUnavailable, EngineError
+from engines.errors import BackendUnavailable, EngineError, ShapeError, refused
 from training.config import ModelConfig
 from training.vocab import Vocab
 
@@ -32,11 +37,12 @@ def import_tensorrt():
 
 
 class _Engine:
-    """One deserialised engine and its execution context."""
+    """One deserialised engine, its execution context and its profile's batch range (profile 0)."""
 
-    def __init__(self, runtime, plan: Path, spec: GraphSpec):
-        self.spec = spec
-        self.engine = runtime.deserialize_cuda_engine(plan.read_bytes())
+    def __init__(self, runtime, plan: Path, spec: GraphSpec, dims: dict[str, int], device: torch.device):
+        self.plan, self.spec, self.dims, self.device = plan, spec, dims, device
+        with refused(plan, "TensorRT could not deserialise the engine"):
+            self.engine = runtime.deserialize_cuda_engine(plan.read_bytes())
         if self.engine is None:
             raise EngineError(f"{plan}: TensorRT could not deserialise the engine (corrupt or incompatible)")
         names = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
@@ -44,31 +50,55 @@ class _Engine:
         if names != expected:
             raise EngineError(f"{plan}: engine tensors {sorted(names)} != contract {sorted(expected)}")
         self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise EngineError(f"{plan}: TensorRT could not create an execution context (out of device memory?)")
         self.dtypes = {n: _TORCH_DTYPES[str(self.engine.get_tensor_dtype(n))] for n in names}
+        ranges = [self.engine.get_tensor_profile_shape(t.name, 0) for t in spec.inputs]  # [min, opt, max] each
+        self.min_batch, self.max_batch = max(r[0][0] for r in ranges), min(r[2][0] for r in ranges)
         self.shapes: dict[str, tuple[int, ...]] = {}
 
-    def __call__(self, inputs: tuple[Tensor, ...], device: torch.device) -> tuple[Tensor, ...]:
-        stream = torch.cuda.current_stream(device)
+    def __call__(self, inputs: tuple[Tensor, ...], stream: int) -> tuple[Tensor, ...]:
+        """Run on ``stream`` (a CUDA stream handle), in runs of at most the profile's maximum batch."""
+        n, most = inputs[0].size(0), self.max_batch
+        if n <= most:
+            return self._run(inputs, stream)
+        parts = [self._run(tuple(x[i:i + most] for x in inputs), stream) for i in range(0, n, most)]
+        return tuple(torch.cat(outs) for outs in zip(*parts))
+
+    def _run(self, inputs: tuple[Tensor, ...], stream: int) -> tuple[Tensor, ...]:
+        batch = inputs[0].size(0)
         keep = []  # inputs converted here must outlive the asynchronous launch
         for t, x in zip(self.spec.inputs, inputs):
-            x = x.to(device=device, dtype=self.dtypes[t.name]).contiguous()
+            x = x.to(device=self.device, dtype=self.dtypes[t.name]).contiguous()
             keep.append(x)
-            if self.shapes.get(t.name) != tuple(x.shape):  # set shapes only when they change
-                self.context.set_input_shape(t.name, tuple(x.shape))
-                self.shapes[t.name] = tuple(x.shape)
-            self.context.set_tensor_address(t.name, x.data_ptr())
+            shape = tuple(x.shape)
+            if self.shapes.get(t.name) != shape:  # set shapes only when they change
+                self.shapes.pop(t.name, None)
+                if not self.context.set_input_shape(t.name, shape):
+                    raise ShapeError(f"{self.plan}: input '{t.name}' of shape {shape} is outside the engine's "
+                                     f"profile (batch {self.min_batch}..{self.max_batch})")
+                self.shapes[t.name] = shape
+            self._bind(t.name, x)
         outputs = []
-        for name in self.spec.output_names:
-            out = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=self.dtypes[name], device=device)
-            self.context.set_tensor_address(name, out.data_ptr())
+        for t in self.spec.outputs:
+            want, got = t.shape(self.dims, batch), tuple(self.context.get_tensor_shape(t.name))
+            if got != want:
+                raise ShapeError(f"{self.plan}: output '{t.name}' has shape {got}, the contract says {want}")
+            out = torch.empty(want, dtype=self.dtypes[t.name], device=self.device)
+            self._bind(t.name, out)
             outputs.append(out)
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError(f"TensorRT {self.spec.name}: execute_async_v3 failed")
+        if not self.context.execute_async_v3(stream):
+            raise EngineError(f"{self.plan}: TensorRT could not launch the engine (execute_async_v3 returned "
+                              "False; see its log above)")
         return tuple(o.float() for o in outputs)
+
+    def _bind(self, name: str, tensor: Tensor) -> None:
+        if not self.context.set_tensor_address(name, tensor.data_ptr()):
+            raise EngineError(f"{self.plan}: TensorRT refused the address of tensor '{name}'")
 
 
 class TensorRTBackend(Backend):
-    """Encoder and decoder_step engines on one CUDA device."""
+    """Encoder and decoder_step engines on one CUDA device, run on the backend's own stream."""
 
     name = "tensorrt"
 
@@ -76,15 +106,22 @@ class TensorRTBackend(Backend):
                  device: torch.device | str = "cuda"):
         trt = import_tensorrt()
         super().__init__(config, vocab, device)
+        self.own_stream()
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self._engines = {ENCODER.name: _Engine(self._runtime, Path(encoder_plan), ENCODER),
-                         DECODER_STEP.name: _Engine(self._runtime, Path(decoder_plan), DECODER_STEP)}
+        dims = config.dims()
+        with torch.cuda.device(self.device):  # TensorRT deserialises onto, and runs on, the current device
+            self._engines = {spec.name: _Engine(self._runtime, Path(plan), spec, dims, self.device)
+                             for spec, plan in ((ENCODER, encoder_plan), (DECODER_STEP, decoder_plan))}
+
+    def _run(self, spec: GraphSpec, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        with self.on_stream():
+            return self._engines[spec.name](inputs, self.stream.cuda_stream)
 
     def encode(self, images: Tensor) -> EncoderOutputs:
-        return self._engines[ENCODER.name]((images,), self.device)
+        return self._run(ENCODER, (images,))
 
     def step(self, tokens: Tensor, h: Tensor, c: Tensor, features: Tensor, features_proj: Tensor) -> StepOutputs:
-        return self._engines[DECODER_STEP.name]((tokens, h, c, features, features_proj), self.device)
+        return self._run(DECODER_STEP, (tokens, h, c, features, features_proj))
 
     def close(self) -> None:
         self._engines.clear()

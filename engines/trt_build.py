@@ -3,8 +3,9 @@
 Written against the TensorRT 10/11 Python API: ``trt.Builder``, an explicit-batch network (the
 only kind since TensorRT 10), ``OnnxParser``, one optimisation profile over the batch axis of every
 input (min/opt/max), a timing cache carried across builds, ``build_serialized_network``. fp16:
-TensorRT 11 networks are strongly typed (no precision flags), so their fp16 engines are parsed from
-fp16 ONNX graphs; TensorRT 10 parses fp32 graphs and takes ``BuilderFlag.FP16``.
+from TensorRT 10.12 networks are strongly typed (``BuilderFlag.FP16`` is deprecated there and gone in
+11), so their fp16 engines are parsed from fp16 ONNX graphs; older TensorRT 10 parses fp32 graphs and
+takes ``BuilderFlag.FP16``. Every call that reports failure by its return value is checked.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from engines.contract import GraphSpec
 from engines.errors import EngineError
 
 DEFAULT_PROFILE = (1, 16, 64)
+STRONGLY_TYPED_FROM = (10, 12)  # TensorRT deprecates BuilderFlag.FP16 for strongly typed networks from here
 
 
 def check_profile(profile: tuple[int, ...]) -> tuple[int, int, int]:
@@ -24,29 +26,37 @@ def check_profile(profile: tuple[int, ...]) -> tuple[int, int, int]:
 
 
 def strongly_typed_fp16(trt) -> bool:
-    """TensorRT 11 and later build fp16 engines only from fp16 graphs (strongly typed networks)."""
-    return int(trt.__version__.split(".")[0]) >= 11
+    """TensorRT 10.12 and later build fp16 engines from fp16 graphs (strongly typed networks)."""
+    major, minor = (int(p) for p in trt.__version__.split(".")[:2])
+    return (major, minor) >= STRONGLY_TYPED_FROM
 
 
 def build_plan(trt, onnx_path: Path, spec: GraphSpec, dims: dict[str, int], profile: tuple[int, int, int], *,
-               fp16: bool = False, cache: bytes = b"") -> tuple[bytes, bytes]:
-    """One serialised engine of ``onnx_path`` and the updated timing cache.
+               fp16: bool = False, cache: bytes = b"") -> tuple[bytes, bytes | None, str | None]:
+    """One serialised engine of ``onnx_path``, the updated timing cache and a note for the user.
 
-    ``fp16``: an fp16 engine (a strongly typed network on TensorRT 11, whose graph must then be
-    fp16 already; ``BuilderFlag.FP16`` on TensorRT 10). Raises ``EngineError`` naming the file.
+    ``fp16``: an fp16 engine (a strongly typed network from TensorRT 10.12, whose graph must then be fp16
+    already; ``BuilderFlag.FP16`` before). ``cache``: a serialised timing cache; one made on another GPU or
+    TensorRT (``set_timing_cache`` returns False) is replaced by a new one, and the note says so. The cache
+    returned is None where TensorRT has none to give. Raises ``EngineError`` naming the file.
     """
     profile = check_profile(profile)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
     strongly_typed = fp16 and strongly_typed_fp16(trt)
-    network = builder.create_network(1 << int(typed) if strongly_typed and typed is not None else 0)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed
+                                     else 0)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise EngineError(f"{onnx_path}: TensorRT cannot parse the graph ({errors})")
     config = builder.create_builder_config()
-    config.set_timing_cache(config.create_timing_cache(cache), False)  # ignore_mismatch=False
+    timing, note = config.create_timing_cache(cache), None  # kept alive until the build is done
+    if not config.set_timing_cache(timing, False):  # ignore_mismatch=False: a foreign cache is refused
+        note = "the timing cache was made on another GPU or TensorRT version: building with a new one"
+        timing = config.create_timing_cache(b"")
+        if not config.set_timing_cache(timing, False):
+            raise EngineError(f"{onnx_path}: TensorRT refused a new, empty timing cache")
     if fp16 and not strongly_typed:
         config.set_flag(trt.BuilderFlag.FP16)
     if not fp16:  # TF32 (on by default on Ampere and later) alone is ~1e-3 away from fp32: the gate is 1e-5
@@ -54,8 +64,10 @@ def build_plan(trt, onnx_path: Path, spec: GraphSpec, dims: dict[str, int], prof
     opt_profile = builder.create_optimization_profile()
     for t in spec.inputs:
         opt_profile.set_shape(t.name, *(t.shape(dims, batch) for batch in profile))
-    config.add_optimization_profile(opt_profile)
+    if config.add_optimization_profile(opt_profile) < 0:
+        raise EngineError(f"{onnx_path}: TensorRT refused the batch profile {profile} (see its log above)")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineError(f"{onnx_path}: TensorRT failed to build an engine (see its log above)")
-    return bytes(serialized), bytes(config.get_timing_cache().serialize())
+    updated = config.get_timing_cache()
+    return bytes(serialized), None if updated is None else bytes(updated.serialize()), note

@@ -92,15 +92,16 @@ def open_backend(model: str | Path | None = None, backend: str = "auto", device:
     threads : inference threads: torch's pool (the torch backend, and the decode loop's own tensor
         ops), onnxruntime's and OpenVINO's; None keeps the runtimes' defaults.
     precision : which of a bundle's graphs onnxruntime runs (fp32, fp16 or int8); for openvino, the
-        encoder's precision (fp32, bf16) or its NNCF int8 encoder (int8).
+        encoder's precision (fp32, bf16) or its NNCF int8 encoder (int8); tensorrt runs the precision its
+        engines were built with, which any precision but fp32 (the default) must name.
     options : ``TorchBackend`` options (``channels_last``, ``autocast``, ``compile``).
     """
     if device is None:
         device = "cpu" if backend == "openvino" else default_device()
     device = torch.device(device)
-    if precision != "fp32" and backend in ("torch", "tensorrt"):
-        raise SatError(f"the {backend} backend has no precision to choose (asked for {precision}): onnxruntime runs "
-                       "a bundle's fp16 or int8 graphs, openvino bf16 or int8")
+    if precision != "fp32" and backend == "torch":
+        raise SatError(f"the torch backend has no precision to choose (asked for {precision}): onnxruntime runs "
+                       "a bundle's fp16 or int8 graphs, openvino bf16 or int8, tensorrt its engines' precision")
     resolved = resolve_model(model, backend)
     if threads:
         torch.set_num_threads(threads)
@@ -111,10 +112,11 @@ def open_backend(model: str | Path | None = None, backend: str = "auto", device:
     bundle = resolved
     if backend == "openvino":
         return _open_openvino(bundle, device, threads, precision)
-    engines = precision == "fp32" and bundle.manifest.get("tensorrt")  # a precision asked for is onnxruntime's
-    if backend == "tensorrt" or (backend == "auto" and device.type == "cuda" and engines):
+    engines = bundle.manifest.get("tensorrt")
+    if backend == "tensorrt" or (backend == "auto" and device.type == "cuda" and engines
+                                 and precision in ("fp32", engines["precision"])):
         try:
-            return open_engines(bundle, device)
+            return open_engines(bundle, device, None if precision == "fp32" else precision)
         except BackendUnavailable:
             if backend == "tensorrt":
                 raise

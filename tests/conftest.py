@@ -111,9 +111,19 @@ def has_openvino() -> bool:
     return all(importlib.util.find_spec(name) is not None for name in ("openvino", "nncf"))
 
 
+def has_tensorrt() -> bool:
+    """TensorRT's Python package (the ``[trt]`` extra) is installed."""
+    import importlib.util
+
+    return importlib.util.find_spec("tensorrt") is not None
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if "requires_cuda" in item.keywords and not torch.cuda.is_available():
             item.add_marker(pytest.mark.skip(reason="requires a CUDA GPU: torch.cuda.is_available() is False"))
+        if "requires_trt" in item.keywords and not (torch.cuda.is_available() and has_tensorrt()):
+            item.add_marker(pytest.mark.skip(reason="requires TensorRT and a CUDA GPU: pip install -e '.[trt]' on a "
+                                                    "machine with an NVIDIA GPU"))
         if "requires_openvino" in item.keywords and not has_openvino():
             item.add_marker(pytest.mark.skip(reason="requires OpenVINO and NNCF: pip install 'sat-export[openvino]'"))

@@ -12,8 +12,6 @@ SETUP_COMMANDS = [
     "python3 -m venv .venv && . .venv/bin/activate && pip install -e . && sat-infer examples/images --out captions.jsonl",
     "python3 -m venv .venv && . .venv/bin/activate && pip install -e '.[dev]' && python -m pytest -q",
 ]
-# Linked before it exists: written by the GPU/TensorRT part of issue 20. Remove once that page has landed.
-PENDING = {"docs/gpu.md"}
 
 FENCE = re.compile(r"^```.*?^```", re.S | re.M)
 LINK = re.compile(r"\]\(([^)\s]+)\)")
@@ -52,8 +50,7 @@ def test_every_relative_link_resolves():
             path, _, anchor = link.partition("#")
             target = (page.parent / path).resolve() if path else page
             if not target.exists():
-                if target.relative_to(ROOT).as_posix() not in PENDING:
-                    broken.append(f"{page.name}: {link} (no such file)")
+                broken.append(f"{page.name}: {link} (no such file)")
             elif anchor and target.suffix == ".md" and anchor not in anchors(target):
                 broken.append(f"{page.name}: {link} (no such heading)")
     assert not broken, "\n".join(broken)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
 from rich.console import Console
 
 from engines.contract import DECODER_STEP, ENCODER
@@ -66,8 +65,11 @@ def build_bundle(ckpt_path: str | Path, out_dir: str | Path, options: BuildOptio
         from sat_export.build.tensorrt import build_engines
 
         start = time.perf_counter()
-        manifest["tensorrt"] = build_engines(out_dir, fp16=options.fp16, profile=options.trt_profile)
+        notes: list[str] = []
+        manifest["tensorrt"] = build_engines(out_dir, fp16=options.fp16, profile=options.trt_profile, notes=notes)
         console.print(f"built TensorRT engines in {time.perf_counter() - start:.1f} s", highlight=False)
+        for note in notes:
+            console.print(f"[yellow]note[/]: {note}", highlight=False, soft_wrap=True)
         write_manifest(out_dir, manifest)  # the engines are opened through the bundle by the gate
         _gate(model, ckpt.vocab, out_dir, manifest, "tensorrt", options.verify, console)
     return out_dir
@@ -104,7 +106,7 @@ def _tensorrt_parity(model: ShowAttendTell, vocab: Vocab, out_dir: Path, manifes
     from engines.torch_eager import TorchBackend
     from sat_export.build.tensorrt import open_engines
 
-    with TorchBackend(model, vocab) as eager, open_engines(load_bundle(out_dir), torch.device("cuda")) as trt:
+    with TorchBackend(model, vocab) as eager, open_engines(load_bundle(out_dir), "cuda") as trt:
         return verify(eager, trt, manifest["tensorrt"]["precision"], oracle=Float64Oracle(model, vocab))
 
 

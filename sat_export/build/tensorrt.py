@@ -1,9 +1,9 @@
 """A bundle's TensorRT engines (``encoder.plan``, ``decoder_step.plan``): built, recorded, checked.
 
-Plans are built from the bundle's ONNX graphs by ``engines.trt_build`` (fp32 graphs, or on
-TensorRT 11 the fp16 ones for fp16 engines), with a timing cache kept in the bundle. An engine is
-only valid for the TensorRT version and GPU that built it, so both are recorded in the manifest
-and checked before an engine is opened.
+Plans are built from the bundle's ONNX graphs by ``engines.trt_build`` (fp32 graphs, or from
+TensorRT 10.12 the fp16 ones for fp16 engines), with a timing cache kept in the bundle (one made on
+another GPU is replaced, not fatal). An engine is only valid for the TensorRT version and GPU that built
+it, so both are recorded in the manifest and checked before an engine is opened (``open_engines``).
 """
 from __future__ import annotations
 
@@ -11,17 +11,18 @@ from pathlib import Path
 
 import torch
 
-from engines.base import Backend
 from engines.contract import DECODER_STEP, ENCODER
-from engines.trt import import_tensorrt
+from engines.trt import TensorRTBackend, import_tensorrt
 from engines.trt_build import DEFAULT_PROFILE, build_plan, check_profile, strongly_typed_fp16
 from sat_export.bundle.format import TIMING_CACHE, Bundle, graph_file, load_bundle
 from sat_export.errors import BundleError
 
 
-def build_engines(bundle_dir, fp16: bool = False, profile: tuple[int, int, int] = DEFAULT_PROFILE) -> dict:
+def build_engines(bundle_dir, fp16: bool = False, profile: tuple[int, int, int] = DEFAULT_PROFILE,
+                  notes: list[str] | None = None) -> dict:
     """Build both engines into the bundle folder; returns the manifest's ``tensorrt`` section.
 
+    ``notes`` receives what the user should know (a timing cache from another GPU was replaced).
     Raises ``BackendUnavailable`` (one line) where TensorRT or a CUDA GPU is missing.
     """
     trt = import_tensorrt()
@@ -35,16 +36,23 @@ def build_engines(bundle_dir, fp16: bool = False, profile: tuple[int, int, int] 
     cache = cache_path.read_bytes() if cache_path.is_file() else b""
     files = {}
     for spec, onnx_path in zip((ENCODER, DECODER_STEP), bundle.graph_paths(source)):
-        plan, cache = build_plan(trt, onnx_path, spec, bundle.config.dims(), profile, fp16=fp16, cache=cache)
+        plan, cache, note = build_plan(trt, onnx_path, spec, bundle.config.dims(), profile, fp16=fp16,
+                                       cache=cache or b"")
+        if note and notes is not None:
+            notes.append(f"{cache_path}: {note}")
         path = bundle.dir / graph_file(spec, suffix=".plan")
         path.write_bytes(plan)
         files[spec.name] = path.name
-    cache_path.write_bytes(cache)
+    if cache is None:  # TensorRT gave none back: a stale one must not be kept
+        cache_path.unlink(missing_ok=True)
+    else:
+        cache_path.write_bytes(cache)
     device = torch.cuda.current_device()
     return {"tensorrt": trt.__version__, "gpu": torch.cuda.get_device_name(device),
             "compute_capability": ".".join(map(str, torch.cuda.get_device_capability(device))),
             "precision": "fp16" if fp16 else "fp32", "onnx": source,
-            "profile": dict(zip(("min", "opt", "max"), profile)), "files": files, "timing_cache": TIMING_CACHE}
+            "profile": dict(zip(("min", "opt", "max"), profile)), "files": files,
+            "timing_cache": None if cache is None else TIMING_CACHE}
 
 
 def check_engine_compatible(plan: Path, built_with: dict, trt_version: str, gpu_name: str) -> None:
@@ -68,9 +76,13 @@ def check_engines(bundle: Bundle, device: torch.device | str | None = None) -> t
     return encoder, decoder
 
 
-def open_engines(bundle: Bundle, device: torch.device) -> Backend:
-    """The TensorRT backend of ``bundle``'s engines on ``device``, after ``check_engines`` says they fit it."""
-    from engines.trt import TensorRTBackend
-
+def open_engines(bundle: Bundle, device: torch.device | str = "cuda", precision: str | None = None) -> TensorRTBackend:
+    """The bundle's engines on ``device``, checked first (TensorRT version, GPU model, and ``precision`` where
+    one is asked for: engines run the precision they were built with, ``fp32`` or ``fp16``)."""
+    device = torch.device(device)
     encoder, decoder = check_engines(bundle, device)  # says what is missing before looking at engines
+    built = bundle.manifest["tensorrt"]["precision"]
+    if precision not in (None, built):
+        raise BundleError(f"{bundle.dir}: its TensorRT engines are {built}, not {precision}; rebuild them with "
+                          f"`sat-export build{' --fp16' if precision == 'fp16' else ''} --trt`")
     return TensorRTBackend(encoder, decoder, bundle.config, bundle.vocab, device)

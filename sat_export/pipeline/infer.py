@@ -286,8 +286,9 @@ def caption_rows(backend: Backend, batch: list[Loaded], options: DecodeOptions) 
     good = [entry for entry in batch if entry.pixels is not None]
     captions: Iterator[Caption] = iter(())
     if good:
-        images = torch.from_numpy(np.stack([entry.pixels for entry in good])).to(backend.device)  # (n_img, 3, H, W)
-        captions = iter(decode(backend.step, backend.encode(images), backend.vocab.special_ids(), options))
+        with backend.running():  # on CUDA, the decode loop's own ops on the backend's stream
+            images = torch.from_numpy(np.stack([entry.pixels for entry in good])).to(backend.device)  # (n_img, 3, H, W)
+            captions = iter(decode(backend.step, backend.encode(images), backend.vocab.special_ids(), options))
     grid = backend.config.grid
     out: list[tuple[dict, np.ndarray | None]] = []
     for entry in batch:

@@ -94,9 +94,8 @@ def test_check_verifies_engine_checksums_and_says_engines_were_not_checked(bundl
     assert result.exit_code == 1 and "decoder_step.plan: sha256" in result.output.replace("\n", "")
 
 
-@pytest.mark.requires_cuda
+@pytest.mark.requires_trt
 def test_build_engines_from_the_tiny_bundle_and_compare_vs_eager(tmp_path, tiny_bundle):
-    pytest.importorskip("tensorrt", reason="TensorRT is not installed: pip install -e .[trt] (needs an NVIDIA GPU)")
     bundle = shutil.copytree(tiny_bundle, tmp_path / "b")
     manifest = manifest_of(bundle)
     manifest["tensorrt"] = tb.build_engines(bundle, profile=(1, 4, 8))
@@ -109,3 +108,28 @@ def test_build_engines_from_the_tiny_bundle_and_compare_vs_eager(tmp_path, tiny_
     with open_backend(bundle, "tensorrt") as trt, torch.inference_mode():
         for ref, got in zip(model.encode(images), trt.encode(images.cuda())):
             assert torch.linalg.vector_norm(got.cpu() - ref) <= 1e-2 * torch.linalg.vector_norm(ref)
+
+
+@pytest.mark.parametrize("after_build", ["kept", "none"])
+def test_rebuild_over_a_timing_cache_from_another_gpu(monkeypatch, tmp_path, tiny_bundle, after_build):
+    """The path the version/GPU refusal recommends: rebuilding into the same folder, whose timing cache came
+    from another GPU (TensorRT's stand-in: tests/engines/trt_standin.py)."""
+    from tests.engines import trt_standin
+    from tests.engines.cuda_standins import FakeCuda
+
+    FakeCuda.install(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Stand-in GPU")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(tb, "import_tensorrt", lambda: trt_standin.tensorrt("10.13.0", timing_cache=after_build))
+    bundle = shutil.copytree(tiny_bundle, tmp_path / "b")
+    (bundle / tb.TIMING_CACHE).write_bytes(trt_standin.FOREIGN_CACHE)
+    notes = []
+    section = tb.build_engines(bundle, profile=(1, 4, 8), notes=notes)
+    assert notes == [f"{bundle / tb.TIMING_CACHE}: the timing cache was made on another GPU or TensorRT version: "
+                     "building with a new one"]  # the decoder's build reuses the encoder's new cache
+    assert (bundle / "encoder.plan").read_bytes() == b"plan"
+    if after_build == "kept":
+        assert section["timing_cache"] == tb.TIMING_CACHE and (bundle / tb.TIMING_CACHE).read_bytes() != \
+            trt_standin.FOREIGN_CACHE
+    else:
+        assert section["timing_cache"] is None and not (bundle / tb.TIMING_CACHE).exists()
