@@ -130,6 +130,11 @@ def shard_inputs(paths: Iterable[str | Path], sources: SourceOptions = SourceOpt
     if not all(kinds):
         images = next(p for p, shard in zip(paths, kinds) if not shard)
         raise InputError(f"{images}: images and shards cannot be captioned in one run; caption them separately")
+    try:
+        import fsspec  # noqa: F401
+        import pyarrow  # noqa: F401
+    except ImportError as err:
+        raise InputError(f"reading shards needs pyarrow and fsspec ({err}): pip install 'sat-export[shards]'") from None
     shards = find_shards(paths, sources.storage_options)
     check_image_column(shards, sources.image_column)
     return shards

