@@ -23,6 +23,8 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from functools import lru_cache
 
 import numpy as np
 
@@ -97,8 +99,8 @@ def read_results(url: str, storage_options: dict | None = None) -> Iterator[dict
     """Rows of every result file at ``url`` (a file, or a folder/prefix of them), in name order.
 
     Each row is a ``sat-infer`` JSONL row (``image`` = ``<shard>/<key>``, ``shard``, ``key``,
-    ``caption``/``tokens``/``score`` or ``error``) plus ``attention``, the ``(T, grid, grid)`` float32
-    alphas when the file has them.
+    ``caption``/``tokens``/``score`` or ``error``) plus ``result``, the file's URL, and ``attention``,
+    the ``(T, grid, grid)`` float32 alphas when the file has them.
     """
     import fsspec
     import pyarrow as pa
@@ -116,7 +118,8 @@ def read_results(url: str, storage_options: dict | None = None) -> Iterator[dict
         shard = (record.get("source") or {}).get("shard")
         if shard is None:
             raise OutputError(f"{fs.unstrip_protocol(file)}: not a sat-infer result (no run record)")
-        yield from (_row(shard, each) for each in table.to_pylist())
+        url = fs.unstrip_protocol(file)
+        yield from ({**_row(shard, each), "result": url} for each in table.to_pylist())
 
 
 def _row(shard: str, each: dict) -> dict:
@@ -128,3 +131,34 @@ def _row(shard: str, each: dict) -> dict:
     if each.get("alphas") is not None:
         row["attention"] = np.frombuffer(each["alphas"], np.float16).reshape(each["alphas_shape"]).astype(np.float32)
     return row
+
+
+def is_results(path: str | Path) -> bool:
+    """``path`` names per-shard results: a ``.parquet`` file, a URL, or a folder (JSONL is a file)."""
+    text = str(path)
+    return text.endswith(".parquet") or "://" in text or Path(text).is_dir()
+
+
+def alphas_ref(result: str, key: str | None) -> str:
+    """Where a row's alphas are inside its result: ``<result URL>#<key>`` (``load_alphas`` reads it)."""
+    return f"{result}#{key}"
+
+
+@lru_cache(maxsize=2)
+def _attention(url: str) -> dict[str | None, np.ndarray]:
+    return {row["key"]: row["attention"] for row in read_results(url) if "attention" in row}
+
+
+def load_alphas(ref: str | Path) -> np.ndarray:
+    """A row's ``(T, grid, grid)`` alphas: from an ``alphas_ref`` into a Parquet result, or an ``.npz`` file.
+
+    Raises ``OSError``, ``KeyError`` or ``ValueError`` (as ``np.load``) when they cannot be read.
+    """
+    url, inside, key = str(ref).partition(".parquet#")
+    if inside:
+        found = _attention(url + ".parquet").get(key)
+        if found is None:
+            raise KeyError(f"no alphas for {key!r} in {url}.parquet")
+        return found
+    with np.load(ref) as npz:
+        return npz["alphas"]
