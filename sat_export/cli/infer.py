@@ -82,12 +82,15 @@ def main(
     On a Ray cluster:  sat-infer /shared/photos --out /shared/captions.jsonl --ray --ray-address auto --ray-actors 8
     """
     from sat_export.pipeline.infer import Summary, open_for_readers, plan, run, run_settings
-    from sat_export.pipeline.ray_infer import run_ray
+    from sat_export.pipeline.ray_infer import run_ray, run_shards_ray
     from sat_export.pipeline.shard_results import is_results_out, plan_shards, run_shards
     from sat_export.pipeline.shards import is_shard_input
 
     sources = SourceOptions(image_column, parse_storage_options(storage_options))
-    sharded = is_results_out(out) and any(map(is_shard_input, paths))  # else plan refuses a folder as --out
+    shards = any(map(is_shard_input, paths))
+    sharded = shards and is_results_out(out)  # else plan refuses a folder as --out
+    if ray and shards and not sharded:
+        raise UsageError("--ray captions shards into per-shard results: pass --out DIR/ (a folder or URL prefix)")
     if sharded and (overlays or alphas and Path(alphas).resolve() != Path(out).resolve()):
         raise UsageError("per-shard results keep the attention inside each result: pass --alphas with the same "
                          "folder as --out, and no --overlays")
@@ -106,8 +109,8 @@ def main(
                 advance = partial(progress.advance, task)
                 if ray:
                     cluster = RayOptions(ray_address, ray_actors, ray_cpus_per_actor, ray_gpus_per_actor)
-                    summary = run_ray(model, work, options, cluster, backend, threads, on_rows=advance,
-                                      precision=precision)
+                    summary = (run_shards_ray if sharded else run_ray)(model, work, options, cluster, backend, threads,
+                                                                       on_rows=advance, precision=precision)
                 else:
                     summary = (run_shards if sharded else run)(opened, work, options, on_rows=advance)
         else:
