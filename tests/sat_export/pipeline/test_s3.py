@@ -12,12 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from sat_export.cli.infer import app
 from sat_export.results.parquet import read_results
 from tests.sat_export.pipeline.test_infer import read_rows
-from tests.sat_export.pipeline.test_shards import write_parquet_shards, write_webdataset
+from tests.sat_export.pipeline.test_shards import infer, write_parquet_shards, write_webdataset
 
 s3fs = pytest.importorskip("s3fs", reason="the [s3] extra (s3fs) is not installed")
 KEY, SECRET, BUCKET = "sat-test", "sat-test-secret", "shards"
@@ -85,12 +83,6 @@ def aws_env(s3_endpoint, monkeypatch):
                         ("AWS_ENDPOINT_URL", s3_endpoint), ("AWS_DEFAULT_REGION", "us-east-1")):
         monkeypatch.setenv(name, value)
     return s3fs.S3FileSystem(skip_instance_cache=True)
-
-
-def infer(*args) -> str:
-    result = CliRunner().invoke(app, [*map(str, args)])
-    assert result.exit_code == 0, result.output
-    return result.output
 
 
 def test_compare_shards_read_from_s3_vs_from_disk_and_results_written_back(aws_env, tmp_path, tiny_ckpt):

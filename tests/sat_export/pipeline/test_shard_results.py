@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -16,14 +15,8 @@ from typer.testing import CliRunner
 
 from sat_export.cli.infer import app
 from sat_export.results.parquet import read_results
-from tests.sat_export.pipeline.test_infer import encoded, image, read_rows
-from tests.sat_export.pipeline.test_shards import add_member, key_of, write_parquet_shards, write_webdataset
-
-
-def infer(*args: str) -> str:
-    result = CliRunner().invoke(app, [*map(str, args)])
-    assert result.exit_code == 0, result.output
-    return result.output
+from tests.sat_export.pipeline.test_infer import read_rows
+from tests.sat_export.pipeline.test_shards import infer, write_image_tars, write_parquet_shards, write_webdataset
 
 
 def test_compare_per_shard_parquet_results_vs_jsonl_rows_and_alphas_files(tmp_path, tiny_ckpt):
@@ -65,12 +58,7 @@ def test_a_rerun_skips_done_shards_redoes_a_changed_one_and_refuses_other_settin
 
 
 def test_kill_9_mid_shard_leaves_no_result_for_it_and_the_rerun_redoes_it_whole(tmp_path, tiny_ckpt):
-    keys = []
-    for s in range(3):
-        with tarfile.open(tmp_path / f"{s:05d}.tar", "w") as tar:
-            for i in range(80):
-                add_member(tar, f"{key_of(s, i)}.jpg", encoded(image(size=64, seed=i % 5), "JPEG"))
-                keys.append(f"{s:05d}.tar/{key_of(s, i)}")
+    keys = write_image_tars(tmp_path, n_shards=3, per_shard=80)
     out = tmp_path / "results"
     cmd = [sys.executable, "-m", "sat_export.cli.infer", str(tmp_path / "*.tar"), "--out", f"{out}/",
            "--model", str(tiny_ckpt), "--backend", "torch", "--batch-size", "4"]

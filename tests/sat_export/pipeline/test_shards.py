@@ -89,6 +89,24 @@ def write_photos(root: Path, n_shards: int = 2) -> None:
             (root / f"{key_of(s, i)}.jpg").write_bytes(photo(s, i))
 
 
+def write_image_tars(root: Path, n_shards: int, per_shard: int) -> list[str]:
+    """``NNNNN.tar`` shards of ``<key>.jpg`` members only (64 px); the row keys, in order."""
+    keys = []
+    for s in range(n_shards):
+        with tarfile.open(root / f"{s:05d}.tar", "w") as tar:
+            for i in range(per_shard):
+                add_member(tar, f"{key_of(s, i)}.jpg", encoded(image(size=64, seed=i % 7), "JPEG"))
+                keys.append(f"{s:05d}.tar/{key_of(s, i)}")
+    return keys
+
+
+def infer(*args) -> str:
+    """``sat-infer`` with ``args`` in this process; its output (it must succeed)."""
+    result = CliRunner().invoke(app, [*map(str, args)])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
 def caption_of(rows: dict[str, dict]) -> dict[str, tuple]:
     """Row key's sample key -> (caption, tokens, score)."""
     return {row.get("key") or Path(name).stem: (row["caption"], row["tokens"], row["score"])
@@ -184,12 +202,7 @@ def test_cli_a_missing_or_ambiguous_image_column_is_refused_before_anything_runs
 
 
 def test_kill_9_mid_shard_then_rerun_gives_exactly_one_row_per_sample(tmp_path, tiny_ckpt):
-    keys = []
-    for s in range(2):
-        with tarfile.open(tmp_path / f"{s:05d}.tar", "w") as tar:
-            for i in range(150):
-                add_member(tar, f"{key_of(s, i)}.jpg", encoded(image(size=64, seed=i % 7), "JPEG"))
-                keys.append(f"{s:05d}.tar/{key_of(s, i)}")
+    keys = write_image_tars(tmp_path, n_shards=2, per_shard=150)
     out = tmp_path / "c.jsonl"
     cmd = [sys.executable, "-m", "sat_export.cli.infer", str(tmp_path / "{00000..00001}.tar"), "--out", str(out),
            "--model", str(tiny_ckpt), "--backend", "torch", "--batch-size", "4"]
