@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import random
+import socket
 from pathlib import Path
 
 import pytest
@@ -93,6 +95,20 @@ def copy_instead_of_export(monkeypatch, tiny_bundle):
         return {g: shutil.copy(tiny_bundle / f"{g}.onnx", out_dir / f"{g}.onnx") for g in ("encoder", "decoder_step")}
 
     monkeypatch.setattr(sat_export.build.builder, "export_onnx", fake_export)
+
+
+def free_port() -> int:
+    """A port of 127.0.0.1 below 55000 that is free, and so is the port 10000 above it (SeaweedFS's gRPC)."""
+    for _ in range(200):
+        port = random.randint(20000, 44999)
+        try:
+            for p in (port, port + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair below 55000")
 
 
 def one_line_error(result, *names: str) -> str:

@@ -1,9 +1,9 @@
 """Shard sources: WebDataset ``.tar`` and Parquet files, on disk or behind an fsspec URL, streamed as samples.
 
 A shard input is a URL (``s3://bucket/prefix/``, ``gs://``, ``https://``, ``file://``), a ``.tar``
-(``.tgz``, ``.tar.gz``) or ``.parquet`` file, a folder holding such files (and no images at its top), a
-brace pattern (``shards/{00000..00099}.tar``, ``{a,b}``) or a glob (``shards/*.parquet``). A folder
-that holds both ``.tar`` and ``.parquet`` files is img2dataset's WebDataset output: its Parquet files
+(``.tgz``, ``.tar.gz``) or ``.parquet`` file, a folder holding such files at its top and no image
+anywhere, a brace pattern (``shards/{00000..00099}.tar``, ``{a,b}``) or a glob (``shards/*.parquet``).
+A folder that holds both ``.tar`` and ``.parquet`` files is img2dataset's WebDataset output: its Parquet files
 are metadata, its tars the shards. A shard's ``name`` is its path relative to the input's root (the
 folder, the prefix, or the folder before the first pattern); a sample's row key is ``<shard>/<key>``.
 
@@ -77,7 +77,9 @@ def has_pattern(raw: str) -> bool:
 
 
 def is_shard_input(raw: str | Path) -> bool:
-    """A URL, a pattern, a shard file, or a local folder whose top holds shard files and no images."""
+    """A URL, a pattern, a shard file, or a local folder whose top holds shard files and that holds no
+    image anywhere (img2dataset's ``files`` output, images in subfolders and metadata Parquet files at
+    the top, is an image folder)."""
     text = str(raw)
     if is_url(text) or has_pattern(text) or shard_kind(text):
         return True
@@ -88,7 +90,8 @@ def is_shard_input(raw: str | Path) -> bool:
     except OSError:
         return False
     suffixes = image_suffixes()
-    return any(shard_kind(n) for n in names) and not any(Path(n).suffix.lower() in suffixes for n in names)
+    return any(shard_kind(n) for n in names) and not any(
+        Path(n).suffix.lower() in suffixes for _, _, files in os.walk(text) for n in files)
 
 
 def filesystem(raw: str, storage_options: dict | None = None) -> tuple[Any, str]:

@@ -3,9 +3,7 @@ with the endpoint and credentials from ``AWS_*`` or ``--storage-options``, per-s
 from __future__ import annotations
 
 import json
-import random
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -14,25 +12,12 @@ from pathlib import Path
 import pytest
 
 from sat_export.results.parquet import read_results
+from tests.conftest import free_port
 from tests.sat_export.pipeline.test_infer import read_rows
 from tests.sat_export.pipeline.test_shards import infer, write_parquet_shards, write_webdataset
 
 s3fs = pytest.importorskip("s3fs", reason="the [s3] extra (s3fs) is not installed")
 KEY, SECRET, BUCKET = "sat-test", "sat-test-secret", "shards"
-
-
-def free_port() -> int:
-    """A port of 127.0.0.1 below 55000 that is free, and so is the port 10000 above it (SeaweedFS's gRPC)."""
-    for _ in range(200):
-        port = random.randint(20000, 44999)
-        try:
-            for p in (port, port + 10000):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", p))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free port pair below 55000")
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from sat_export.cli.infer import app
 from sat_export.errors import InputError
 from sat_export.options import InferOptions, SourceOptions
 from sat_export.pipeline.infer import plan, run
-from sat_export.pipeline.shards import expand_braces, find_shards, split_member
+from sat_export.pipeline.shards import expand_braces, find_shards, is_shard_input, split_member
 from tests.conftest import one_line_error
 from tests.sat_export.pipeline.test_infer import backend, encoded, image, kill_9_mid_run, read_rows  # noqa: F401
 
@@ -154,7 +154,7 @@ def test_brace_patterns_globs_and_image_columns_name_the_same_shards(tmp_path, b
     pq.write_table(pa.table({"image": [{"bytes": photo(0, 0), "path": None}], "label": [1]}),
                    tmp_path / "hf" / "struct.parquet")
     pq.write_table(pa.table({"path": ["img/p.jpg"], "caption": ["x"]}), tmp_path / "hf" / "paths.parquet")
-    run(backend, plan([tmp_path / "hf"], tmp_path / "hf.jsonl"), InferOptions())
+    run(backend, plan([str(tmp_path / "hf" / "*.parquet")], tmp_path / "hf.jsonl"), InferOptions())  # hf/: images
     rows = read_rows(tmp_path / "hf.jsonl")
     assert list(rows) == ["paths.parquet/0", "struct.parquet/0"]
     assert rows["paths.parquet/0"]["tokens"] == rows["struct.parquet/0"]["tokens"]
@@ -219,3 +219,12 @@ def test_images_and_shards_in_one_run_are_refused(tmp_path):
     write_photos(tmp_path / "files", n_shards=1)
     with pytest.raises(InputError, match="images and shards cannot be captioned in one run"):
         plan([tmp_path / "wds", tmp_path / "files"], tmp_path / "c.jsonl", sources=SourceOptions())
+
+
+def test_img2dataset_files_output_is_an_image_folder_not_shards(tmp_path):
+    """Its ``files`` output: ``00000/<key>.jpg`` with metadata ``00000.parquet`` at the top."""
+    write_photos(tmp_path / "files" / "00000", n_shards=1)
+    pq.write_table(pa.Table.from_pylist([meta(0, i) for i in range(PER_SHARD)]), tmp_path / "files" / "00000.parquet")
+    assert not is_shard_input(tmp_path / "files") and is_shard_input(tmp_path / "files" / "00000.parquet")
+    assert [item.key for item in plan([tmp_path / "files"], tmp_path / "c.jsonl").todo] == [
+        f"00000/{key_of(0, i)}.jpg" for i in range(PER_SHARD)]
