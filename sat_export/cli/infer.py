@@ -1,4 +1,4 @@
-"""``sat-infer``: caption folders, lists or files of images into a JSONL file (resumable)."""
+"""``sat-infer``: caption images (folders, lists, files) or shards into JSONL or per-shard Parquet, resumably."""
 from __future__ import annotations
 
 import json
@@ -80,6 +80,8 @@ def main(
     bf16 encoder on OpenVINO (CPUs with native bf16):  sat-infer photos --backend openvino --precision bf16
 
     On a Ray cluster:  sat-infer /shared/photos --out /shared/captions.jsonl --ray --ray-address auto --ray-actors 8
+
+    Shards, one Parquet result each:  sat-infer 's3://bucket/shards/{00000..00999}.tar' --out s3://bucket/captions/
     """
     from sat_export.pipeline.infer import Summary, open_for_readers, plan, run, run_settings
     from sat_export.pipeline.ray_infer import run_ray, run_shards_ray
