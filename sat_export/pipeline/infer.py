@@ -246,11 +246,12 @@ def read_item(item: InputItem, cfg: PreprocessConfig, max_pixels: int = DEFAULT_
 
 def _open_image(item: InputItem) -> BinaryIO:
     """The item's encoded image as a binary file: its bytes from a shard, its object, or its regular file."""
-    if item.data is not None or item.opener is not None:
-        f = io.BytesIO(item.data) if item.data is not None else item.opener()
-        if item.data == b"":
+    if item.data is not None:
+        if not item.data:
             raise ImageDecodeError("empty image (0 bytes)")
-        return f
+        return io.BytesIO(item.data)
+    if item.opener is not None:
+        return item.opener()
     info = item.path.stat()
     if stat.S_ISDIR(info.st_mode):
         raise ImageDecodeError("is a directory, not an image file")

@@ -21,8 +21,8 @@ import json
 import os
 import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -248,9 +248,9 @@ def run_shards_ray(model: str | Path | None, plan: ShardPlan, options: InferOpti
     """``run_shards`` on Ray: one task per shard on a pool of ``ShardCaptioner`` actors (``options.workers``
     reader threads and ``threads`` inference threads each, default its CPUs), results published by this
     process as shards finish. Shards are read by the actors: on a cluster, give URLs or shared paths."""
+    ray = import_ray()
     from ray.util import ActorPool
 
-    ray = import_ray()
     driver_config(model, backend)
     summary = Summary(skipped=plan.done)
     start = time.perf_counter()
