@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from sat_export.cli.infer import app
 from sat_export.results.parquet import read_results
+from tests.conftest import one_line_error
 from tests.sat_export.pipeline.test_infer import read_rows
 from tests.sat_export.pipeline.test_shards import infer, write_image_tars, write_parquet_shards, write_webdataset
 
@@ -83,3 +84,12 @@ def test_per_shard_results_need_shard_inputs_and_keep_alphas_inside(tmp_path):
                                       str(tmp_path / "elsewhere")])
     assert result.exit_code == 1 and "pass --alphas with the same folder as --out" in result.output
     assert not Path(tmp_path / "r").exists()
+
+
+def test_a_file_at_a_results_place_that_is_not_one_is_refused_and_left_as_it_is(tmp_path):
+    write_webdataset(tmp_path / "wds", n_shards=1)
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "00000.parquet").write_bytes(b"my own notes")
+    result = CliRunner().invoke(app, [str(tmp_path / "wds"), "--out", f"{tmp_path}/r/"])
+    one_line_error(result, "00000.parquet: not a readable sat-infer result", "left as it is")
+    assert (tmp_path / "r" / "00000.parquet").read_bytes() == b"my own notes"
