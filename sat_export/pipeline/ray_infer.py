@@ -229,17 +229,21 @@ class ShardCaptioner:
     """A Ray actor (``--ray``): opens the model once, then captions whole shards with its own reader threads."""
 
     def __init__(self, model: str | None, backend: str, threads: int, options: InferOptions,
-                 column: str | None = None, precision: str = "fp32"):
+                 column: str | None = None, precision: str = "fp32", keep_alphas: bool = False):
         import ray
 
         self.backend = open_backend(model, backend, threads=threads, precision=precision)
         self.pool = ThreadPoolExecutor(options.workers, thread_name_prefix="sat-reader")
-        self.options, self.column = options, column
+        self.options, self.column, self.keep_alphas = options, column, keep_alphas
         self.node = ray.get_runtime_context().get_node_id()
 
     def caption(self, shard: Shard) -> tuple[Shard, list[list[tuple[dict, np.ndarray | None]]], str]:
-        """The shard, its batches of ``(row, alphas)`` pairs, and this actor's node."""
-        return shard, list(shard_batches(self.backend, self.pool, shard, self.options, self.column)), self.node
+        """The shard, its batches of ``(row, alphas)`` pairs (alphas float16 as results keep them, or None
+        unless kept), and this actor's node."""
+        batches = [[(row, alphas.astype(np.float16) if alphas is not None and self.keep_alphas else None)
+                    for row, alphas in pairs]
+                   for pairs in shard_batches(self.backend, self.pool, shard, self.options, self.column)]
+        return shard, batches, self.node
 
 
 def run_shards_ray(model: str | Path | None, plan: ShardPlan, options: InferOptions = InferOptions(),
@@ -259,7 +263,8 @@ def run_shards_ray(model: str | Path | None, plan: ShardPlan, options: InferOpti
             actor = ray.remote(ShardCaptioner).options(num_cpus=ray_options.cpus_per_actor,
                                                       num_gpus=ray_options.gpus_per_actor or None)
             args = (None if model is None else os.path.abspath(model), backend,
-                    threads or max(1, int(ray_options.cpus_per_actor)), options, plan.sources.image_column, precision)
+                    threads or max(1, int(ray_options.cpus_per_actor)), options, plan.sources.image_column, precision,
+                    plan.alphas)
             pool = ActorPool([actor.remote(*args) for _ in range(ray_options.actors)])
             for shard, done, node in pool.map_unordered(lambda a, shard: a.caption.remote(shard), plan.todo):
                 publish(plan, shard, done, summary, on_rows)

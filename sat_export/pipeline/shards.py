@@ -40,6 +40,7 @@ SHARD_SUFFIXES = {".tar": "tar", ".tgz": "tar", ".tar.gz": "tar", ".parquet": "p
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # preferred, in this order, when a sample holds several images
 PATH_COLUMNS = ("image", "path", "file", "filename", "filepath", "file_name", "image_path", "url", "image_url")
 BATCH_ROWS = 64  # Parquet rows read per record batch
+BRACES = re.compile(r"\{[^}]*(\.\.|,)[^}]*\}")  # {00000..00999} or {a,b}
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ def is_url(raw: str | Path) -> bool:
 
 
 def has_pattern(raw: str) -> bool:
-    return bool(re.search(r"[*?\[]|\{[^}]*(\.\.|,)[^}]*\}", raw))
+    return bool(re.search(r"[*?\[]", raw) or BRACES.search(raw))
 
 
 def is_shard_input(raw: str | Path) -> bool:
@@ -81,10 +82,10 @@ def is_shard_input(raw: str | Path) -> bool:
     image anywhere (img2dataset's ``files`` output, images in subfolders and metadata Parquet files at
     the top, is an image folder)."""
     text = str(raw)
-    if is_url(text) or has_pattern(text) or shard_kind(text):
+    if is_url(text) or shard_kind(text):
         return True
     if not os.path.isdir(text):
-        return False
+        return not os.path.lexists(text) and has_pattern(text)  # an image named a[1].jpg is no pattern
     try:
         names = [entry.name for entry in os.scandir(text) if entry.is_file()]
     except OSError:
@@ -169,7 +170,7 @@ def find_shards(paths: Iterable[str | Path], storage_options: dict | None = None
 def _shards_of(raw: str, fs, path: str) -> Iterator[Shard]:
     if has_pattern(path):
         root = _fixed_root(path)
-        if re.search(r"\{[^}]*(\.\.|,)[^}]*\}", path):  # braces name shards: a missing one is an error row
+        if BRACES.search(path):  # braces name shards: a missing one is an error row
             for each in expand_braces(path):
                 if fs.exists(each):
                     yield _shard(fs, each, root)
