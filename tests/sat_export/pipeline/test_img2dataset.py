@@ -6,12 +6,11 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path, PurePosixPath
 
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import http_server
 from tests.sat_export.pipeline.test_infer import encoded, image, read_rows
 from tests.sat_export.pipeline.test_shards import infer
 
@@ -26,14 +25,11 @@ def photo_server(tmp_path):
     www.mkdir()
     for i in range(12):
         (www / f"p{i}.jpg").write_bytes(encoded(image(size=48 + 8 * (i % 4), seed=i), "JPEG"))
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"], cwd=www,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    urls = [f"http://127.0.0.1:{port}/p{i}.jpg,photo {i}" for i in range(12)] + [f"http://127.0.0.1:{port}/gone.jpg,x"]
-    (tmp_path / "urls.csv").write_text("url,caption\n" + "\n".join(urls) + "\n")
-    yield tmp_path / "urls.csv"
-    server.kill()
-    server.wait()
+    with http_server(www) as port:
+        urls = [f"http://127.0.0.1:{port}/p{i}.jpg,photo {i}" for i in range(12)] + [
+            f"http://127.0.0.1:{port}/gone.jpg,x"]
+        (tmp_path / "urls.csv").write_text("url,caption\n" + "\n".join(urls) + "\n")
+        yield tmp_path / "urls.csv"
 
 
 def test_compare_img2dataset_webdataset_and_parquet_outputs_vs_its_files_output(photo_server, tmp_path, tiny_ckpt):

@@ -18,7 +18,7 @@ from sat_export.errors import InputError
 from sat_export.options import InferOptions, SourceOptions
 from sat_export.pipeline.infer import plan, run
 from sat_export.pipeline.shards import expand_braces, find_shards, is_shard_input, split_member
-from tests.conftest import one_line_error
+from tests.conftest import http_server, one_line_error
 from tests.sat_export.pipeline.test_infer import backend, encoded, image, kill_9_mid_run, read_rows  # noqa: F401
 
 PER_SHARD = 5
@@ -228,3 +228,13 @@ def test_img2dataset_files_output_is_an_image_folder_not_shards(tmp_path):
     assert not is_shard_input(tmp_path / "files") and is_shard_input(tmp_path / "files" / "00000.parquet")
     assert [item.key for item in plan([tmp_path / "files"], tmp_path / "c.jsonl").todo] == [
         f"00000/{key_of(0, i)}.jpg" for i in range(PER_SHARD)]
+
+
+def test_compare_shards_over_http_vs_from_disk(tmp_path, tiny_ckpt):
+    pytest.importorskip("aiohttp", reason="fsspec's http:// needs aiohttp (installed with the [s3] extra)")
+    keys = write_webdataset(tmp_path / "wds", n_shards=2)
+    common = ["--model", tiny_ckpt, "--backend", "torch"]
+    infer(tmp_path / "wds", "--out", tmp_path / "disk.jsonl", *common)
+    with http_server(tmp_path / "wds") as port:
+        infer(f"http://127.0.0.1:{port}/{{00000..00001}}.tar", "--out", tmp_path / "http.jsonl", *common)
+    assert read_rows(tmp_path / "http.jsonl") == read_rows(tmp_path / "disk.jsonl") and len(keys) == 8
