@@ -33,7 +33,7 @@ from sat_export.errors import OutputError
 from sat_export.options import InferOptions, SourceOptions
 from sat_export.pipeline.infer import Plan, Summary, batches, caption_rows, prefetch, read_item
 from sat_export.pipeline.outputs import OutputLock, refuse_other_settings
-from sat_export.pipeline.shards import Shard, filesystem, is_url, samples, shard_inputs
+from sat_export.pipeline.shards import Shard, filesystem, is_url, protocols, samples, shard_inputs
 from sat_export.results.parquet import columns_of, read_info, result_name, result_schema
 
 ROW_GROUP = 4096  # rows buffered before they are written to the temporary file
@@ -46,8 +46,7 @@ def is_results_out(out: str | Path) -> bool:
 
 
 def is_local(fs) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return "file" in protocol
+    return "file" in protocols(fs)
 
 
 def source_record(shard: Shard) -> dict:

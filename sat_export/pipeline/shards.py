@@ -336,13 +336,21 @@ def _parquet_item(shard: Shard, key: str, column: str, value) -> InputItem:
         return _item(shard, key, data=value)
     if not value:
         return _item(shard, key, error=f"sample has no image (column {column!r} is empty)")
-    if is_url(value):
+    if is_url(value) and value.partition("://")[0] not in protocols(shard.fs):
         try:
-            fs, path = filesystem(value)
+            fs, path = filesystem(value)  # another store: credentials from its standard variables
         except InputError as err:
             return _item(shard, key, error=str(err))
         return _item(shard, key, opener=partial(fs.open, path, "rb"))
-    path = value if posixpath.isabs(value) else posixpath.join(posixpath.dirname(shard.path), value)
-    if "file" in shard.fs.protocol:
+    if is_url(value):  # the shard's own store: its credentials (--storage-options)
+        path = shard.fs._strip_protocol(value)
+    else:
+        path = value if posixpath.isabs(value) else posixpath.join(posixpath.dirname(shard.path), value)
+    if "file" in protocols(shard.fs):
         return _item(shard, key, path=Path(path))
     return _item(shard, key, opener=partial(shard.fs.open, path, "rb"))
+
+
+def protocols(fs) -> tuple[str, ...]:
+    """The URL schemes an fsspec filesystem answers to (``("file", "local")``, ``("s3", "s3a")``...)."""
+    return fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)

@@ -15,7 +15,8 @@ from tests.sat_export.pipeline.test_infer import encoded, image, read_rows
 from tests.sat_export.pipeline.test_shards import infer
 
 IMG2DATASET = os.environ.get("IMG2DATASET") or shutil.which("img2dataset")
-pytestmark = pytest.mark.skipif(not IMG2DATASET, reason="img2dataset is not installed (set $IMG2DATASET to its command)")
+pytestmark = pytest.mark.skipif(not IMG2DATASET,
+                                reason="img2dataset is not installed (set $IMG2DATASET to its command)")
 
 
 @pytest.fixture

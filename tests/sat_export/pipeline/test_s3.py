@@ -9,12 +9,14 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from sat_export.results.parquet import read_results
 from tests.conftest import free_port
 from tests.sat_export.pipeline.test_infer import read_rows
-from tests.sat_export.pipeline.test_shards import infer, write_parquet_shards, write_webdataset
+from tests.sat_export.pipeline.test_shards import infer, key_of, photo, write_parquet_shards, write_webdataset
 
 s3fs = pytest.importorskip("s3fs", reason="the [s3] extra (s3fs) is not installed")
 KEY, SECRET, BUCKET = "sat-test", "sat-test-secret", "shards"
@@ -104,3 +106,15 @@ def test_storage_options_instead_of_the_environment_and_a_missing_object_is_an_e
     rows = read_rows(tmp_path / "c.jsonl")
     assert rows["00001.parquet"]["error"] == "00001.parquet: no such object"
     assert sum("caption" in row for row in rows.values()) == 4 and len(rows) == 6
+    # a column of s3:// URLs, read with the shard's own credentials; a missing object is an error row
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **options)
+    fs.pipe(f"{BUCKET}/img/a.jpg", photo(0, 0))
+    pq.write_table(pa.table({"url": [f"s3://{BUCKET}/img/a.jpg", f"s3://{BUCKET}/img/gone.jpg"]}),
+                   tmp_path / "urls.parquet")
+    fs.put(str(tmp_path / "urls.parquet"), f"{BUCKET}/urls/urls.parquet")
+    infer(f"s3://{BUCKET}/urls/urls.parquet", "--out", tmp_path / "u.jsonl", "--storage-options", json.dumps(options),
+          "--model", tiny_ckpt, "--backend", "torch")
+    rows = read_rows(tmp_path / "u.jsonl")
+    same_photo = read_rows(tmp_path / "c.jsonl")[f"00000.parquet/{key_of(0, 0)}"]
+    assert rows["urls.parquet/0"]["tokens"] == same_photo["tokens"]
+    assert rows["urls.parquet/1"]["error"].startswith("cannot read file")
