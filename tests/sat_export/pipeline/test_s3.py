@@ -62,6 +62,10 @@ def s3_endpoint(tmp_path_factory):
             proc.kill()
             proc.wait()
         log.close()
+        for port in ports:  # it leaves its unix sockets in /tmp, named by port (gRPC: port + 10000)
+            for sock in (*Path("/tmp").glob(f"seaweedfs-*-{port}.sock"),
+                         *Path("/tmp").glob(f"seaweedfs-*-{port + 10000}.sock")):
+                sock.unlink(missing_ok=True)
 
 
 @pytest.fixture
