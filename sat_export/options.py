@@ -58,6 +58,15 @@ class InferOptions:
 
 
 @dataclass(frozen=True)
+class SourceOptions:
+    """Where shards keep their images: the Parquet column (or tar member extension; None: found by itself)
+    and fsspec's storage options for URLs (credentials, ``endpoint_url``...; default: the standard variables)."""
+
+    image_column: str | None = None
+    storage_options: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class RayOptions:
     """Which cluster (None: ``RAY_ADDRESS``, else a new local Ray) and the captioning actor pool."""
 

@@ -2,6 +2,13 @@
 from __future__ import annotations
 
 import json
+import random
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -93,6 +100,43 @@ def copy_instead_of_export(monkeypatch, tiny_bundle):
         return {g: shutil.copy(tiny_bundle / f"{g}.onnx", out_dir / f"{g}.onnx") for g in ("encoder", "decoder_step")}
 
     monkeypatch.setattr(sat_export.build.builder, "export_onnx", fake_export)
+
+
+def free_port() -> int:
+    """A port of 127.0.0.1 below 55000 that is free, and so is the port 10000 above it (SeaweedFS's gRPC)."""
+    for _ in range(200):
+        port = random.randint(20000, 44999)
+        try:
+            for p in (port, port + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair below 55000")
+
+
+@contextmanager
+def http_server(folder: Path) -> Iterator[int]:
+    """``python -m http.server`` serving ``folder`` on a free port of 127.0.0.1, listening when this yields
+    its port; stopped by its pid."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"], cwd=folder,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"http.server on port {port} did not start") from None
+                time.sleep(0.05)
+        yield port
+    finally:
+        server.kill()
+        server.wait()
 
 
 def one_line_error(result, *names: str) -> str:

@@ -19,7 +19,8 @@ SHOWN = 10  # names printed per list; --json and --html have them all
 @app.command()
 @user_errors
 def main(
-    pred: Path = typer.Option(None, help="sat-infer output (captions.jsonl)."),
+    pred: str = typer.Option(None, help="sat-infer output: captions.jsonl, or per-shard Parquet results (a .parquet "
+                             "file, their folder or URL prefix; alphas inside)."),
     refs: Path = typer.Option(None, help="References: captions.txt, Flickr8k.token.txt, dataset_*.json, or their folder."),
     split: str = typer.Option(None, help="Score only this split of the references: train, val or test (default: all)."),
     images: Path = typer.Option(None, help="Image folder of the references (default: next to --refs)."),

@@ -1,6 +1,7 @@
-"""``sat-infer``: caption folders, lists or files of images into a JSONL file (resumable)."""
+"""``sat-infer``: caption images (folders, lists, files) or shards into JSONL or per-shard Parquet, resumably."""
 from __future__ import annotations
 
+import json
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
@@ -10,7 +11,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.text import Text
 
 from sat_export.cli.common import console, new_app, user_errors
-from sat_export.options import BACKEND_NAMES, InferOptions, RayOptions
+from sat_export.errors import UsageError
+from sat_export.options import BACKEND_NAMES, InferOptions, RayOptions, SourceOptions
 from sat_export.text import printable
 from training.errors import SatError
 from training.options import DecodeOptions
@@ -29,10 +31,17 @@ class ImagesPerSecond(ProgressColumn):
 @app.command()
 @user_errors
 def main(
-    paths: list[Path] = typer.Argument(..., readable=False,  # an unreadable file becomes an error row
-                                       help="Folders (recursive), .txt/.lst files listing images, or images."),
-    out: Path = typer.Option(Path("captions.jsonl"), "--out", "-o", readable=False,
-                             help="JSONL output; rerunning resumes it."),
+    paths: list[str] = typer.Argument(..., help="Folders (recursive), .txt/.lst files listing images, or images; "
+                                      "or shards: WebDataset .tar / Parquet files, folders of them, {00..99} patterns, "
+                                      "globs, fsspec URLs (s3://bucket/prefix/)."),
+    out: str = typer.Option("captions.jsonl", "--out", "-o",
+                            help="JSONL output; or, for shards, a folder or URL prefix ending in / for one Parquet "
+                            "result per shard. Rerunning resumes it."),
+    image_column: str = typer.Option(None, help="The Parquet column (or tar member extension) holding the images.",
+                                     show_default="found by itself where unambiguous"),
+    storage_options: str = typer.Option(None, help="fsspec storage options as JSON, e.g. "
+                                        "'{\"endpoint_url\": \"http://127.0.0.1:8333\"}'.",
+                                        show_default="credentials from the standard variables (AWS_*...)"),
     model: str = typer.Option(None, help="Checkpoint (.pth) or bundle folder.",
                                 show_default="the embedded demo model"),
     backend: str = typer.Option("auto", help=f"One of {', '.join(BACKEND_NAMES)}."),
@@ -46,7 +55,8 @@ def main(
     threads: int = typer.Option(None, min=1, help="Inference threads.",
                                  show_default="the cores left by --workers, at least 1"),
     alphas: Path = typer.Option(None, readable=False,
-                                help="Write each image's attention (T, grid, grid) to DIR/<image>.npz."),
+                                help="Write each image's attention (T, grid, grid) to DIR/<image>.npz; with "
+                                "per-shard results, pass the --out folder: the attention goes inside each result."),
     overlays: Path = typer.Option(None, readable=False,
                                   help="Write one attention overlay PNG per word and DIR/index.html."),
     full_decode: bool = typer.Option(DEFAULTS.full_decode, help="Decode every pixel of large JPEGs (slower; by "
@@ -70,27 +80,41 @@ def main(
     bf16 encoder on OpenVINO (CPUs with native bf16):  sat-infer photos --backend openvino --precision bf16
 
     On a Ray cluster:  sat-infer /shared/photos --out /shared/captions.jsonl --ray --ray-address auto --ray-actors 8
+
+    Shards, one Parquet result each:  sat-infer 's3://bucket/shards/{00000..00999}.tar' --out s3://bucket/captions/
     """
     from sat_export.pipeline.infer import Summary, open_for_readers, plan, run, run_settings
-    from sat_export.pipeline.ray_infer import run_ray
+    from sat_export.pipeline.ray_infer import run_ray, run_shards_ray
+    from sat_export.pipeline.shard_results import is_results_out, plan_shards, run_shards
+    from sat_export.pipeline.shards import is_shard_input
 
-    options = InferOptions(batch_size, DecodeOptions(beam, max_len), workers, max_pixels, alphas, overlays,
-                           full_decode)
+    sources = SourceOptions(image_column, parse_storage_options(storage_options))
+    shards = any(map(is_shard_input, paths))
+    sharded = shards and is_results_out(out)  # else plan refuses a folder as --out
+    if ray and shards and not sharded:
+        raise UsageError("--ray captions shards into per-shard results: pass --out DIR/ (a folder or URL prefix)")
+    if sharded and (overlays or alphas and Path(alphas).resolve() != Path(out).resolve()):
+        raise UsageError("per-shard results keep the attention inside each result: pass --alphas with the same "
+                         "folder as --out, and no --overlays")
+    options = InferOptions(batch_size, DecodeOptions(beam, max_len), workers, max_pixels,
+                           None if sharded else alphas, overlays, full_decode)
     settings = run_settings(model, options.decode, options.full_decode, precision)
-    with plan(paths, out, overwrite, settings, (alphas, overlays)) as work:  # out locked
+    opened_plan = (plan_shards(paths, out, overwrite, settings, sources, alphas is not None) if sharded
+                   else plan(paths, out, overwrite, settings, (alphas, overlays), sources))
+    with opened_plan as work:  # out locked
         if work.todo:
             opening = nullcontext() if ray else open_for_readers(model, backend, workers, threads, precision)
             with opening as opened, Progress(
                     TextColumn("captioning"), BarColumn(), MofNCompleteColumn(), ImagesPerSecond(),
                     TimeRemainingColumn(), console=console, transient=True, disable=not console.is_terminal) as progress:
-                task = progress.add_task("captioning", total=len(work.todo))
+                task = progress.add_task("captioning", total=work.total)
                 advance = partial(progress.advance, task)
                 if ray:
                     cluster = RayOptions(ray_address, ray_actors, ray_cpus_per_actor, ray_gpus_per_actor)
-                    summary = run_ray(model, work, options, cluster, backend, threads, on_rows=advance,
-                                      precision=precision)
+                    summary = (run_shards_ray if sharded else run_ray)(model, work, options, cluster, backend, threads,
+                                                                       on_rows=advance, precision=precision)
                 else:
-                    summary = run(opened, work, options, on_rows=advance)
+                    summary = (run_shards if sharded else run)(opened, work, options, on_rows=advance)
         else:
             summary = Summary(skipped=work.done)
     on_nodes = f" on {len(summary.nodes)} Ray node(s)" if summary.nodes else ""
@@ -100,6 +124,19 @@ def main(
     errors = summary.errors + work.done_errors
     if strict and errors:
         raise SatError(f"{errors} file(s) could not be captioned (--strict): see the rows with \"error\" in {out}")
+
+
+def parse_storage_options(text: str | None) -> dict:
+    """``--storage-options``: a JSON object, or ``UsageError`` in one line."""
+    if text is None:
+        return {}
+    try:
+        parsed = json.loads(text)
+    except ValueError as err:
+        raise UsageError(f"--storage-options is not JSON ({err})") from None
+    if not isinstance(parsed, dict):
+        raise UsageError("--storage-options must be a JSON object, e.g. '{\"anon\": true}'")
+    return parsed
 
 
 if __name__ == "__main__":

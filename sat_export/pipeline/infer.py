@@ -10,6 +10,7 @@ until it is closed, so two runs never append to one file.
 """
 from __future__ import annotations
 
+import io
 import os
 import stat
 import time
@@ -28,9 +29,10 @@ from PIL import Image
 
 from engines.base import Backend
 from sat_export.errors import OutputError
-from sat_export.options import InferOptions, default_workers
+from sat_export.options import InferOptions, SourceOptions, default_workers
 from sat_export.pipeline.inputs import InputItem, discover
 from sat_export.pipeline.outputs import OutputLock, check_output_paths, resume_output, row_line, whole_rows
+from sat_export.pipeline.shards import shard_inputs, stream
 from sat_export.registry import model_sha256, open_backend
 from sat_export.reports.gallery import THUMB, overlay_folder, write_gallery, write_overlays
 from sat_export.results.paths import sidecar_path
@@ -50,10 +52,15 @@ class Plan:
     """
 
     out: Path
-    todo: list[InputItem]
+    todo: Iterable[InputItem]  # a list for files; a stream of samples (read as the run goes) for shards
     done: int
     done_errors: int
     lock: OutputLock | None = None
+
+    @property
+    def total(self) -> int | None:
+        """How many items are to do, where known before they are read."""
+        return len(self.todo) if isinstance(self.todo, list) else None
 
     def close(self) -> None:
         if self.lock is not None:
@@ -126,9 +133,12 @@ def run_settings(model: str | Path | None, decode: DecodeOptions, full_decode: b
 
 
 def plan(paths: Iterable[str | Path], out: str | Path, overwrite: bool = False, settings: dict | None = None,
-         folders: Iterable[Path | None] = ()) -> Plan:
+         folders: Iterable[Path | None] = (), sources: SourceOptions = SourceOptions()) -> Plan:
     """Discover the inputs, lock ``out`` and prepare it (``outputs.resume_output``: validated, then a
     torn line cut, or emptied with ``overwrite``). The plan holds the lock until it is closed.
+
+    Shard inputs (``shards.shard_inputs``, read as ``sources`` says) are listed, not read: ``todo``
+    streams their samples, skipping those ``out`` already has a row for, and ``done`` counts its rows.
 
     With ``settings`` (``run_settings``), an ``out`` whose rows were made with other settings is
     refused rather than resumed, and the settings are recorded beside it. ``folders`` (alphas,
@@ -139,7 +149,8 @@ def plan(paths: Iterable[str | Path], out: str | Path, overwrite: bool = False, 
     """
     out = Path(out)
     check_output_paths(out, folders)
-    items = discover(paths)
+    shards = shard_inputs(paths, sources)
+    items = discover(paths) if shards is None else []
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -150,6 +161,9 @@ def plan(paths: Iterable[str | Path], out: str | Path, overwrite: bool = False, 
     except BaseException:
         lock.release()
         raise
+    if shards is not None:
+        todo = (item for item in stream(shards, sources.image_column) if item.key not in done)
+        return Plan(out, todo, len(done), sum(done.values()), lock)
     todo = [item for item in items if item.key not in done]
     done_errors = sum(done[item.key] for item in items if item.key in done)
     return Plan(out, todo, len(items) - len(todo), done_errors, lock)
@@ -215,14 +229,7 @@ def read_item(item: InputItem, cfg: PreprocessConfig, max_pixels: int = DEFAULT_
     if item.error is not None:
         return Loaded(item, None, item.error)
     try:
-        info = item.path.stat()
-        if stat.S_ISDIR(info.st_mode):
-            raise ImageDecodeError("is a directory, not an image file")
-        if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block or never end
-            raise ImageDecodeError("not a regular file")
-        if info.st_size == 0:
-            raise ImageDecodeError("empty file (0 bytes)")
-        with item.path.open("rb") as f:  # opened here so a permission error reads as one; Pillow reads lazily
+        with _open_image(item) as f:  # opened here so a permission error reads as one; Pillow reads lazily
             image = load_rgb(f, max_pixels, None if full_decode else cfg.draft_short_side)
         pixels = preprocess(image, cfg)
         if thumbnail is None:
@@ -235,6 +242,24 @@ def read_item(item: InputItem, cfg: PreprocessConfig, max_pixels: int = DEFAULT_
         return Loaded(item, None, f"cannot read file: {err.strerror or err}")
     except Exception as err:  # noqa: BLE001 - a decoder plugin bug on one file must not stop the run
         return Loaded(item, None, f"cannot decode image: {type(err).__name__}: {err}")
+
+
+def _open_image(item: InputItem) -> BinaryIO:
+    """The item's encoded image as a binary file: its bytes from a shard, its object, or its regular file."""
+    if item.data is not None:
+        if not item.data:
+            raise ImageDecodeError("empty image (0 bytes)")
+        return io.BytesIO(item.data)
+    if item.opener is not None:
+        return item.opener()
+    info = item.path.stat()
+    if stat.S_ISDIR(info.st_mode):
+        raise ImageDecodeError("is a directory, not an image file")
+    if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block or never end
+        raise ImageDecodeError("not a regular file")
+    if info.st_size == 0:
+        raise ImageDecodeError("empty file (0 bytes)")
+    return item.path.open("rb")
 
 
 def prefetch(pool: Executor, fn: Callable, items: Iterable, depth: int) -> Iterator:
@@ -293,13 +318,18 @@ def caption_rows(backend: Backend, batch: list[Loaded], options: DecodeOptions) 
     out: list[tuple[dict, np.ndarray | None]] = []
     for entry in batch:
         if entry.pixels is None:
-            out.append(({"image": entry.item.key, "error": entry.error}, None))
+            out.append(({**row_start(entry.item), "error": entry.error}, None))
             continue
         caption = next(captions)
-        row = {"image": entry.item.key, "caption": " ".join(backend.vocab.decode(caption.tokens)),
+        row = {**row_start(entry.item), "caption": " ".join(backend.vocab.decode(caption.tokens)),
                "tokens": caption.tokens, "score": round(caption.score, 4)}
         out.append((row, caption.alphas.reshape(len(caption.tokens), grid, grid)))  # (T, grid, grid)
     return out
+
+
+def row_start(item: InputItem) -> dict:
+    """A row's identity: ``image`` (its key), and for a shard's sample its ``shard`` and ``key`` there."""
+    return {"image": item.key} if item.shard is None else {"image": item.key, "shard": item.shard, "key": item.sample}
 
 
 def save_alphas(row: dict, alphas: np.ndarray, alphas_dir: Path, out_dir: Path) -> None:

@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from sat_export.errors import InputError
 from training.images import image_suffixes
@@ -34,11 +35,20 @@ LIST_SUFFIXES = (".txt", ".lst")
 
 @dataclass(frozen=True)
 class InputItem:
-    """One file to caption: where it is, its row key, and why it cannot be read (if known already)."""
+    """One image to caption: where it is, its row key, and why it cannot be read (if known already).
 
-    path: Path
+    A shard's sample (``sat_export.pipeline.shards``) has its image in ``data`` (or ``opener`` opens
+    it, or ``path``), its shard's name in ``shard`` and its key there in ``sample`` (None for the
+    error item of a whole shard).
+    """
+
+    path: Path | None
     key: str
     error: str | None = None
+    data: bytes | None = None
+    opener: Callable[[], BinaryIO] | None = None
+    shard: str | None = None
+    sample: str | None = None
 
 
 def discover(paths: Iterable[str | Path]) -> list[InputItem]:

@@ -131,8 +131,13 @@ def _check_run_record(out: Path, settings: dict) -> None:
         before = None
     if not isinstance(before, dict):
         raise OutputError(f"{record}: unreadable run record; pass --overwrite to start over")
+    refuse_other_settings(out, before, settings)
+
+
+def refuse_other_settings(out: str | Path, before: dict, settings: dict) -> None:
+    """``OutputError`` naming each setting that differs (one recorded on one side only differs too)."""
     changed = [f"{key} {before.get(key)!r} -> {settings.get(key)!r}" for key in dict.fromkeys([*settings, *before])
-               if before.get(key) != settings.get(key)]  # a setting either side: one recorded alone differs too
+               if before.get(key) != settings.get(key)]
     if changed:
         raise OutputError(f"{out}: its rows were made with other settings ({'; '.join(changed)}); pass "
                           "--overwrite to start over or choose another --out")

@@ -10,6 +10,10 @@ so a killed driver leaves whole rows and a rerun resumes. Rows arrive in complet
 Inputs, and the model unless it is the embedded demo model, are read by the workers: on a
 cluster they must be at the same absolute path on every node (shared storage). The output
 and alphas folder are written by the driver only.
+
+Shards (``run_shards_ray``) go one task per shard to a pool of ``ShardCaptioner`` actors, each
+reading and captioning whole shards as ``shard_results.run_shards`` does; the driver publishes
+each shard's result as it comes back, so the rows are the single process's.
 """
 from __future__ import annotations
 
@@ -17,7 +21,9 @@ import json
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +34,9 @@ from sat_export.options import InferOptions, RayOptions
 from sat_export.pipeline.infer import (Loaded, Plan, Summary, appending, caption_rows, open_for_readers, read_item,
                                        save_alphas)
 from sat_export.pipeline.inputs import InputItem
-from sat_export.registry import model_config, resolve_model
+from sat_export.pipeline.shard_results import ShardPlan, publish, shard_batches
+from sat_export.pipeline.shards import Shard
+from sat_export.registry import model_config, open_backend, resolve_model
 from training.config import ModelConfig, PreprocessConfig
 from training.errors import SatError
 from training.options import DecodeOptions
@@ -123,6 +131,25 @@ def run_ray(model: str | Path | None, plan: Plan, options: InferOptions = InferO
     if not plan.todo:
         return summary
     start = time.perf_counter()
+    try:
+        with joined(ray, ray_options):
+            rows = _caption_dataset(ray, plan, model, backend, config, options, ray_options, threads, precision)
+            with appending(plan, summary) as append:
+                for batch in rows.iter_batches(batch_size=None, batch_format="numpy"):
+                    written = _finish_rows(batch, config.grid, options.alphas_dir, plan.out.parent)
+                    append(written)
+                    summary.nodes.update(batch["node"])
+                    if on_rows is not None:
+                        on_rows(len(written))
+    finally:
+        summary.seconds = time.perf_counter() - start
+    return summary
+
+
+@contextmanager
+def joined(ray, ray_options: RayOptions) -> Iterator[None]:
+    """The running Ray if ``ray.is_initialized()``, else ``ray.init(ray_options.address)`` shut down on exit;
+    an actor pool the cluster cannot hold is refused (``_check_fits``)."""
     started = not ray.is_initialized()
     if started:
         address = ray_options.address or os.environ.get("RAY_ADDRESS")  # what ray.init will join
@@ -133,19 +160,10 @@ def run_ray(model: str | Path | None, plan: Plan, options: InferOptions = InferO
             raise SatError(f"cannot join the Ray cluster at {address}: {err}") from None
     try:
         _check_fits(ray.cluster_resources(), ray_options)
-        rows = _caption_dataset(ray, plan, model, backend, config, options, ray_options, threads, precision)
-        with appending(plan, summary) as append:
-            for batch in rows.iter_batches(batch_size=None, batch_format="numpy"):
-                written = _finish_rows(batch, config.grid, options.alphas_dir, plan.out.parent)
-                append(written)
-                summary.nodes.update(batch["node"])
-                if on_rows is not None:
-                    on_rows(len(written))
+        yield
     finally:
         if started:
             ray.shutdown()
-        summary.seconds = time.perf_counter() - start
-    return summary
 
 
 def check_reachable(address: str | None, timeout: float = 10.0) -> None:
@@ -205,3 +223,52 @@ def _finish_rows(batch: dict[str, np.ndarray], grid: int, alphas_dir: Path | Non
                 alphas = np.frombuffer(raw, np.float16).reshape(len(row["tokens"]), grid, grid)  # (T, grid, grid)
                 save_alphas(row, alphas, alphas_dir, out_dir)
     return rows
+
+
+class ShardCaptioner:
+    """A Ray actor (``--ray``): opens the model once, then captions whole shards with its own reader threads."""
+
+    def __init__(self, model: str | None, backend: str, threads: int, options: InferOptions,
+                 column: str | None = None, precision: str = "fp32", keep_alphas: bool = False):
+        import ray
+
+        self.backend = open_backend(model, backend, threads=threads, precision=precision)
+        self.pool = ThreadPoolExecutor(options.workers, thread_name_prefix="sat-reader")
+        self.options, self.column, self.keep_alphas = options, column, keep_alphas
+        self.node = ray.get_runtime_context().get_node_id()
+
+    def caption(self, shard: Shard) -> tuple[Shard, list[list[tuple[dict, np.ndarray | None]]], str]:
+        """The shard, its batches of ``(row, alphas)`` pairs (alphas float16 as results keep them, or None
+        unless kept), and this actor's node."""
+        batches = [[(row, alphas.astype(np.float16) if alphas is not None and self.keep_alphas else None)
+                    for row, alphas in pairs]
+                   for pairs in shard_batches(self.backend, self.pool, shard, self.options, self.column)]
+        return shard, batches, self.node
+
+
+def run_shards_ray(model: str | Path | None, plan: ShardPlan, options: InferOptions = InferOptions(),
+                   ray_options: RayOptions = RayOptions(), backend: str = "auto", threads: int | None = None,
+                   on_rows: Callable[[int], None] | None = None, precision: str = "fp32") -> Summary:
+    """``run_shards`` on Ray: one task per shard on a pool of ``ShardCaptioner`` actors (``options.workers``
+    reader threads and ``threads`` inference threads each, default its CPUs), results published by this
+    process as shards finish. Shards are read by the actors: on a cluster, give URLs or shared paths."""
+    ray = import_ray()
+    from ray.util import ActorPool
+
+    driver_config(model, backend)
+    summary = Summary(skipped=plan.done)
+    start = time.perf_counter()
+    try:
+        with joined(ray, ray_options):
+            actor = ray.remote(ShardCaptioner).options(num_cpus=ray_options.cpus_per_actor,
+                                                      num_gpus=ray_options.gpus_per_actor or None)
+            args = (None if model is None else os.path.abspath(model), backend,
+                    threads or max(1, int(ray_options.cpus_per_actor)), options, plan.sources.image_column, precision,
+                    plan.alphas)
+            pool = ActorPool([actor.remote(*args) for _ in range(ray_options.actors)])
+            for shard, done, node in pool.map_unordered(lambda a, shard: a.caption.remote(shard), plan.todo):
+                publish(plan, shard, done, summary, on_rows)
+                summary.nodes.add(node)
+    finally:
+        summary.seconds = time.perf_counter() - start
+    return summary

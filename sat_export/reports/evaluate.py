@@ -18,6 +18,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from sat_export.errors import EvalError
+from sat_export.results.parquet import alphas_ref, is_results, read_results
 from sat_export.results.paths import sidecar_path
 from training.config import PreprocessConfig
 from training.data import SPLITS, ImageCaptions, load_boxes, load_captions, upright_size
@@ -33,12 +34,22 @@ class Prediction:
     image: str
     caption: str | None
     error: str | None
-    alphas: Path | None  # resolved .npz path, when the row or --alphas names one
+    alphas: Path | str | None  # resolved .npz path, when the row or --alphas names one; in a result: its ref
     tokens: list[int] | None
+    attention: np.ndarray | None = None  # (T, grid, grid) alphas read from a per-shard result
 
 
 def read_predictions(path: str | Path, alphas_dir: str | Path | None = None) -> list[Prediction]:
-    """``sat-infer`` rows from ``path``; ``alphas`` paths are resolved against its folder or ``alphas_dir``."""
+    """``sat-infer`` rows from ``path``: a JSONL file, or per-shard Parquet results (a file, folder or URL:
+    ``results.parquet.read_results``, alphas inside); JSONL ``alphas`` paths are resolved against its
+    folder or ``alphas_dir``."""
+    if is_results(path):
+        try:
+            return [Prediction(row["image"], row.get("caption"), row.get("error"),
+                               alphas_ref(row["result"], row["key"]) if "attention" in row else None,
+                               row.get("tokens"), row.get("attention")) for row in read_results(str(path))]
+        except (OSError, ValueError) as err:
+            raise EvalError(f"{path}: cannot read predictions ({err})") from None
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -69,12 +80,14 @@ def match_names(keys: list[str], names: list[str], missing: str = "no reference"
     """Match prediction keys to reference names: per key, ``(name, None)`` or ``(None, why not)``.
 
     A key matches the name equal to it, else the one name with which it shares all the trailing path
-    components of the shorter (``a/b/c.jpg`` ~ ``b/c.jpg``). Each name is matched at most once;
+    components of the shorter (``a/b/c.jpg`` ~ ``b/c.jpg``), else, for a key without a suffix (a shard's
+    ``00000.tar/c``), the one name whose file name is ``c`` plus a suffix. Each name is matched at most once;
     ``missing`` is the reason given when nothing matches.
     """
-    exact, by_base = set(names), defaultdict(list)
+    exact, by_base, by_stem = set(names), defaultdict(list), defaultdict(list)
     for name in names:
         by_base[PurePosixPath(name).name].append(name)
+        by_stem[PurePosixPath(name).stem].append(name)
     out, taken = [], {}
     for key in keys:
         if key in exact:
@@ -82,6 +95,8 @@ def match_names(keys: list[str], names: list[str], missing: str = "no reference"
         else:
             kp = PurePosixPath(key).parts
             found = [n for n in by_base.get(PurePosixPath(key).name, []) if _suffix_match(kp, PurePosixPath(n).parts)]
+            if not found and not PurePosixPath(key).suffix:  # a shard's sample key: the name without its suffix
+                found = by_stem.get(PurePosixPath(key).name, [])
         if not found:
             out.append((None, missing))
         elif len(found) > 1:
@@ -104,13 +119,16 @@ def grounding_of(pred: Prediction, words: list[str], boxes: dict, image: Path,
     """Per-word grounding of one prediction (see ``attention_grounding``), or ``EvalError`` saying why not."""
     if pred.alphas is None:
         raise EvalError("row has no alphas file (run sat-infer with --alphas, or pass --alphas DIR)")
-    try:
-        with np.load(pred.alphas) as npz:
-            alphas, tokens = npz["alphas"], npz["tokens"]
-    except (OSError, KeyError, ValueError) as err:
-        raise EvalError(f"{pred.alphas}: cannot read alphas ({err})") from None
-    if pred.tokens is not None and [int(t) for t in tokens] != list(pred.tokens):
-        raise EvalError(f"{pred.alphas}: its tokens differ from the row's (stale alphas file?)")
+    if pred.attention is not None:
+        alphas = pred.attention  # inside the row's result: its own tokens'
+    else:
+        try:
+            with np.load(pred.alphas) as npz:
+                alphas, tokens = npz["alphas"], npz["tokens"]
+        except (OSError, KeyError, ValueError) as err:
+            raise EvalError(f"{pred.alphas}: cannot read alphas ({err})") from None
+        if pred.tokens is not None and [int(t) for t in tokens] != list(pred.tokens):
+            raise EvalError(f"{pred.alphas}: its tokens differ from the row's (stale alphas file?)")
     if len(alphas) != len(words):
         raise EvalError(f"{pred.alphas}: {len(alphas)} attention steps for {len(words)} caption words")
     try:
@@ -127,7 +145,7 @@ def evaluate(pred_path: str | Path, refs_path: str | Path, split: str | None = N
 
     Parameters
     ----------
-    pred_path : ``sat-infer`` JSONL.
+    pred_path : ``sat-infer`` JSONL, or per-shard Parquet results (a file, folder or URL).
     refs_path, images : references file (or folder) and image folder, as ``training.data.load_captions`` takes.
     split : keep only the references of this split (``train``/``val``/``test``); None keeps all. Files
         without splits get ``training.data``'s name-hash split (its default fractions).

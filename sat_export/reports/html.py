@@ -12,10 +12,10 @@ import io
 from html import escape
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 from sat_export.reports.overlays import overlay
+from sat_export.results.parquet import load_alphas
 from sat_export.text import printable
 from training.config import PreprocessConfig
 from training.errors import ImageDecodeError
@@ -150,8 +150,7 @@ def _steps(image: Image.Image, record: dict, preprocess: PreprocessConfig | None
     if preprocess is None or not record.get("alphas"):
         return []
     try:
-        with np.load(record["alphas"]) as npz:
-            alphas = npz["alphas"]
+        alphas = load_alphas(record["alphas"])
     except (OSError, KeyError, ValueError) as err:
         return [f"<div class='src'>attention: {escape(str(err))}</div>"]
     words = record["caption"].split()

@@ -17,7 +17,8 @@ APPS = {"sat-infer": infer_app, "sat-export": export_app, "sat-eval": eval_app, 
         "sat-bench": bench_app}
 CLI_MODULES = ("sat_export.cli.infer", "sat_export.cli.export", "sat_export.cli.eval", "sat_export.cli.train",
                "benchmarks.cli")
-RUNTIMES = ("torch", "torchvision", "onnx", "onnxruntime", "openvino", "ray", "nltk", "tensorrt")
+RUNTIMES = ("torch", "torchvision", "onnx", "onnxruntime", "openvino", "ray", "nltk", "tensorrt", "pyarrow", "fsspec",
+            "s3fs")
 
 
 def commands(app: typer.Typer) -> dict[str, click.Command]:

@@ -111,3 +111,27 @@ def test_an_address_nothing_answers_on_is_refused_instead_of_retrying_forever():
             check_reachable(address)
     check_reachable("auto")  # left to ray.init
     check_reachable(None)
+
+
+def test_compare_ray_vs_single_process_per_shard_results_with_a_damaged_shard(ray_address, tmp_path, tiny_ckpt):
+    from sat_export.pipeline.ray_infer import run_shards_ray
+    from sat_export.pipeline.shard_results import plan_shards, run_shards
+    from sat_export.results.parquet import read_results
+    from tests.sat_export.pipeline.test_shards import write_webdataset
+
+    write_webdataset(tmp_path / "wds", n_shards=3)
+    tar = tmp_path / "wds" / "00002.tar"
+    tar.write_bytes(tar.read_bytes()[:2000])  # truncated inside its first photo
+    options = InferOptions(batch_size=3)
+    with TorchBackend.from_checkpoint(tiny_ckpt) as engine, \
+            plan_shards([tmp_path / "wds"], f"{tmp_path}/one/", alphas=True) as work:
+        run_shards(engine, work, options)
+    with plan_shards([tmp_path / "wds"], f"{tmp_path}/ray/", alphas=True) as work:
+        summary = run_shards_ray(tiny_ckpt, work, options, backend="torch")
+    assert (summary.captioned, summary.errors) == (8, 1) and len(summary.nodes) == 1
+    one, on_ray = list(read_results(f"{tmp_path}/one/")), list(read_results(f"{tmp_path}/ray/"))
+    assert [r["image"] for r in one] == [r["image"] for r in on_ray] and one[-1]["image"] == "00002.tar"
+    for a, b in zip(one, on_ray):
+        assert a.keys() == b.keys() and all(a.get(k) == b.get(k) for k in ("key", "tokens", "score", "error"))
+        if "attention" in a:
+            np.testing.assert_array_equal(a["attention"], b["attention"])

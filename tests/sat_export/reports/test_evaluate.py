@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import tarfile
 
 import numpy as np
 import pytest
@@ -185,3 +186,35 @@ def test_cli_user_errors_are_one_line(tmp_path):
     assert out.exit_code == 1 and "unknown split 'dev'" in out.output
     out = runner.invoke(app, ["--pred", "p.jsonl"])
     assert out.exit_code == 1 and "pass --pred and --refs" in out.output
+
+
+def test_compare_evaluate_on_per_shard_parquet_results_vs_jsonl_with_alphas_files(tmp_path, shapes):
+    """The shapes photos captioned by the demo model as files (alphas .npz) and as a WebDataset shard
+    (``<stem>.jpg`` members; Parquet results, alphas inside): the same scores, grounding and gallery."""
+    from sat_export.cli.infer import app as infer_app
+    from sat_export.registry import model_config
+
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+        for path in sorted((shapes / "images").iterdir()):
+            tar.add(path, arcname=path.name)
+    common = ["--backend", "torch"]
+    results = f"{tmp_path}/results/"
+    for args in ([str(shapes / "images"), "--out", str(tmp_path / "c.jsonl"), "--alphas", str(tmp_path / "alphas")],
+                 [str(tmp_path / "00000.tar"), "--out", results, "--alphas", results]):
+        done = CliRunner().invoke(infer_app, [*args, *common])
+        assert done.exit_code == 0, done.output
+    cfg = model_config(None).preprocess
+    kwargs = dict(boxes_path=shapes / "boxes.json", preprocess=cfg)
+    files = evaluate(tmp_path / "c.jsonl", shapes / "captions.txt", **kwargs)
+    shards = evaluate(results, shapes / "captions.txt", **kwargs)
+    assert shards["counts"] == files["counts"] and shards["counts"]["scored"] == 8
+    assert shards["metrics"] == files["metrics"] and shards["grounding"] == files["grounding"]
+    assert shards["grounding"]["n_words"] > 0 and not shards["grounding_skipped"]
+    assert [r["image"] for r in shards["images"]] == [f"00000.tar/{r['reference'][:-4]}" for r in files["images"]]
+    assert shards["images"][0]["alphas"] == f"file://{tmp_path}/results/00000.parquet#00000"
+    page = render_html(shards, cfg, gallery=2)
+    words = sum(len(r["caption"].split()) for r in shards["images"][:2])
+    assert page.count("data:image/jpeg;base64,") == 2 + words  # each image, then one overlay per word
+    cli = CliRunner().invoke(app, ["--pred", results, "--refs", str(shapes / "captions.txt"), "--boxes",
+                                   str(shapes / "boxes.json")])
+    assert cli.exit_code == 0 and "BLEU-4" in cli.output and "grounded words" in cli.output, cli.output

@@ -1,0 +1,223 @@
+"""``sat-infer SHARDS --out DIR/``: one Parquet result per input shard, published whole, resumed by shard.
+
+Where the rows of a shard go and what they hold is ``sat_export.results.parquet``'s. Here a shard's
+rows are written, a row group at a time, to a temporary file (beside the result on a local disk,
+in the system's temporary folder for an object store) and published when the shard is done:
+``os.replace`` on a disk, one upload on an object store (an object appears whole or not at all). A
+run killed mid-shard leaves no result for it (at most a hidden ``.NAME.tmp``), so the rerun redoes
+that shard whole and nothing is duplicated.
+
+``plan_shards`` skips a shard whose result records the same settings (model, decoding), source
+(name, size, etag) and alphas choice; a result made with other settings is refused, as a JSONL
+output is, unless ``--overwrite``; a changed source shard is redone. A local output folder is
+locked for the run (``outputs.OutputLock`` on ``DIR.lock``); an object store has no lock: give
+concurrent runs different prefixes.
+"""
+from __future__ import annotations
+
+import os
+import posixpath
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engines.base import Backend
+from sat_export.errors import OutputError
+from sat_export.options import InferOptions, SourceOptions
+from sat_export.pipeline.infer import Plan, Summary, batches, caption_rows, prefetch, read_item
+from sat_export.pipeline.outputs import OutputLock, refuse_other_settings
+from sat_export.pipeline.shards import Shard, filesystem, is_url, protocols, samples, shard_inputs
+from sat_export.results.parquet import columns_of, read_info, result_name, result_schema
+
+ROW_GROUP = 4096  # rows buffered before they are written to the temporary file
+
+
+def is_results_out(out: str | Path) -> bool:
+    """``--out`` names per-shard results: it ends with ``/``, is a folder, or is a URL not ending in ``.jsonl``."""
+    text = str(out)
+    return text.endswith("/") or os.path.isdir(text) or (is_url(text) and not text.endswith(".jsonl"))
+
+
+def is_local(fs) -> bool:
+    return "file" in protocols(fs)
+
+
+def source_record(shard: Shard) -> dict:
+    return {"shard": shard.name, "size": shard.size, "etag": shard.etag}
+
+
+@dataclass(frozen=True)
+class ShardPlan(Plan):
+    """A ``Plan`` whose ``todo`` holds the shards to (re)do and ``out`` the output prefix's URL; ``done``
+    counts the rows of the results kept."""
+
+    fs: Any = None
+    dest: str = ""  # the prefix's path on ``fs``
+    settings: dict = field(default_factory=dict)
+    sources: SourceOptions = SourceOptions()
+    alphas: bool = False
+
+    @property
+    def total(self) -> None:
+        return None  # samples are counted as their shards are read
+
+    def result_path(self, shard: Shard) -> str:
+        return posixpath.join(self.dest, result_name(shard.name))
+
+
+def plan_shards(paths: Iterable[str | Path], out: str, overwrite: bool = False, settings: dict | None = None,
+                sources: SourceOptions = SourceOptions(), alphas: bool = False) -> ShardPlan:
+    """List the shards of ``paths`` and the results already at ``out``; lock a local ``out``.
+
+    Raises
+    ------
+    InputError
+        An input is not shards (``shards.shard_inputs``), or two shards would share a result.
+    OutputError
+        A file at a result's place is not a sat-infer result, or was made with other ``settings``.
+    """
+    shards = shard_inputs(paths, sources)
+    if shards is None:
+        raise OutputError(f"{out}: per-shard results need shard inputs (.tar, .parquet, a folder or URL of them); "
+                          "for images, --out names a .jsonl file")
+    settings = settings or {}
+    fs, dest = filesystem(str(out), sources.storage_options)
+    by_result: dict[str, Shard] = {}
+    for shard in shards:
+        seen = by_result.setdefault(result_name(shard.name), shard)
+        if seen is not shard:
+            raise OutputError(f"shards {seen.name} and {shard.name} would share the result "
+                              f"{result_name(shard.name)}; caption them in separate runs")
+    lock = None
+    if is_local(fs):
+        try:
+            os.makedirs(dest, exist_ok=True)
+        except OSError as err:
+            raise OutputError(f"{out}: cannot create the output folder ({err.strerror})") from None
+        lock = OutputLock(Path(dest))
+    try:
+        fs.invalidate_cache(dest)
+        existing = set(fs.find(dest)) if fs.exists(dest) else set()
+        todo, done, done_errors = [], 0, 0
+        for shard in shards:
+            path = posixpath.join(dest, result_name(shard.name))
+            if overwrite or path not in existing:
+                todo.append(shard)
+                continue
+            info = read_info(fs, path)
+            refuse_other_settings(fs.unstrip_protocol(path), info.record.get("settings") or {}, settings)
+            if info.record.get("source") != source_record(shard) or info.record.get("alphas") != alphas:
+                todo.append(shard)  # the shard changed, or alphas are now wanted (or not): redone
+                continue
+            done, done_errors = done + info.rows, done_errors + info.errors
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return ShardPlan(str(out), todo, done, done_errors, lock, fs, dest, settings, sources, alphas)
+
+
+class ResultWriter:
+    """One shard's rows, written a row group at a time to a temporary file and published whole."""
+
+    def __init__(self, fs, path: str, schema):
+        import pyarrow.parquet as pq
+
+        self.fs, self.path, self.schema = fs, path, schema
+        self.alphas = "alphas" in schema.names
+        if is_local(fs):
+            os.makedirs(posixpath.dirname(path), exist_ok=True)
+            self.tmp = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.tmp")
+        else:
+            fd, self.tmp = tempfile.mkstemp(prefix="sat-infer-", suffix=".parquet")
+            os.close(fd)
+        self.writer = pq.ParquetWriter(self.tmp, schema)
+        self.rows: list[dict] = []
+        self.attention: list[np.ndarray | None] = []
+
+    def add(self, pairs: list[tuple[dict, np.ndarray | None]]) -> None:
+        """Rows and their ``(T, grid, grid)`` alphas (None for an error row), as ``infer.caption_rows`` gives them."""
+        for row, alphas in pairs:
+            self.rows.append(row)
+            self.attention.append(alphas)
+        if len(self.rows) >= ROW_GROUP:
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+
+        if self.rows:
+            columns = columns_of(self.rows, self.attention if self.alphas else None)
+            self.writer.write_table(pa.Table.from_pydict(columns, self.schema))
+            self.rows, self.attention = [], []
+
+    def publish(self) -> None:
+        """Close the file and make it the shard's result: a rename on a disk, one upload on an object store."""
+        self._flush()
+        self.writer.close()
+        if is_local(self.fs):
+            with open(self.tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(self.tmp, self.path)
+        else:
+            self.fs.put_file(self.tmp, self.path)
+            os.unlink(self.tmp)
+
+    def discard(self) -> None:
+        self.writer.close()
+        if os.path.exists(self.tmp):
+            os.unlink(self.tmp)
+
+
+def shard_batches(backend: Backend, pool: Executor, shard: Shard, options: InferOptions,
+                  column: str | None = None) -> Iterator[list[tuple[dict, np.ndarray | None]]]:
+    """Caption one shard: its samples read by ``pool`` (bounded read-ahead), per batch ``caption_rows``'s pairs."""
+    reader = partial(read_item, cfg=backend.config.preprocess, max_pixels=options.max_pixels,
+                     full_decode=options.full_decode)
+    for batch in batches(prefetch(pool, reader, samples(shard, column), options.prefetch), options.batch_size):
+        yield caption_rows(backend, batch, options.decode)
+
+
+def publish(plan: ShardPlan, shard: Shard, batches_of_pairs: Iterable[list[tuple[dict, np.ndarray | None]]],
+            summary: Summary, on_rows: Callable[[int], None] | None = None) -> None:
+    """Write a shard's rows into its result and publish it once they are all in; a failure leaves no result."""
+    path = plan.result_path(shard)
+    record = {"settings": plan.settings, "source": source_record(shard), "alphas": plan.alphas}
+    try:
+        writer = ResultWriter(plan.fs, path, result_schema(plan.alphas, record))
+        try:
+            for pairs in batches_of_pairs:
+                writer.add(pairs)
+                summary.add([row for row, _ in pairs])
+                if on_rows is not None:
+                    on_rows(len(pairs))
+            writer.publish()
+        except BaseException:
+            writer.discard()
+            raise
+    except OSError as err:
+        raise OutputError(f"{plan.fs.unstrip_protocol(path)}: cannot write the result ({err.strerror or err}); "
+                          "rerun the same command to redo this shard") from None
+
+
+def run_shards(backend: Backend, plan: ShardPlan, options: InferOptions = InferOptions(),
+               on_rows: Callable[[int], None] | None = None) -> Summary:
+    """Caption ``plan.todo``'s shards with ``backend``, publishing each one's result when it is done."""
+    summary = Summary(skipped=plan.done)
+    start = time.perf_counter()
+    pool = ThreadPoolExecutor(options.workers, thread_name_prefix="sat-reader")
+    try:
+        for shard in plan.todo:
+            publish(plan, shard, shard_batches(backend, pool, shard, options, plan.sources.image_column), summary,
+                    on_rows)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        summary.seconds = time.perf_counter() - start
+    return summary
