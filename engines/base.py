@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
+from engines.contract import DECODER_STEP, ENCODER, GraphSpec
 from training.config import ModelConfig
 from training.decode import EncoderOutputs, StepOutputs
 from training.vocab import Vocab
@@ -84,3 +85,17 @@ class Backend(ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class GraphBackend(Backend):
+    """A backend running the contract's two graphs by name: ``encode`` and ``step`` are one ``run`` each."""
+
+    @abstractmethod
+    def run(self, spec: GraphSpec, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """The outputs of graph ``spec`` for ``inputs``, in the contract's order."""
+
+    def encode(self, images: Tensor) -> EncoderOutputs:
+        return self.run(ENCODER, (images,))
+
+    def step(self, tokens: Tensor, h: Tensor, c: Tensor, features: Tensor, features_proj: Tensor) -> StepOutputs:
+        return self.run(DECODER_STEP, (tokens, h, c, features, features_proj))

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from engines.base import Backend, EncoderOutputs, StepOutputs
+from engines.base import GraphBackend
 from engines.contract import BATCH, DECODER_STEP, ENCODER, GraphSpec, check_graph_io
 from engines.errors import BackendUnavailable, refused
 from training.config import ModelConfig
@@ -67,7 +67,7 @@ def check_cuda_runtime(ort) -> None:
                                  f"{ort.get_available_providers()}): {GPU_INSTALL}")
 
 
-class OrtBackend(Backend):
+class OrtBackend(GraphBackend):
     """Two ``InferenceSession`` s following the graph contract (``encoder_path`` None: the decoder step alone,
     for a backend whose encoder runs elsewhere, ``engines.openvino``)."""
 
@@ -124,7 +124,7 @@ class OrtBackend(Backend):
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return opts
 
-    def _run(self, spec: GraphSpec, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    def run(self, spec: GraphSpec, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         """IO binding on the backend's device: inputs by address, outputs into torch tensors of the contract's
         shapes allocated here (on CUDA by torch's caching allocator, on the backend's stream: no host sync)."""
         session = self._sessions[spec.name]
@@ -141,12 +141,6 @@ class OrtBackend(Backend):
                 binding.bind_output(t.name, kind, index, _NP_DTYPES[t.dtype], tuple(y.shape), y.data_ptr())
             session.run_with_iobinding(binding, self._run_options)  # raises if an output is not its bound shape
         return tuple(outputs)
-
-    def encode(self, images: Tensor) -> EncoderOutputs:
-        return self._run(ENCODER, (images,))
-
-    def step(self, tokens: Tensor, h: Tensor, c: Tensor, features: Tensor, features_proj: Tensor) -> StepOutputs:
-        return self._run(DECODER_STEP, (tokens, h, c, features, features_proj))
 
     def close(self) -> None:
         self._sessions.clear()

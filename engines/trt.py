@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from engines.base import Backend, EncoderOutputs, StepOutputs
+from engines.base import GraphBackend
 from engines.contract import DECODER_STEP, ENCODER, GraphSpec
 from engines.errors import BackendUnavailable, EngineError, ShapeError, refused
 from training.config import ModelConfig
@@ -97,7 +97,7 @@ class _Engine:
             raise EngineError(f"{self.plan}: TensorRT refused the address of tensor '{name}'")
 
 
-class TensorRTBackend(Backend):
+class TensorRTBackend(GraphBackend):
     """Encoder and decoder_step engines on one CUDA device, run on the backend's own stream."""
 
     name = "tensorrt"
@@ -113,15 +113,9 @@ class TensorRTBackend(Backend):
             self._engines = {spec.name: _Engine(self._runtime, Path(plan), spec, dims, self.device)
                              for spec, plan in ((ENCODER, encoder_plan), (DECODER_STEP, decoder_plan))}
 
-    def _run(self, spec: GraphSpec, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    def run(self, spec: GraphSpec, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         with self.on_stream():
             return self._engines[spec.name](inputs, self.stream.cuda_stream)
-
-    def encode(self, images: Tensor) -> EncoderOutputs:
-        return self._run(ENCODER, (images,))
-
-    def step(self, tokens: Tensor, h: Tensor, c: Tensor, features: Tensor, features_proj: Tensor) -> StepOutputs:
-        return self._run(DECODER_STEP, (tokens, h, c, features, features_proj))
 
     def close(self) -> None:
         self._engines.clear()
