@@ -9,7 +9,7 @@ import torchvision
 from torch import nn
 
 from training.config import backbone_spec
-from training.errors import WeightsUnavailable
+from training.errors import WeightsUnavailable, first_line
 
 
 def build_backbone(name: str, pretrained: bool | str | Path = False) -> nn.Module:
@@ -37,7 +37,7 @@ def _imagenet_state_dict(arch: str, pretrained: bool | str | Path) -> dict[str, 
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - any failure here means "not a weights file"
-            raise WeightsUnavailable(f"{path}: not a readable {arch} weights file ({err})") from None
+            raise WeightsUnavailable(f"{path}: not a readable {arch} weights file ({first_line(err)})") from None
     try:
         return weights.get_state_dict(progress=False, check_hash=True)
     except (urllib.error.URLError, OSError, RuntimeError) as err:

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from training.config import PreprocessConfig
-from training.errors import ImageDecodeError
+from training.errors import ImageDecodeError, first_line
 
 try:  # the [heic] extra: registering the plugin is what lets Pillow open HEIC/HEIF
     import pillow_heif
@@ -77,7 +77,7 @@ def load_rgb(source: str | Path | bytes | BinaryIO, max_pixels: int = DEFAULT_MA
                                    "(pip install 'sat-export[heic]')") from None
         raise ImageDecodeError("cannot identify image file (not an image or unsupported format)") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise ImageDecodeError(f"cannot decode image: {err}") from None
+        raise ImageDecodeError(f"cannot decode image: {first_line(err)}") from None
 
 
 def _draft(img: Image.Image, short_side: int) -> None:

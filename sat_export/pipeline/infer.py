@@ -38,7 +38,7 @@ from sat_export.reports.gallery import THUMB, overlay_folder, write_gallery, wri
 from sat_export.results.paths import sidecar_path
 from training.config import PreprocessConfig
 from training.decode import Caption, decode
-from training.errors import ImageDecodeError
+from training.errors import ImageDecodeError, first_line
 from training.images import DEFAULT_MAX_PIXELS, load_rgb, preprocess
 from training.machine import usable_cores
 from training.options import DecodeOptions
@@ -241,7 +241,7 @@ def read_item(item: InputItem, cfg: PreprocessConfig, max_pixels: int = DEFAULT_
     except OSError as err:
         return Loaded(item, None, f"cannot read file: {err.strerror or err}")
     except Exception as err:  # noqa: BLE001 - a decoder plugin bug on one file must not stop the run
-        return Loaded(item, None, f"cannot decode image: {type(err).__name__}: {err}")
+        return Loaded(item, None, f"cannot decode image: {type(err).__name__}: {first_line(err)}")
 
 
 def _open_image(item: InputItem) -> BinaryIO:

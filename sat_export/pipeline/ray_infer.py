@@ -38,7 +38,7 @@ from sat_export.pipeline.shard_results import ShardPlan, publish, shard_batches
 from sat_export.pipeline.shards import Shard
 from sat_export.registry import model_config, open_backend, resolve_model
 from training.config import ModelConfig, PreprocessConfig
-from training.errors import SatError
+from training.errors import SatError, first_line
 from training.options import DecodeOptions
 
 
@@ -157,7 +157,7 @@ def joined(ray, ray_options: RayOptions) -> Iterator[None]:
         try:
             ray.init(address=ray_options.address)
         except ConnectionError as err:
-            raise SatError(f"cannot join the Ray cluster at {address}: {err}") from None
+            raise SatError(f"cannot join the Ray cluster at {address}: {first_line(err)}") from None
     try:
         _check_fits(ray.cluster_resources(), ray_options)
         yield

@@ -34,6 +34,7 @@ from typing import Any
 from sat_export.errors import InputError
 from sat_export.options import SourceOptions
 from sat_export.pipeline.inputs import InputItem
+from training.errors import first_line
 from training.images import image_suffixes
 
 SHARD_SUFFIXES = {".tar": "tar", ".tgz": "tar", ".tar.gz": "tar", ".parquet": "parquet"}
@@ -286,7 +287,7 @@ def _tar_samples(shard: Shard, column: str | None) -> Iterator[InputItem]:
                 yield _tar_item(shard, key, members, column)
     except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
         where = f"after {last}" if last else "at its start"
-        yield InputItem(None, shard.name, f"{shard.name}: truncated or corrupt tar, broken {where} ({err})",
+        yield InputItem(None, shard.name, f"{shard.name}: truncated or corrupt tar, broken {where} ({first_line(err)})",
                         shard=shard.name)
 
 
@@ -325,7 +326,7 @@ def _parquet_samples(shard: Shard, column: str | None) -> Iterator[InputItem]:
         yield InputItem(None, shard.name, str(err), shard=shard.name)
     except (pa.ArrowException, OSError, ValueError) as err:
         where = f"after row {row}" if row else "at its start"
-        yield InputItem(None, shard.name, f"{shard.name}: cannot read Parquet, broken {where} ({err})",
+        yield InputItem(None, shard.name, f"{shard.name}: cannot read Parquet, broken {where} ({first_line(err)})",
                         shard=shard.name)
 
 

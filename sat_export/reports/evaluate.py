@@ -22,6 +22,7 @@ from sat_export.results.parquet import alphas_ref, is_results, read_results
 from sat_export.results.paths import sidecar_path
 from training.config import PreprocessConfig
 from training.data import SPLITS, ImageCaptions, load_boxes, load_captions, upright_size
+from training.errors import first_line
 from training.metrics import (WordGrounding, attention_grounding, caption_agreement, cider_d, corpus_bleu,
                               summarize_grounding)
 from training.vocab import tokenize
@@ -49,7 +50,7 @@ def read_predictions(path: str | Path, alphas_dir: str | Path | None = None) -> 
                                alphas_ref(row["result"], row["key"]) if "attention" in row else None,
                                row.get("tokens"), row.get("attention")) for row in read_results(str(path))]
         except (OSError, ValueError) as err:
-            raise EvalError(f"{path}: cannot read predictions ({err})") from None
+            raise EvalError(f"{path}: cannot read predictions ({first_line(err)})") from None
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -126,7 +127,7 @@ def grounding_of(pred: Prediction, words: list[str], boxes: dict, image: Path,
             with np.load(pred.alphas) as npz:
                 alphas, tokens = npz["alphas"], npz["tokens"]
         except (OSError, KeyError, ValueError) as err:
-            raise EvalError(f"{pred.alphas}: cannot read alphas ({err})") from None
+            raise EvalError(f"{pred.alphas}: cannot read alphas ({first_line(err)})") from None
         if pred.tokens is not None and [int(t) for t in tokens] != list(pred.tokens):
             raise EvalError(f"{pred.alphas}: its tokens differ from the row's (stale alphas file?)")
     if len(alphas) != len(words):
@@ -134,7 +135,7 @@ def grounding_of(pred: Prediction, words: list[str], boxes: dict, image: Path,
     try:
         size = upright_size(image)
     except OSError as err:
-        raise EvalError(f"{image}: cannot read image size ({err})") from None
+        raise EvalError(f"{image}: cannot read image size ({first_line(err)})") from None
     return attention_grounding(alphas, words, boxes, size, preprocess)
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from sat_export.errors import OutputError
+from training.errors import first_line
 
 RECORD_KEY = b"sat_export"
 FORMAT = "sat-infer-shard-results"
@@ -113,7 +114,7 @@ def read_results(url: str, storage_options: dict | None = None) -> Iterator[dict
             with fs.open(file, "rb") as f:
                 table = pq.read_table(f)
         except (pa.ArrowException, OSError) as err:
-            raise OutputError(f"{fs.unstrip_protocol(file)}: cannot read results ({err})") from None
+            raise OutputError(f"{fs.unstrip_protocol(file)}: cannot read results ({first_line(err)})") from None
         record = json.loads((table.schema.metadata or {}).get(RECORD_KEY, b"{}"))
         shard = (record.get("source") or {}).get("shard")
         if shard is None:

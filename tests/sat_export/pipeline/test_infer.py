@@ -27,6 +27,7 @@ from sat_export.pipeline.infer import Loaded, batches, plan, prefetch, read_item
 from sat_export.options import InferOptions
 from sat_export.pipeline.inputs import InputItem
 from sat_export.pipeline.outputs import lock_path, run_record_path
+from training.config import PreprocessConfig
 from training.decode import decode
 from training.options import DecodeOptions
 
@@ -365,3 +366,21 @@ def test_a_heic_photo_is_captioned_with_the_extra_and_is_an_error_row_naming_it_
     assert done.returncode == 0, done.stderr
     assert read_rows(tmp_path / "without.jsonl")["phone.heic"]["error"] == (
         "HEIC/HEIF image: reading it needs the [heic] extra (pip install 'sat-export[heic]')")
+
+
+@pytest.mark.parametrize("error", [ValueError, RuntimeError])
+def test_a_decoders_long_message_becomes_one_error_line_cut_at_a_word(tmp_path, monkeypatch, error):
+    """A decoder plugin may raise anything with any message: the row quotes its first line, clipped and marked."""
+    path = tmp_path / "odd.png"
+    path.write_bytes(encoded(image(), "PNG"))
+    message = "plugin failed: " + "very long reason " * 40 + "\ntraceback line the row must not carry"
+
+    def fail(*args, **kwargs):
+        raise error(message)
+
+    monkeypatch.setattr("training.images.Image.open", fail)
+    loaded = read_item(InputItem(path, "odd.png"), PreprocessConfig())
+    assert loaded.pixels is None and "\n" not in loaded.error and "traceback" not in loaded.error
+    prefix = "cannot decode image: " if error is ValueError else "cannot decode image: RuntimeError: "
+    kept = loaded.error.removeprefix(prefix).removesuffix(" ...")
+    assert loaded.error.endswith(" ...") and message.startswith(kept + " ") and len(loaded.error) < 260, loaded.error
