@@ -26,6 +26,7 @@ import re
 import tarfile
 import zlib
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -217,7 +218,8 @@ def check_image_column(shards: list[Shard], column: str | None) -> None:
         if shard.kind != "parquet" or shard.error:
             continue
         try:
-            schema = _parquet_file(shard).schema_arrow
+            with _parquet_file(shard) as file:
+                schema = file.schema_arrow
         except Exception:  # noqa: BLE001 - an unreadable shard becomes an error row when its turn comes
             continue
         image_column(schema, column, shard.name)
@@ -303,10 +305,13 @@ def _tar_item(shard: Shard, key: str, members: dict[str, bytes], column: str | N
     return _item(shard, key, data=members[ext])
 
 
-def _parquet_file(shard: Shard):
+@contextmanager
+def _parquet_file(shard: Shard) -> Iterator:
+    """``shard`` open as a ``pyarrow.parquet.ParquetFile``, closed (with its file on the store) on leaving."""
     import pyarrow.parquet as pq
 
-    return pq.ParquetFile(shard.fs.open(shard.path, "rb"))
+    with shard.fs.open(shard.path, "rb") as f, pq.ParquetFile(f) as file:
+        yield file
 
 
 def _parquet_samples(shard: Shard, column: str | None) -> Iterator[InputItem]:
@@ -314,14 +319,14 @@ def _parquet_samples(shard: Shard, column: str | None) -> Iterator[InputItem]:
 
     row = 0
     try:
-        file = _parquet_file(shard)
-        name = image_column(file.schema_arrow, column, shard.name)
-        keyed = "key" in file.schema_arrow.names
-        for batch in file.iter_batches(BATCH_ROWS, columns=[name, "key"] if keyed and name != "key" else [name]):
-            keys = batch.column("key").to_pylist() if keyed else range(row, row + batch.num_rows)
-            for key, value in zip(keys, batch.column(name).to_pylist()):
-                yield _parquet_item(shard, str(row if key is None else key), name, value)
-                row += 1
+        with _parquet_file(shard) as file:
+            name = image_column(file.schema_arrow, column, shard.name)
+            keyed = "key" in file.schema_arrow.names
+            for batch in file.iter_batches(BATCH_ROWS, columns=[name, "key"] if keyed and name != "key" else [name]):
+                keys = batch.column("key").to_pylist() if keyed else range(row, row + batch.num_rows)
+                for key, value in zip(keys, batch.column(name).to_pylist()):
+                    yield _parquet_item(shard, str(row if key is None else key), name, value)
+                    row += 1
     except InputError as err:
         yield InputItem(None, shard.name, str(err), shard=shard.name)
     except (pa.ArrowException, OSError, ValueError) as err:

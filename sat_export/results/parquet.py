@@ -85,7 +85,7 @@ def read_info(fs, path: str) -> ResultInfo:
             meta = pq.ParquetFile(f).metadata
         record = json.loads((meta.metadata or {}).get(RECORD_KEY, b"null"))
     except (pa.ArrowException, OSError, ValueError) as err:
-        raise OutputError(f"{fs.unstrip_protocol(path)}: not a readable sat-infer result ({err}); "
+        raise OutputError(f"{fs.unstrip_protocol(path)}: not a readable sat-infer result ({first_line(err)}); "
                           "left as it is: remove it or choose another --out") from None
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise OutputError(f"{fs.unstrip_protocol(path)}: not a sat-infer result; left as it is: remove it or "
