@@ -27,7 +27,7 @@ from benchmarks.bench import run_bench
 from benchmarks.cli import bench_options
 from benchmarks.prepare import BenchModel
 from benchmarks.report import document, print_table
-from sat_export.build.builder import build_bundle
+from sat_export.bundler.builder import build_bundle
 from sat_export.cli.common import console, new_app, user_errors
 from sat_export.options import BuildOptions
 from training.checkpoint import save_checkpoint

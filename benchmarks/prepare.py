@@ -125,7 +125,7 @@ def bench_bundle(ckpt: Path, calib: Path, int8: Int8Options, cache: Path, consol
 
 def _build(ckpt: Path, calib: Path, int8: Int8Options, out: Path, console: Console) -> None:
     """``sat-export build`` of the bench bundle: fp32, int8 encoder, TensorRT fp16 where there is a GPU."""
-    from sat_export.build.builder import build_bundle
+    from sat_export.bundler.builder import build_bundle
     from sat_export.options import BuildOptions
 
     gpu = torch.cuda.is_available()

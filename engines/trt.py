@@ -8,7 +8,7 @@ call that reports failure by its return value is checked, input shapes are set o
 batch is split into runs of that size. Outputs are torch tensors of the contract's shapes, allocated on the
 backend's stream by torch's caching allocator (no ``cudaMalloc``, no host synchronisation). An engine is
 valid only on the TensorRT version and GPU that built it: whoever opens one checks that first
-(``sat_export.build.tensorrt.open_engines``).
+(``sat_export.bundler.tensorrt.open_engines``).
 """
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ import torch
 
 from engines.base import Backend
 from engines.errors import BackendUnavailable
-from sat_export.build.tensorrt import open_engines
+from sat_export.bundler.tensorrt import open_engines
 from sat_export.bundle.format import MANIFEST_FILE, Bundle, load_bundle, sha256
 from sat_export.options import BACKEND_NAMES, OPENVINO_PRECISIONS
 from training.checkpoint import load_checkpoint
@@ -67,7 +67,7 @@ def model_sha256(model: str | Path | None) -> str:
 def resolve_model(model: str | Path | None, backend: str = "auto") -> Path | Bundle:
     """What ``backend`` opens for ``model``: the checkpoint file for torch, else the verified bundle.
 
-    A checkpoint given to a bundle backend is built once into the cache (``sat_export.build.cache``).
+    A checkpoint given to a bundle backend is built once into the cache (``sat_export.bundler.cache``).
     """
     if backend not in BACKEND_NAMES:
         raise SatError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_NAMES)}")
@@ -78,7 +78,7 @@ def resolve_model(model: str | Path | None, backend: str = "auto") -> Path | Bun
         return path
     if is_bundle(path):
         return load_bundle(path)
-    from sat_export.build.cache import cached_bundle
+    from sat_export.bundler.cache import cached_bundle
 
     return cached_bundle(path)
 

@@ -83,7 +83,7 @@ def tiny_ckpt(tmp_path_factory, vocab):
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory, tiny_ckpt):
     """A verified fp32 bundle of the tiny checkpoint, exported once per session (treat as read-only)."""
-    from sat_export.build.builder import build_bundle
+    from sat_export.bundler.builder import build_bundle
 
     return build_bundle(tiny_ckpt, tmp_path_factory.mktemp("bundle") / "tiny")
 
@@ -93,13 +93,13 @@ def copy_instead_of_export(monkeypatch, tiny_bundle):
     """For build tests: every step after export runs for real, the export copies the tiny bundle's graphs."""
     import shutil
 
-    import sat_export.build.builder
+    import sat_export.bundler.builder
 
     def fake_export(model, out_dir, precision="fp32", opset=18):
         out_dir.mkdir(parents=True, exist_ok=True)
         return {g: shutil.copy(tiny_bundle / f"{g}.onnx", out_dir / f"{g}.onnx") for g in ("encoder", "decoder_step")}
 
-    monkeypatch.setattr(sat_export.build.builder, "export_onnx", fake_export)
+    monkeypatch.setattr(sat_export.bundler.builder, "export_onnx", fake_export)
 
 
 def free_port() -> int:

@@ -38,3 +38,14 @@ def test_no_modules_import_each_other_in_a_loop():
     loops = [(a, b) for a in sorted(graph.modules) for b in sorted(graph.find_modules_directly_imported_by(a))
              if graph.find_shortest_chain(importer=b, imported=a)]
     assert not loops, loops
+
+
+BUILD_OUTPUT_NAMES = {"build", "dist", "out", "target"}
+
+
+def test_no_source_or_test_folder_is_named_like_a_build_output():
+    """pytest's default norecursedirs, Python .gitignore templates and code tools skip folders named build or dist:
+    a package of that name silently loses its tests (34 of them until sat_export.build became sat_export.bundler)."""
+    folders = [p.relative_to(ROOT) for top in (*PACKAGES, "tests") for p in (ROOT / top).rglob("*")
+               if p.is_dir() and p.name in BUILD_OUTPUT_NAMES]
+    assert not folders, folders

@@ -93,7 +93,7 @@ def build(
     Example:  sat-export build --ckpt small.pth --out small_bundle --fp16
     """
     from engines.trt_build import check_profile
-    from sat_export.build.builder import build_bundle
+    from sat_export.bundler.builder import build_bundle
 
     if int8_encoder != (calib is not None):
         raise typer.BadParameter("--int8-encoder and --calib DIR go together")
@@ -120,7 +120,7 @@ def check(
 
     Example:  sat-export check small_bundle --strict
     """
-    from sat_export.build.check import check_bundle, require_passed_gates
+    from sat_export.bundler.check import check_bundle, require_passed_gates
 
     summary = check_bundle(bundle)
     for name, gate in summary["parity"].items():
@@ -151,7 +151,7 @@ def import_(
     Examples:  sat-export import resnet101-small.pth --captions Flickr8k.token.txt --out seed.pth
                sat-export import BEST_checkpoint_coco.pth.tar --wordmap WORDMAP_coco.json --trust-pickle --out coco.pth
     """
-    from sat_export.build.importers import import_seed, import_sgrvinod
+    from sat_export.bundler.importers import import_seed, import_sgrvinod
 
     if (captions is None) == (wordmap is None):
         raise typer.BadParameter("give --captions (seed layout) or --wordmap (sgrvinod layout), not both or neither")

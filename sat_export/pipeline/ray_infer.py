@@ -57,7 +57,7 @@ def driver_config(model: str | Path | None, backend: str) -> ModelConfig:
     """Check the model on the driver, before any worker starts, and return its config.
 
     A checkpoint for a bundle backend has its bundle built here, once, into this machine's
-    cache (``sat_export.build.cache``), where actors on this machine then find it.
+    cache (``sat_export.bundler.cache``), where actors on this machine then find it.
     """
     resolved = resolve_model(model, backend)
     return resolved.config if isinstance(resolved, Bundle) else model_config(resolved)

@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 import benchmarks.configs
-import sat_export.build.builder
+import sat_export.bundler.builder
 from benchmarks.cli import app
 from benchmarks.configs import CONFIGS
 from benchmarks.prepare import Int8Options, Recipe, reference_model
@@ -40,7 +40,7 @@ def test_quick_bench_has_a_row_with_a_status_for_every_configuration(tmp_path, t
         out_dir.mkdir(parents=True, exist_ok=True)
         return {g: shutil.copy(tiny_bundle / f"{g}.onnx", out_dir / f"{g}.onnx") for g in ("encoder", "decoder_step")}
 
-    monkeypatch.setattr(sat_export.build.builder, "export_onnx", copy_graphs)
+    monkeypatch.setattr(sat_export.bundler.builder, "export_onnx", copy_graphs)
     break_runtime(monkeypatch, "tensorrt")
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(app, ["--quick", "--ckpt", str(tiny_ckpt), "--images", str(shapes), "--calib-method",

@@ -56,7 +56,7 @@ def test_cuda_request_without_gpu_is_a_clear_error(tiny_ckpt):
 
 
 def test_auto_on_a_checkpoint_builds_the_bundle_once_and_matches_torch(tiny_ckpt, vocab, tmp_path, monkeypatch):
-    from sat_export.build import cache as bundle_cache
+    from sat_export.bundler import cache as bundle_cache
 
     monkeypatch.setenv(bundle_cache.CACHE_ENV, str(tmp_path / "cache"))
     images = torch.randn(4, 3, 64, 64)

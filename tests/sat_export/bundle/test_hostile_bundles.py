@@ -15,7 +15,7 @@ from onnx import external_data_helper
 from typer.testing import CliRunner
 
 from engines.contract import DECODER_STEP, ENCODER
-from sat_export.build.check import check_bundle
+from sat_export.bundler.check import check_bundle
 from sat_export.bundle.format import DIGEST_KEY, MANIFEST_FILE, _render, io_table, load_bundle, write_manifest
 from sat_export.cli.export import app as export_app
 from sat_export.cli.infer import app as infer_app

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from sat_export.build.builder import build_bundle
+from sat_export.bundler.builder import build_bundle
 from sat_export.bundle.format import Bundle, load_bundle, sha256
 from sat_export.errors import BundleError
 from sat_export.options import BuildOptions

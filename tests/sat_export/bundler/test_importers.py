@@ -16,7 +16,7 @@ from PIL import Image
 from torch import nn
 from typer.testing import CliRunner
 
-from sat_export.build.importers import (SEED_PREPROCESS, SGRVINOD_PREPROCESS, import_seed, import_sgrvinod, resnet_name,
+from sat_export.bundler.importers import (SEED_PREPROCESS, SGRVINOD_PREPROCESS, import_seed, import_sgrvinod, resnet_name,
                                         seed_captions, seed_vocab)
 from sat_export.cli.export import app
 from tests.fixtures import sgrvinod_upstream as upstream_code

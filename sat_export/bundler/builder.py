@@ -62,7 +62,7 @@ def build_bundle(ckpt_path: str | Path, out_dir: str | Path, options: BuildOptio
         manifest["precisions"]["int8"] = {ENCODER.name: int8.name, DECODER_STEP.name: paths[DECODER_STEP.name].name}
         _gate(model, ckpt.vocab, out_dir, manifest, "int8", options.verify, console)
     if options.trt:
-        from sat_export.build.tensorrt import build_engines
+        from sat_export.bundler.tensorrt import build_engines
 
         start = time.perf_counter()
         notes: list[str] = []
@@ -104,7 +104,7 @@ def _tensorrt_parity(model: ShowAttendTell, vocab: Vocab, out_dir: Path, manifes
     """The bundle's TensorRT engines and eager fp32 on the CPU (on the GPU, cuDNN's default TF32
     convolutions would be the larger error), both judged against float64, at the engines' precision."""
     from engines.torch_eager import TorchBackend
-    from sat_export.build.tensorrt import open_engines
+    from sat_export.bundler.tensorrt import open_engines
 
     with TorchBackend(model, vocab) as eager, open_engines(load_bundle(out_dir), "cuda") as trt:
         return verify(eager, trt, manifest["tensorrt"]["precision"], oracle=Float64Oracle(model, vocab))

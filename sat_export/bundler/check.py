@@ -83,7 +83,7 @@ def _failure(record: dict) -> str:
 
 
 def _check_engines(bundle: Bundle) -> str:
-    from sat_export.build.tensorrt import check_engines
+    from sat_export.bundler.tensorrt import check_engines
 
     try:
         check_engines(bundle)

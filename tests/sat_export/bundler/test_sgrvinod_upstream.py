@@ -12,8 +12,8 @@ import torch
 import torchvision
 from PIL import Image
 
-from sat_export.build.builder import build_bundle
-from sat_export.build.importers import SGRVINOD_PREPROCESS, import_sgrvinod
+from sat_export.bundler.builder import build_bundle
+from sat_export.bundler.importers import SGRVINOD_PREPROCESS, import_sgrvinod
 from sat_export.registry import open_backend
 from tests.fixtures import sgrvinod_upstream as upstream_code
 from training.checkpoint import load_checkpoint

@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import sat_export.build.tensorrt as tb
+import sat_export.bundler.tensorrt as tb
 from engines.trt_build import check_profile
 from sat_export.bundle.format import load_bundle, write_manifest
 from sat_export.cli.export import app
