@@ -25,6 +25,7 @@ class Backend(ABC):
 
     name: str = "backend"
     stream: torch.cuda.Stream | None = None  # CUDA runtimes: the backend's own stream (``own_stream``)
+    batch_profile: tuple[int, int, int] | None = None  # TensorRT: the engines' (min, opt, max) batch
 
     def __init__(self, config: ModelConfig, vocab: Vocab, device: torch.device | str = "cpu"):
         self.config = config

@@ -6,9 +6,11 @@ engines are deserialised and run on the backend's own device (``cuda:N``) and no
 call that reports failure by its return value is checked, input shapes are set only when they change
 (the decode loop's batch shrinks as rows finish), and work larger than the optimisation profile's maximum
 batch is split into runs of that size. Outputs are torch tensors of the contract's shapes, allocated on the
-backend's stream by torch's caching allocator (no ``cudaMalloc``, no host synchronisation). An engine is
-valid only on the TensorRT version and GPU that built it: whoever opens one checks that first
-(``sat_export.bundler.tensorrt.open_engines``).
+backend's stream by torch's caching allocator (no ``cudaMalloc``, no host synchronisation). Every address
+bound is 256-byte aligned, as ``setTensorAddress`` requires (``NvInferRuntime.h``): a run of a split batch
+starts rows into its tensors (int64 ``tokens`` at row 20: 160 bytes), so an input that is not aligned is
+copied first. An engine is valid only on the TensorRT version and GPU that built it: whoever opens one
+checks that first (``sat_export.bundler.tensorrt.open_engines``).
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ from engines.errors import BackendUnavailable, EngineError, ShapeError, refused
 from training.config import ModelConfig
 from training.vocab import Vocab
 
+ALIGNMENT = 256  # bytes: every address given to setTensorAddress (NvInferRuntime.h)
+
 
 def import_tensorrt():
     """``tensorrt`` and a CUDA device, or ``BackendUnavailable`` saying which is missing."""
@@ -34,6 +38,23 @@ def import_tensorrt():
     if not torch.cuda.is_available():
         raise BackendUnavailable("TensorRT needs a CUDA GPU, but torch.cuda.is_available() is False")
     return tensorrt
+
+
+def empty_aligned(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``torch.empty`` at an ``ALIGNMENT``-aligned address (CUDA's caching allocator gives one already; the
+    host's aligns to 64 bytes)."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if out.data_ptr() % ALIGNMENT == 0:
+        return out
+    nbytes = out.numel() * out.element_size()
+    raw = torch.empty(nbytes + ALIGNMENT, dtype=torch.uint8, device=device)
+    start = -raw.data_ptr() % ALIGNMENT
+    return raw[start:start + nbytes].view(dtype).view(shape)
+
+
+def aligned(x: Tensor) -> Tensor:
+    """``x`` (contiguous) where its address is ``ALIGNMENT``-aligned, else a copy that is."""
+    return x if x.data_ptr() % ALIGNMENT == 0 else empty_aligned(tuple(x.shape), x.dtype, x.device).copy_(x)
 
 
 class _Engine:
@@ -55,6 +76,7 @@ class _Engine:
         self.dtypes = {n: _TORCH_DTYPES[str(self.engine.get_tensor_dtype(n))] for n in names}
         ranges = [self.engine.get_tensor_profile_shape(t.name, 0) for t in spec.inputs]  # [min, opt, max] each
         self.min_batch, self.max_batch = max(r[0][0] for r in ranges), min(r[2][0] for r in ranges)
+        self.opt_batch = ranges[0][1][0]
         self.shapes: dict[str, tuple[int, ...]] = {}
 
     def __call__(self, inputs: tuple[Tensor, ...], stream: int) -> tuple[Tensor, ...]:
@@ -69,7 +91,7 @@ class _Engine:
         batch = inputs[0].size(0)
         keep = []  # inputs converted here must outlive the asynchronous launch
         for t, x in zip(self.spec.inputs, inputs):
-            x = x.to(device=self.device, dtype=self.dtypes[t.name]).contiguous()
+            x = aligned(x.to(device=self.device, dtype=self.dtypes[t.name]).contiguous())
             keep.append(x)
             shape = tuple(x.shape)
             if self.shapes.get(t.name) != shape:  # set shapes only when they change
@@ -84,7 +106,7 @@ class _Engine:
             want, got = t.shape(self.dims, batch), tuple(self.context.get_tensor_shape(t.name))
             if got != want:
                 raise ShapeError(f"{self.plan}: output '{t.name}' has shape {got}, the contract says {want}")
-            out = torch.empty(want, dtype=self.dtypes[t.name], device=self.device)
+            out = empty_aligned(want, self.dtypes[t.name], self.device)
             self._bind(t.name, out)
             outputs.append(out)
         if not self.context.execute_async_v3(stream):
@@ -103,9 +125,10 @@ class TensorRTBackend(GraphBackend):
     name = "tensorrt"
 
     def __init__(self, encoder_plan: str | Path, decoder_plan: str | Path, config: ModelConfig, vocab: Vocab,
-                 device: torch.device | str = "cuda"):
+                 device: torch.device | str = "cuda", precision: str = "fp32"):
         trt = import_tensorrt()
         super().__init__(config, vocab, device)
+        self.precision = precision  # what the engines were built with
         self.own_stream()
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         dims = config.dims()
@@ -117,8 +140,17 @@ class TensorRTBackend(GraphBackend):
         with self.on_stream():
             return self._engines[spec.name](inputs, self.stream.cuda_stream)
 
+    @property
+    def batch_profile(self) -> tuple[int, int, int]:
+        """``(min, opt, max)`` batch of the engines' optimisation profile (opt: the decoder step's)."""
+        engines = list(self._engines.values())
+        return (max(e.min_batch for e in engines), engines[-1].opt_batch, min(e.max_batch for e in engines))
+
     def close(self) -> None:
         self._engines.clear()
+
+    def describe(self) -> str:
+        return f"{self.name} {self.precision} on {self.device}, batch profile {'/'.join(map(str, self.batch_profile))}"
 
 
 _TORCH_DTYPES = {"DataType.FLOAT": torch.float32, "DataType.HALF": torch.float16, "DataType.INT64": torch.int64,

@@ -16,6 +16,7 @@ from engines.errors import EngineError
 
 DEFAULT_PROFILE = (1, 16, 64)
 STRONGLY_TYPED_FROM = (10, 12)  # TensorRT deprecates BuilderFlag.FP16 for strongly typed networks from here
+NEW_CACHE_NOTE = "the timing cache was made on another GPU or TensorRT version: building with a new one"
 
 
 def check_profile(profile: tuple[int, ...]) -> tuple[int, int, int]:
@@ -36,8 +37,7 @@ def build_plan(trt, onnx_path: Path, spec: GraphSpec, dims: dict[str, int], prof
     """One serialised engine of ``onnx_path``, the updated timing cache and a note for the user.
 
     ``fp16``: an fp16 engine (a strongly typed network from TensorRT 10.12, whose graph must then be fp16
-    already; ``BuilderFlag.FP16`` before). ``cache``: a serialised timing cache; one made on another GPU or
-    TensorRT (``set_timing_cache`` returns False) is replaced by a new one, and the note says so. The cache
+    already; ``BuilderFlag.FP16`` before). ``cache``: a serialised timing cache (``_timing_cache``). The cache
     returned is None where TensorRT has none to give. Raises ``EngineError`` naming the file.
     """
     profile = check_profile(profile)
@@ -51,12 +51,7 @@ def build_plan(trt, onnx_path: Path, spec: GraphSpec, dims: dict[str, int], prof
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise EngineError(f"{onnx_path}: TensorRT cannot parse the graph ({errors})")
     config = builder.create_builder_config()
-    timing, note = config.create_timing_cache(cache), None  # kept alive until the build is done
-    if not config.set_timing_cache(timing, False):  # ignore_mismatch=False: a foreign cache is refused
-        note = "the timing cache was made on another GPU or TensorRT version: building with a new one"
-        timing = config.create_timing_cache(b"")
-        if not config.set_timing_cache(timing, False):
-            raise EngineError(f"{onnx_path}: TensorRT refused a new, empty timing cache")
+    timing, note = _timing_cache(config, cache, onnx_path)  # kept alive until the build is done
     if fp16 and not strongly_typed:
         config.set_flag(trt.BuilderFlag.FP16)
     if not fp16:  # TF32 (on by default on Ampere and later) alone is ~1e-3 away from fp32: the gate is 1e-5
@@ -71,3 +66,20 @@ def build_plan(trt, onnx_path: Path, spec: GraphSpec, dims: dict[str, int], prof
         raise EngineError(f"{onnx_path}: TensorRT failed to build an engine (see its log above)")
     updated = config.get_timing_cache()
     return bytes(serialized), None if updated is None else bytes(updated.serialize()), note
+
+
+def _timing_cache(config, cache: bytes, onnx_path: Path):
+    """The timing cache set on ``config`` and a note: ``cache``, unless TensorRT cannot read it
+    (``create_timing_cache`` gives None or raises, as for a cache of another TensorRT version, which Polygraphy's
+    loader guards too) or refuses it (``set_timing_cache`` False: made on another GPU); then a new, empty one."""
+    if cache:
+        try:
+            timing = config.create_timing_cache(cache)
+        except (RuntimeError, TypeError, ValueError):  # what pybind11 makes of a C++ exception
+            timing = None
+        if timing is not None and config.set_timing_cache(timing, False):  # ignore_mismatch=False
+            return timing, None
+    timing = config.create_timing_cache(b"")
+    if timing is None or not config.set_timing_cache(timing, False):
+        raise EngineError(f"{onnx_path}: TensorRT refused a new, empty timing cache")
+    return timing, (NEW_CACHE_NOTE if cache else None)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from engines.errors import EngineError, ShapeError
-from engines.trt import TensorRTBackend
-from engines.trt_build import build_plan
+from engines.trt import ALIGNMENT, TensorRTBackend, aligned
+from engines.trt_build import NEW_CACHE_NOTE, build_plan
 from engines.contract import DECODER_STEP, ENCODER
 from tests.conftest import tiny_model
 from tests.engines import trt_standin
@@ -60,6 +60,26 @@ def test_work_beyond_the_profile_runs_in_runs_of_its_maximum_with_the_same_capti
     assert max(batches) == 4 and 15 not in batches
 
 
+def test_runs_of_a_split_batch_are_bound_at_256_byte_aligned_addresses(monkeypatch, plans, vocab):
+    """``--trt-profile 1,8,20``: 13 images at beam 2 are 26 rows, run as 20 + 6; the second run's int64 tokens
+    start 160 bytes into the batch's, and TensorRT takes 256-byte aligned addresses only (the stand-in refuses
+    others, as setTensorAddress's precondition says)."""
+    backend, trt, model = _backend(monkeypatch, plans, vocab, profile=(1, 8, 20))
+    trt_standin.on_host(backend)
+    enc, options = model.encode(torch.randn(13, 3, 64, 64)), DecodeOptions(beam=2, max_len=4)
+    caps = decode(backend.step, enc, vocab.special_ids(), options)
+    assert [c.tokens for c in caps] == [c.tokens for c in decode(model.step, enc, vocab.special_ids(), options)]
+    assert [b for _, b in trt.engines[1].contexts[0].launches[:2]] == [20, 6]
+
+
+def test_only_a_misaligned_input_is_copied():
+    tokens = aligned(torch.arange(40))
+    assert tokens.data_ptr() % ALIGNMENT == 0 and aligned(tokens) is tokens
+    view = tokens[20:]  # 160 bytes in
+    copy = aligned(view)
+    assert copy.data_ptr() % ALIGNMENT == 0 and torch.equal(copy, view)
+
+
 def test_a_batch_below_the_profile_is_a_shape_error_and_nothing_is_cached(monkeypatch, plans, vocab):
     backend, trt, _ = _backend(monkeypatch, plans, vocab, profile=(2, 2, 4))
     trt_standin.on_host(backend)
@@ -82,27 +102,36 @@ def test_a_plan_tensorrt_cannot_deserialise_is_named(monkeypatch, plans, vocab):
         _backend(monkeypatch, plans, vocab)
 
 
-def _build(tmp_path, version, fp16=False, cache=b"", timing_cache="kept"):
-    trt = trt_standin.tensorrt(version, timing_cache=timing_cache)
+def _build(tmp_path, version, fp16=False, cache=b"", timing_cache="kept", stale_cache="none"):
+    trt = trt_standin.tensorrt(version, timing_cache=timing_cache, stale_cache=stale_cache)
     onnx = tmp_path / "encoder.onnx"
     return trt, build_plan(trt, onnx, ENCODER, tiny_model().config.dims(), (1, 2, 4), fp16=fp16, cache=cache)
 
 
 def test_a_timing_cache_from_another_gpu_is_replaced_with_a_note(tmp_path):
     trt, (plan, cache, note) = _build(tmp_path, "10.9.0", cache=trt_standin.FOREIGN_CACHE)
-    assert plan == b"plan" and trt.builds[0][2] == b"" and cache == b"+timings"
-    assert note == "the timing cache was made on another GPU or TensorRT version: building with a new one"
+    assert plan == b"encoder:1,2,4" and trt.builds[0][2] == b"" and cache == b"+timings"
+    assert note == NEW_CACHE_NOTE == ("the timing cache was made on another GPU or TensorRT version: building "
+                                      "with a new one")
     trt, (_, cache, note) = _build(tmp_path, "10.9.0", cache=b"ours")
     assert trt.builds[0][2] == b"ours" and cache == b"ours+timings" and note is None
 
 
+@pytest.mark.parametrize("stale_cache", ["none", "raise"])
+def test_a_timing_cache_tensorrt_cannot_read_is_replaced_with_a_note(tmp_path, stale_cache):
+    """After a TensorRT upgrade (the rebuild the version refusal recommends) ``create_timing_cache`` may give
+    None for the old cache, or raise; Polygraphy's loader guards both."""
+    trt, (plan, cache, note) = _build(tmp_path, "10.13.0", cache=trt_standin.STALE_CACHE, stale_cache=stale_cache)
+    assert plan == b"encoder:1,2,4" and trt.builds[0][2] == b"" and cache == b"+timings" and note == NEW_CACHE_NOTE
+
+
 def test_no_timing_cache_after_a_build_is_no_error(tmp_path):
-    assert _build(tmp_path, "10.9.0", timing_cache="none")[1] == (b"plan", None, None)
+    assert _build(tmp_path, "10.9.0", timing_cache="none")[1] == (b"encoder:1,2,4", None, None)
 
 
 @pytest.mark.parametrize("version,strongly_typed", [("10.11.0", False), ("10.12.0", True), ("11.0.1", True)])
 def test_fp16_is_a_strongly_typed_network_from_tensorrt_10_12(tmp_path, version, strongly_typed):
     trt, _ = _build(tmp_path, version, fp16=True)
-    flags, builder_flags, _ = trt.builds[0]
+    flags, builder_flags = trt.builds[0][:2]
     assert flags == (1 << 1 if strongly_typed else 0)
     assert ("FP16" in builder_flags) is not strongly_typed

@@ -4,27 +4,37 @@ machines without TensorRT. Each call returns what NVIDIA documents for it (Tenso
 ``backend/trt/runner.py`` checks the same return values):
 
 - ``IExecutionContext.set_input_shape``: False for a shape outside the optimisation profile (nothing set);
-- ``set_tensor_address``: False for a name that is not an I/O tensor of the engine;
+- ``set_tensor_address``: False for a name that is not an I/O tensor of the engine; "the pointer must have at
+  least 256-byte alignment": the stand-in refuses (False) a pointer that is not;
 - ``get_tensor_shape``: -1 in an output's dims until every input shape is set;
 - ``execute_async_v3(stream)``: False when an input shape or a tensor address is missing;
 - ``ICudaEngine.get_tensor_profile_shape(name, 0)``: ``[min, opt, max]`` shapes;
 - ``IBuilderConfig.set_timing_cache(cache, ignore_mismatch=False)``: False for a cache made on another device;
+  ``create_timing_cache(data)``: the ``ITimingCache*`` of ``createTimingCache`` (``pyCore.cpp``), None where
+  TensorRT cannot read the data (a cache of another TensorRT version); Polygraphy's loader also guards it
+  raising, so the stand-in can do either (``stale_cache``);
   ``get_timing_cache()``: may be None; ``add_optimization_profile``: the profile's index, -1 if invalid;
-  ``Builder.create_network(flags)``: ``1 << STRONGLY_TYPED`` makes a strongly typed network.
+  ``Builder.create_network(flags)``: ``1 << STRONGLY_TYPED`` makes a strongly typed network;
+  ``build_serialized_network``: None when the build fails.
 
 Engines compute for real, with a torch function over the tensors at the bound addresses, so the buffers must
-be host memory here (``on_host``); a plan file holds the name of the graph it stands for.
+be host memory here (``on_host``); a plan file holds the name of the graph it stands for and, when built by
+the stand-in, the batch profile it was built with (``encoder:1,16,64``).
 """
 from __future__ import annotations
 
 import ctypes
+import importlib.machinery
 import types
+from pathlib import Path
 
 import torch
 
 from engines.contract import DECODER_STEP, ENCODER
 
 FOREIGN_CACHE = b"timing cache from another GPU"
+STALE_CACHE = b"timing cache from another TensorRT version"
+ALIGNMENT = 256
 _DTYPES = {torch.float32: "DataType.FLOAT", torch.int64: "DataType.INT64"}
 
 
@@ -40,7 +50,7 @@ class _Context:
         return True
 
     def set_tensor_address(self, name, ptr):
-        if name not in self.engine.names:
+        if name not in self.engine.names or ptr % ALIGNMENT:
             return False
         self.addresses[name] = ptr
         return True
@@ -96,13 +106,17 @@ class _Engine:
         return self.contexts[-1]
 
 
-def tensorrt(version: str, model=None, dims=None, profile=(1, 2, 4), fail_launch=False, timing_cache="kept"):
-    """A ``tensorrt`` module: engines run ``model`` (``encode``/``step``) within the batch ``profile``;
-    ``timing_cache``: what ``get_timing_cache()`` gives after a build ("kept", or "none")."""
+def tensorrt(version: str, model=None, dims=None, profile=(1, 2, 4), fail_launch=False, timing_cache="kept",
+             stale_cache="none", fail_build=False):
+    """A ``tensorrt`` module: engines run ``model`` (``encode``/``step``) within the batch ``profile`` (or the one
+    their plan was built with); ``timing_cache``: what ``get_timing_cache()`` gives after a build ("kept", or
+    "none"); ``stale_cache``: what ``create_timing_cache(STALE_CACHE)`` does ("none": returns None, "raise");
+    ``fail_build``: every build fails."""
     trt = types.ModuleType("tensorrt")
+    trt.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)  # as an installed module has one
     trt.__version__ = version
     trt.engines = []  # every engine deserialised, for the test to look at
-    trt.builds = []  # (network flags, builder flags set, timing cache given) per build
+    trt.builds = []  # (network flags, builder flags set, timing cache given, profile) per build
 
     class Logger:
         WARNING = 2
@@ -115,11 +129,13 @@ def tensorrt(version: str, model=None, dims=None, profile=(1, 2, 4), fail_launch
             pass
 
         def deserialize_cuda_engine(self, data):
+            name, _, built = data.decode(errors="replace").partition(":")
             graph = {ENCODER.name: (ENCODER, model and model.encode), DECODER_STEP.name: (DECODER_STEP, model and
-                                                                                       model.step)}.get(data.decode())
+                                                                                       model.step)}.get(name)
             if graph is None:
                 return None
-            trt.engines.append(_Engine(*graph, dims, profile, fail_launch, torch.cuda.current_device()))
+            batches = tuple(map(int, built.split(","))) if built else profile
+            trt.engines.append(_Engine(*graph, dims, batches, fail_launch, torch.cuda.current_device()))
             return trt.engines[-1]
 
     class _Cache:
@@ -131,9 +147,13 @@ def tensorrt(version: str, model=None, dims=None, profile=(1, 2, 4), fail_launch
 
     class _Config:
         def __init__(self):
-            self.flags, self.cache = set(), None
+            self.flags, self.cache, self.profile = set(), None, None
 
         def create_timing_cache(self, data):
+            if bytes(data) == STALE_CACHE:
+                if stale_cache == "raise":
+                    raise RuntimeError("stand-in: cannot read the serialized timing cache")
+                return None
             return _Cache(data)
 
         def set_timing_cache(self, cache, ignore_mismatch):
@@ -152,6 +172,7 @@ def tensorrt(version: str, model=None, dims=None, profile=(1, 2, 4), fail_launch
             self.flags.discard(flag)
 
         def add_optimization_profile(self, profile):
+            self.profile = profile.batches
             return 0
 
     class Builder:
@@ -159,23 +180,28 @@ def tensorrt(version: str, model=None, dims=None, profile=(1, 2, 4), fail_launch
             pass
 
         def create_network(self, flags=0):
-            return types.SimpleNamespace(flags=flags)
+            return types.SimpleNamespace(flags=flags, graph=None)
 
         def create_builder_config(self):
             return _Config()
 
         def create_optimization_profile(self):
-            return types.SimpleNamespace(set_shape=lambda name, *shapes: None)
+            profile = types.SimpleNamespace(batches=None)
+            profile.set_shape = lambda name, *shapes: setattr(profile, "batches", tuple(s[0] for s in shapes))
+            return profile
 
         def build_serialized_network(self, network, config):
-            trt.builds.append((network.flags, set(config.flags), config.cache and config.cache.data))
-            return b"plan"
+            trt.builds.append((network.flags, set(config.flags), config.cache and config.cache.data, config.profile))
+            if fail_build:
+                return None
+            return f"{network.graph}:{','.join(map(str, config.profile))}".encode()
 
     class OnnxParser:
         def __init__(self, network, logger):
-            pass
+            self.network = network
 
         def parse_from_file(self, path):
+            self.network.graph = Path(path).name.split(".")[0]  # encoder.fp16.onnx -> encoder
             return True
 
     trt.Logger, trt.Runtime, trt.Builder, trt.OnnxParser = Logger, Runtime, Builder, OnnxParser
