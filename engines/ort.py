@@ -5,7 +5,8 @@ tensors allocated before each run with the contract's shapes, so nothing is copi
 CUDA, decoder state never leaves the GPU between steps. CPU: full graph optimisation, intra-op threads =
 usable cores (not spinning between decoder steps). CUDA (``onnxruntime-gpu``, see ``GPU_INSTALL``): the
 CUDA provider runs on the backend's own stream (``user_compute_stream``) and is told not to synchronise
-the device after each run; the session must really have the CUDA provider (no silent CPU fallback).
+the device after each run; fp32 stays fp32 (``use_tf32=0``: the provider's default lets cuBLAS and cuDNN round
+fp32 inputs to TF32); the session must really have the CUDA provider (no silent CPU fallback).
 """
 from __future__ import annotations
 
@@ -81,8 +82,8 @@ class OrtBackend(GraphBackend):
         if self.device.type == "cuda":
             check_cuda_runtime(ort)
             self.own_stream()
-            providers = [(CUDA, {"device_id": self.device.index, "user_compute_stream": str(self.stream.cuda_stream)}),
-                         "CPUExecutionProvider"]
+            providers = [(CUDA, {"device_id": self.device.index, "user_compute_stream": str(self.stream.cuda_stream),
+                                 "use_tf32": "0"}), "CPUExecutionProvider"]
             self._run_options.add_run_config_entry(NO_SYNC, "1")
         else:
             providers = ["CPUExecutionProvider"]

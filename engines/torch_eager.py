@@ -1,10 +1,13 @@
 """PyTorch eager: the reference backend, plus the CPU options a user would try first.
 
 ``channels_last`` and ``autocast`` (bf16 on CPU, fp16 on CUDA) change only the encoder, where
-the time goes; ``compile`` wraps ``encode`` in ``torch.compile``. Outputs are always float32.
+the time goes; ``compile`` wraps ``encode`` in ``torch.compile``. Outputs are always float32, and what
+runs in fp32 is IEEE fp32, not TF32 (``ieee_fp32``).
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -15,6 +18,22 @@ from engines.errors import BackendUnavailable
 from training.checkpoint import load_checkpoint
 from training.model import ShowAttendTell
 from training.vocab import Vocab
+
+
+@contextmanager
+def ieee_fp32() -> Iterator[None]:
+    """No TF32 inside the block for fp32 convolutions (cuDNN) and matmuls (cuBLAS): torch allows it by default for
+    cuDNN convolutions. Set with torch's legacy flags, restored after: they keep torch's two APIs consistent (one
+    ``fp32_precision`` set by hand makes ``torch.backends.cudnn.allow_tf32``, which inductor reads, raise)."""
+    flags = (torch.backends.cudnn, torch.backends.cuda.matmul)
+    before = [f.allow_tf32 for f in flags]
+    for f in flags:
+        f.allow_tf32 = False
+    try:
+        yield
+    finally:
+        for f, value in zip(flags, before):
+            f.allow_tf32 = value
 
 
 class TorchBackend(Backend):
@@ -44,13 +63,13 @@ class TorchBackend(Backend):
         images = images.to(self.device, non_blocking=True)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), torch.autocast(self.device.type, self.autocast or torch.float32,
-                                                    enabled=self.autocast is not None):
+        with torch.inference_mode(), ieee_fp32(), torch.autocast(self.device.type, self.autocast or torch.float32,
+                                                                 enabled=self.autocast is not None):
             out = self._encode(images)
         return tuple(x.float().contiguous() for x in out)
 
     def step(self, tokens: Tensor, h: Tensor, c: Tensor, features: Tensor, features_proj: Tensor) -> StepOutputs:
-        with torch.inference_mode():
+        with torch.inference_mode(), ieee_fp32():
             return self.model.step(tokens, h, c, features, features_proj)
 
     def describe(self) -> str:

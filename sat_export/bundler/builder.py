@@ -101,8 +101,8 @@ def _gate(model: ShowAttendTell, vocab: Vocab, out_dir: Path, manifest: dict, gr
 
 
 def _tensorrt_parity(model: ShowAttendTell, vocab: Vocab, out_dir: Path, manifest: dict) -> ParityReport:
-    """The bundle's TensorRT engines and eager fp32 on the CPU (on the GPU, cuDNN's default TF32
-    convolutions would be the larger error), both judged against float64, at the engines' precision."""
+    """The bundle's TensorRT engines and eager fp32 on the CPU, both judged against float64, at the engines'
+    precision."""
     from engines.torch_eager import TorchBackend
     from sat_export.bundler.tensorrt import open_engines
 

@@ -37,6 +37,22 @@ def test_torch_cpu_options_keep_float32_outputs_close_to_fp32(vocab):
         assert rel < tol, (opts, rel)
 
 
+def test_torch_fp32_runs_in_ieee_fp32_not_tf32_and_leaves_the_callers_flags_alone(vocab):
+    """torch's default lets cuDNN convolutions round fp32 to TF32 on Ampere and later GPUs
+    (``torch.backends.cudnn.allow_tf32`` True): the encoder and the step run with TF32 off, read here from inside
+    the model (the flags are torch's, set the same on any device)."""
+    seen = []
+    backend = TorchBackend(tiny_model(), vocab)
+    for module in (backend.model.backbone, backend.model.lstm):
+        module.register_forward_hook(lambda *_: seen.append((torch.backends.cudnn.allow_tf32,
+                                                             torch.backends.cuda.matmul.allow_tf32)))
+    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    enc = backend.encode(torch.randn(2, 3, 64, 64))
+    backend.step(torch.zeros(2, dtype=torch.long), enc[2], enc[3], enc[0], enc[1])
+    assert seen == [(False, False)] * 2
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
+
+
 def test_registry_refuses_unknown_names_and_bad_combinations(tiny_ckpt, tmp_path):
     with pytest.raises(SatError, match="unknown backend"):
         open_backend(tiny_ckpt, "tvm")

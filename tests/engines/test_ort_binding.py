@@ -92,9 +92,19 @@ def test_cuda_sessions_run_on_the_backends_device_and_own_stream_without_end_of_
     backend = OrtBackend(*bundle.graph_paths("fp32"), bundle.config, bundle.vocab, "cuda:1")
     assert backend.device == torch.device("cuda:1") and backend.stream.device == 1
     assert backend.stream.cuda_stream != 0
-    options = {"device_id": 1, "user_compute_stream": str(backend.stream.cuda_stream)}
+    options = {"device_id": 1, "user_compute_stream": str(backend.stream.cuda_stream), "use_tf32": "0"}
     assert cuda_ort.asked == [[(CUDA, options), "CPUExecutionProvider"]] * 2
     assert backend._run_options.get_run_config_entry(NO_SYNC) == "1"
+
+
+def test_cuda_sessions_compute_fp32_in_fp32_not_tf32(tiny_bundle, cuda_ort):
+    """The CUDA provider's ``use_tf32`` defaults to true (``cuda_execution_provider_info.h``: "By default, enable
+    TF32 to speed up float GEMM/MatMul or cuDNN convolution"); ``"0"`` is parsed as false
+    (``parse_string.h``). fp32 rows must compute in fp32."""
+    cuda_ort.claims_cuda = True
+    bundle = load_bundle(tiny_bundle)
+    OrtBackend(*bundle.graph_paths("fp32"), bundle.config, bundle.vocab, "cuda")
+    assert [dict(providers[0][1])["use_tf32"] for providers in cuda_ort.asked] == ["0", "0"]
 
 
 def test_both_onnxruntime_distributions_installed_is_refused_on_cuda(tiny_bundle, cuda_ort, monkeypatch):
