@@ -3,7 +3,7 @@
 One code path for both devices: IO binding of torch tensors. Inputs are bound by address, outputs to torch
 tensors allocated before each run with the contract's shapes, so nothing is copied on either device and, on
 CUDA, decoder state never leaves the GPU between steps. CPU: full graph optimisation, intra-op threads =
-usable cores (not spinning between decoder steps). CUDA (``onnxruntime-gpu``, see ``GPU_INSTALL``): the
+usable cores (not spinning between decoder steps). CUDA (``onnxruntime-gpu``, see ``gpu_install``): the
 CUDA provider runs on the backend's own stream (``user_compute_stream``) and is told not to synchronise
 the device after each run; fp32 stays fp32 (``use_tf32=0``: the provider's default lets cuBLAS and cuDNN round
 fp32 inputs to TF32); the session must really have the CUDA provider (no silent CPU fallback).
@@ -25,10 +25,21 @@ from training.machine import usable_cores
 from training.vocab import Vocab
 
 CUDA = "CUDAExecutionProvider"
-# onnxruntime-gpu and onnxruntime install the same `onnxruntime` package: only one may be installed, and pip
-# cannot swap a base dependency for an extra's, so the GPU install removes the CPU one after the fact.
-GPU_INSTALL = ("pip install -e '.[gpu]' && pip uninstall -y onnxruntime onnxruntime-gpu "
-               "&& pip install --no-deps 'onnxruntime-gpu>=1.27'")
+
+
+def gpu_install(extras: str) -> str:
+    """The one command that installs the project with ``extras`` and ends with onnxruntime-gpu alone.
+
+    onnxruntime-gpu and onnxruntime install the same ``onnxruntime`` package: only one may be installed. pip cannot
+    swap a base dependency for an extra's, and every install of the project re-resolves the base ``onnxruntime``
+    (``pip install -e '.[trt]'`` after the swap brings the CPU one back), so the swap comes last, after every extra.
+    """
+    return (f"pip install -e '.[{extras}]' && pip uninstall -y onnxruntime onnxruntime-gpu "
+            "&& pip install --no-deps 'onnxruntime-gpu>=1.27'")
+
+
+GPU_INSTALL = gpu_install("gpu")
+GPU_TRT_INSTALL = gpu_install("gpu,trt")  # onnxruntime's CUDA provider and TensorRT
 # onnxruntime_run_options_config_keys.h: skip the device-wide synchronisation at the end of each run
 # (the torch ops that read the outputs are queued on the same stream).
 NO_SYNC = "disable_synchronize_execution_providers"
@@ -62,7 +73,7 @@ def check_cuda_runtime(ort) -> None:
     if len(found) > 1:
         raise BackendUnavailable(f"both {' and '.join(f'{n} {v}' for n, v in found.items())} are installed; they "
                                  f"overwrite each other's files (import onnxruntime gives the CPU one or a mix): "
-                                 f"{GPU_INSTALL}")
+                                 f"{GPU_INSTALL} (with TensorRT: {GPU_TRT_INSTALL})")
     if CUDA not in ort.get_available_providers():
         raise BackendUnavailable(f"onnxruntime {ort.__version__}: {CUDA} not available (providers "
                                  f"{ort.get_available_providers()}): {GPU_INSTALL}")

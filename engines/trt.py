@@ -22,6 +22,7 @@ from torch import Tensor
 from engines.base import GraphBackend
 from engines.contract import DECODER_STEP, ENCODER, GraphSpec
 from engines.errors import BackendUnavailable, EngineError, ShapeError, refused
+from engines.ort import GPU_TRT_INSTALL
 from training.config import ModelConfig
 from training.vocab import Vocab
 
@@ -33,8 +34,8 @@ def import_tensorrt():
     try:
         import tensorrt
     except ImportError:
-        raise BackendUnavailable("TensorRT is not installed: pip install -e .[trt] "
-                                 "(needs an NVIDIA GPU and the CUDA runtime)") from None
+        raise BackendUnavailable(f"TensorRT is not installed: {GPU_TRT_INSTALL} (needs an NVIDIA GPU and the CUDA "
+                                 "runtime)") from None
     if not torch.cuda.is_available():
         raise BackendUnavailable("TensorRT needs a CUDA GPU, but torch.cuda.is_available() is False")
     return tensorrt

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from engines.ort import GPU_TRT_INSTALL
 from sat_export.bundle.format import DIGEST_KEY, MANIFEST_FILE, _digest, _render
 from training.checkpoint import save_checkpoint
 from training.config import ModelConfig, PreprocessConfig
@@ -167,7 +168,7 @@ def pytest_collection_modifyitems(config, items):
         if "requires_cuda" in item.keywords and not torch.cuda.is_available():
             item.add_marker(pytest.mark.skip(reason="requires a CUDA GPU: torch.cuda.is_available() is False"))
         if "requires_trt" in item.keywords and not (torch.cuda.is_available() and has_tensorrt()):
-            item.add_marker(pytest.mark.skip(reason="requires TensorRT and a CUDA GPU: pip install -e '.[trt]' on a "
+            item.add_marker(pytest.mark.skip(reason=f"requires TensorRT and a CUDA GPU: {GPU_TRT_INSTALL} on a "
                                                     "machine with an NVIDIA GPU"))
         if "requires_openvino" in item.keywords and not has_openvino():
             item.add_marker(pytest.mark.skip(reason="requires OpenVINO and NNCF: pip install 'sat-export[openvino]'"))

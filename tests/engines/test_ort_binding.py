@@ -11,7 +11,7 @@ import torch
 
 import engines.ort as ort_module
 from engines.errors import BackendUnavailable
-from engines.ort import CUDA, GPU_INSTALL, NO_SYNC, OrtBackend
+from engines.ort import CUDA, GPU_INSTALL, GPU_TRT_INSTALL, NO_SYNC, OrtBackend
 from sat_export.bundle.format import load_bundle
 from tests.engines.cuda_standins import FakeCuda
 from training.decode import DecodeOptions, decode
@@ -113,7 +113,7 @@ def test_both_onnxruntime_distributions_installed_is_refused_on_cuda(tiny_bundle
     with pytest.raises(BackendUnavailable) as info:
         OrtBackend(*bundle.graph_paths("fp32"), bundle.config, bundle.vocab, "cuda")
     assert "both onnxruntime 1.32.0 and onnxruntime-gpu 1.31.1 are installed" in str(info.value)
-    assert str(info.value).endswith(GPU_INSTALL)
+    assert str(info.value).endswith(f"{GPU_INSTALL} (with TensorRT: {GPU_TRT_INSTALL})")
 
 
 @pytest.mark.requires_cuda
