@@ -8,7 +8,8 @@ model          backend="auto" picks         notes
 =============  ===========================  ==============================================
 None           the embedded demo model      its bundle is built once into the cache
 checkpoint     onnxruntime (cached bundle)  ``backend="torch"`` runs it eagerly instead
-bundle dir     tensorrt if it has engines   and TensorRT + CUDA are usable, else onnxruntime
+bundle dir     tensorrt if it has engines   of the precision asked for and TensorRT + CUDA are
+                                            usable, else onnxruntime
 =============  ===========================  ==============================================
 
 ``backend="openvino"`` (the ``[openvino]`` extra) is never picked by ``auto``: it runs the bundle's
@@ -92,8 +93,8 @@ def open_backend(model: str | Path | None = None, backend: str = "auto", device:
     threads : inference threads: torch's pool (the torch backend, and the decode loop's own tensor
         ops), onnxruntime's and OpenVINO's; None keeps the runtimes' defaults.
     precision : which of a bundle's graphs onnxruntime runs (fp32, fp16 or int8); for openvino, the
-        encoder's precision (fp32, bf16) or its NNCF int8 encoder (int8); tensorrt runs the precision its
-        engines were built with, which any precision but fp32 (the default) must name.
+        encoder's precision (fp32, bf16) or its NNCF int8 encoder (int8); tensorrt's engines must have been
+        built in it. Always the precision that runs: a run records it (``pipeline.infer.run_settings``).
     options : ``TorchBackend`` options (``channels_last``, ``autocast``, ``compile``).
     """
     if device is None:
@@ -114,9 +115,9 @@ def open_backend(model: str | Path | None = None, backend: str = "auto", device:
         return _open_openvino(bundle, device, threads, precision)
     engines = bundle.manifest.get("tensorrt")
     if backend == "tensorrt" or (backend == "auto" and device.type == "cuda" and engines
-                                 and precision in ("fp32", engines["precision"])):
+                                 and precision == engines["precision"]):
         try:
-            return open_engines(bundle, device, None if precision == "fp32" else precision)
+            return open_engines(bundle, device, precision)
         except BackendUnavailable:
             if backend == "tensorrt":
                 raise

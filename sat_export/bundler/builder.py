@@ -106,8 +106,9 @@ def _tensorrt_parity(model: ShowAttendTell, vocab: Vocab, out_dir: Path, manifes
     from engines.torch_eager import TorchBackend
     from sat_export.bundler.tensorrt import open_engines
 
-    with TorchBackend(model, vocab) as eager, open_engines(load_bundle(out_dir), "cuda") as trt:
-        return verify(eager, trt, manifest["tensorrt"]["precision"], oracle=Float64Oracle(model, vocab))
+    precision = manifest["tensorrt"]["precision"]
+    with TorchBackend(model, vocab) as eager, open_engines(load_bundle(out_dir), "cuda", precision) as trt:
+        return verify(eager, trt, precision, oracle=Float64Oracle(model, vocab))
 
 
 def _mb(path: Path) -> str:

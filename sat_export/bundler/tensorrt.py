@@ -76,13 +76,14 @@ def check_engines(bundle: Bundle, device: torch.device | str | None = None) -> t
     return encoder, decoder
 
 
-def open_engines(bundle: Bundle, device: torch.device | str = "cuda", precision: str | None = None) -> TensorRTBackend:
-    """The bundle's engines on ``device``, checked first (TensorRT version, GPU model, and ``precision`` where
-    one is asked for: engines run the precision they were built with, ``fp32`` or ``fp16``)."""
+def open_engines(bundle: Bundle, device: torch.device | str = "cuda", precision: str = "fp32") -> TensorRTBackend:
+    """The bundle's engines on ``device``, checked first: TensorRT version, GPU model, and ``precision``, which must
+    be the one they were built with (``fp32`` or ``fp16``), so a run that asks for fp32 never runs fp16 engines."""
     device = torch.device(device)
     encoder, decoder = check_engines(bundle, device)  # says what is missing before looking at engines
     built = bundle.manifest["tensorrt"]["precision"]
-    if precision not in (None, built):
-        raise BundleError(f"{bundle.dir}: its TensorRT engines are {built}, not {precision}; rebuild them with "
+    if precision != built:
+        raise BundleError(f"{bundle.dir}: its TensorRT engines are {built}, not {precision}; ask for {built} "
+                          f"(--precision {built}) or rebuild them with "
                           f"`sat-export build{' --fp16' if precision == 'fp16' else ''} --trt`")
-    return TensorRTBackend(encoder, decoder, bundle.config, bundle.vocab, device)
+    return TensorRTBackend(encoder, decoder, bundle.config, bundle.vocab, device, built)

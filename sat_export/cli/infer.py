@@ -119,8 +119,8 @@ def main(
             summary = Summary(skipped=work.done)
     on_nodes = f" on {len(summary.nodes)} Ray node(s)" if summary.nodes else ""
     console.print(printable(f"{out}: captioned {summary.captioned}, errors {summary.errors}, already done "
-                            f"{summary.skipped} in {summary.seconds:.1f} s ({summary.images_per_s:.1f} images/s)"
-                            f"{on_nodes}"), highlight=False, markup=False, soft_wrap=True)
+                            f"{summary.skipped} in {summary.seconds:.1f} s ({summary.images_per_s:.1f} images/s), "
+                            f"at {settings['precision']}{on_nodes}"), highlight=False, markup=False, soft_wrap=True)
     errors = summary.errors + work.done_errors
     if strict and errors:
         raise SatError(f"{errors} file(s) could not be captioned (--strict): see the rows with \"error\" in {out}")

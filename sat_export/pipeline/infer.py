@@ -120,16 +120,17 @@ def open_for_readers(model: str | Path | None, backend: str = "auto", workers: i
 def run_settings(model: str | Path | None, decode: DecodeOptions, full_decode: bool = False,
                  precision: str = "fp32") -> dict:
     """What the rows of a run depend on: the model's identity (``registry.model_sha256``; the demo
-    model by default), how images are decoded, the decoding options and a precision other than fp32.
+    model by default), how images are decoded, the decoding options and the precision, which is the one
+    that runs (``registry.open_backend`` opens nothing else).
 
     ``image_decoding`` is ``reduced`` (large JPEGs at reduced size, as the model's preprocessing
     allows) or ``full``; run records written before it existed (full decoding) do not match either,
-    so their rows are not resumed together with rows of another decoding. Rows made before there was
-    a choice of precision were fp32, and their records say nothing of it.
+    so their rows are not resumed together with rows of another decoding. Records written before the
+    precision was always recorded left fp32 out (``outputs.UNRECORDED``).
     """
-    settings = {"model_sha256": model_sha256(model), "image_decoding": "full" if full_decode else "reduced",
-                "beam": decode.beam, "max_len": decode.max_len, "length_penalty": decode.length_penalty}
-    return settings if precision == "fp32" else {**settings, "precision": precision}
+    return {"model_sha256": model_sha256(model), "image_decoding": "full" if full_decode else "reduced",
+            "beam": decode.beam, "max_len": decode.max_len, "length_penalty": decode.length_penalty,
+            "precision": precision}
 
 
 def plan(paths: Iterable[str | Path], out: str | Path, overwrite: bool = False, settings: dict | None = None,

@@ -134,8 +134,13 @@ def _check_run_record(out: Path, settings: dict) -> None:
     refuse_other_settings(out, before, settings)
 
 
+UNRECORDED = {"precision": "fp32"}  # what records written before these settings were recorded mean by leaving them out
+
+
 def refuse_other_settings(out: str | Path, before: dict, settings: dict) -> None:
-    """``OutputError`` naming each setting that differs (one recorded on one side only differs too)."""
+    """``OutputError`` naming each setting that differs (one recorded on one side only differs too, except one of
+    ``UNRECORDED`` left out of ``before``, which has its value there)."""
+    before = {**UNRECORDED, **before}
     changed = [f"{key} {before.get(key)!r} -> {settings.get(key)!r}" for key in dict.fromkeys([*settings, *before])
                if before.get(key) != settings.get(key)]
     if changed:

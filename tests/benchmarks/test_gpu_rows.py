@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from benchmarks.configs import config_by_key, open_config
-from sat_export.bundle.format import write_manifest
+from sat_export.bundle.format import load_bundle, write_manifest
 from sat_export.errors import BundleError
 from sat_export.registry import open_backend
 from tests.conftest import manifest_of, tiny_model
@@ -44,16 +44,24 @@ def test_the_trt_fp16_row_opens_the_bundles_fp16_engines(engines_bundle, tiny_ck
         assert backend.name == "tensorrt" and backend.device == torch.device("cuda:0")
 
 
-def test_auto_on_cuda_picks_the_engines_for_their_precision_and_the_default(engines_bundle):
+def test_fp16_engines_open_only_when_fp16_is_asked_for(engines_bundle, monkeypatch):
+    """The precision asked for is the one that runs (and that a run records): the default, fp32, never opens fp16
+    engines; ``auto`` then goes to onnxruntime's fp32 graphs (on CUDA here: refused, onnxruntime-gpu is absent)."""
     bundle = engines_bundle("fp16")
-    for precision in ("fp16", "fp32"):  # fp32, the default, asks for no precision in particular
-        with open_backend(bundle, "auto", "cuda", precision=precision) as backend:
-            assert backend.name == "tensorrt"
+    with pytest.raises(BundleError, match=r"its TensorRT engines are fp16, not fp32; ask for fp16 \(--precision "
+                                          r"fp16\) or rebuild them with `sat-export build --trt`"):
+        open_backend(bundle, "tensorrt", "cuda")
+    with open_backend(bundle, "auto", "cuda", precision="fp16") as backend:
+        assert backend.name == "tensorrt" and backend.precision == "fp16"
+    opened = []
+    monkeypatch.setattr("engines.ort.OrtBackend.__init__", lambda self, *args, **kw: opened.append(args[:2]))
+    open_backend(bundle, "auto", "cuda")
+    assert opened == [load_bundle(bundle).graph_paths("fp32")]
 
 
 def test_the_trt_fp16_row_refuses_fp32_engines_in_one_line(engines_bundle, tiny_ckpt):
     bundle = engines_bundle("fp32")
     with pytest.raises(BundleError) as info:
         open_config(config_by_key("trt-fp16"), tiny_ckpt, bundle)
-    assert str(info.value) == (f"{bundle}: its TensorRT engines are fp32, not fp16; rebuild them with "
-                               "`sat-export build --fp16 --trt`")
+    assert str(info.value) == (f"{bundle}: its TensorRT engines are fp32, not fp16; ask for fp32 (--precision fp32) "
+                               "or rebuild them with `sat-export build --fp16 --trt`")

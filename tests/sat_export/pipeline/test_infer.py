@@ -222,7 +222,7 @@ def test_resuming_with_another_model_or_decoding_is_refused_and_changes_nothing(
         plan([tmp_path / "in"], out, settings=run_settings(tiny_ckpt, DecodeOptions(beam=3)))
     with pytest.raises(OutputError, match="model_sha256"):
         plan([tmp_path / "in"], out, settings=run_settings(tiny_bundle, DecodeOptions()))
-    with pytest.raises(OutputError, match="precision None -> 'bf16'"):
+    with pytest.raises(OutputError, match="precision 'fp32' -> 'bf16'"):
         plan([tmp_path / "in"], out, settings=run_settings(tiny_ckpt, DecodeOptions(), precision="bf16"))
     assert out.read_bytes() == before
     assert plan([tmp_path / "in"], out, settings=greedy).done == 3  # same settings: resumed
@@ -235,9 +235,23 @@ def test_rows_made_at_another_precision_are_not_resumed_at_fp32(tmp_path, backen
     out = tmp_path / "c.jsonl"
     run(backend, plan([tmp_path / "in"], out, settings=run_settings(tiny_ckpt, DecodeOptions(), precision="int8")),
         InferOptions())
-    with pytest.raises(OutputError, match="precision 'int8' -> None"):  # recorded on one side only is a change
+    with pytest.raises(OutputError, match="precision 'int8' -> 'fp32'"):
         plan([tmp_path / "in"], out, settings=run_settings(tiny_ckpt, DecodeOptions()))
     assert plan([tmp_path / "in"], out, settings=run_settings(tiny_ckpt, DecodeOptions(), precision="int8")).done == 2
+
+
+def test_every_run_record_names_its_precision_and_an_older_one_without_it_was_fp32(tmp_path, backend, tiny_ckpt):
+    write_images(tmp_path / "in", 2)
+    out = tmp_path / "c.jsonl"
+    fp32 = run_settings(tiny_ckpt, DecodeOptions())
+    run(backend, plan([tmp_path / "in"], out, settings=fp32), InferOptions())
+    record = json.loads(run_record_path(out).read_text())
+    assert record["precision"] == "fp32"
+    del record["precision"]  # as records were written before every one named its precision
+    run_record_path(out).write_text(json.dumps(record))
+    with pytest.raises(OutputError, match="precision 'fp32' -> 'fp16'"):
+        plan([tmp_path / "in"], out, settings=run_settings(tiny_ckpt, DecodeOptions(), precision="fp16"))
+    assert plan([tmp_path / "in"], out, settings=fp32).done == 2
 
 
 @pytest.mark.requires_openvino
@@ -298,6 +312,7 @@ def test_cli_summary_and_strict_exit_code(mixed_folder, tmp_path, tiny_ckpt):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert f"captioned {len(GOOD)}, errors {len(BAD)}, already done 0" in result.output
+    assert "images/s), at fp32" in result.output  # the precision that ran
     result = CliRunner().invoke(app, [*args, "--strict"])  # nothing left to do, the errors are still there
     assert result.exit_code == 1 and f"{len(BAD)} file(s) could not be captioned" in result.output
     assert len(read_rows(out)) == len(GOOD) + len(BAD)

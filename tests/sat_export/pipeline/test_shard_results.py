@@ -9,12 +9,13 @@ import sys
 import time
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 from typer.testing import CliRunner
 
 from sat_export.cli.infer import app
-from sat_export.results.parquet import read_results
+from sat_export.results.parquet import read_info, read_results
 from tests.conftest import one_line_error
 from tests.sat_export.pipeline.test_infer import read_rows
 from tests.sat_export.pipeline.test_shards import infer, write_image_tars, write_parquet_shards, write_webdataset
@@ -45,6 +46,7 @@ def test_a_rerun_skips_done_shards_redoes_a_changed_one_and_refuses_other_settin
     out = f"{tmp_path}/results/"
     common = [tmp_path / "pq", "--out", out, "--model", tiny_ckpt, "--backend", "torch"]
     assert "captioned 8, errors 2, already done 0" in infer(*common)
+    assert read_info(fsspec.filesystem("file"), f"{out}/00000.parquet").record["settings"]["precision"] == "fp32"
     stamp = os.stat(f"{out}/00000.parquet").st_mtime_ns
     assert "captioned 0, errors 0, already done 10" in infer(*common)
     write_parquet_shards(tmp_path / "new", n_shards=2, failed=0)
