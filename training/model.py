@@ -28,8 +28,8 @@ class Attention(nn.Module):
 
     def forward(self, features: Tensor, features_proj: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
         e = self.full_att(self.act(features_proj + self.dec_att(h).unsqueeze(1))).squeeze(2)  # (n_img, n_pix)
-        alpha = torch.softmax(e, dim=1)  # (n_img, n_pix)
-        context = torch.bmm(alpha.unsqueeze(1), features).squeeze(1)  # (n_img, enc_dim)
+        alpha = torch.softmax(e.float(), dim=1)  # (n_img, n_pix), float32 at any precision
+        context = torch.bmm(alpha.unsqueeze(1).to(features.dtype), features).squeeze(1)  # (n_img, enc_dim)
         return context, alpha
 
 
@@ -74,14 +74,28 @@ class ShowAttendTell(nn.Module):
     def step(
         self, tokens: Tensor, h: Tensor, c: Tensor, features: Tensor, features_proj: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The decoder_step graph: one word for every row -> ``logprobs, alpha, h_next, c_next``."""
+        """The decoder_step graph: one word for every row -> ``logprobs, alpha, h_next, c_next``.
+
+        In a half-precision model (the fp16 graphs' source) the attention softmax, the log-softmax and the LSTM cell
+        state stay float32, as the outputs are; ``h`` and ``c`` may be of any float dtype."""
         emb = self.embedding(tokens)  # (n_img, emb_dim)
+        h = h.to(self.fc.weight.dtype)
         context, alpha = self.attention(features, features_proj, h)  # (n_img, enc_dim), (n_img, n_pix)
         if self.f_beta is not None:
             context = torch.sigmoid(self.f_beta(h)) * context  # gate beta: (n_img, enc_dim)
-        h_next, c_next = self.lstm(torch.cat([emb, context], dim=1), (h, c))  # (n_img, dec_dim) each
-        logits = self.fc(self.dropout(h_next))  # (n_img, vocab)
-        return torch.log_softmax(logits, dim=1), alpha, h_next, c_next
+        h_next, c_next = self.cell(torch.cat([emb, context], dim=1), h, c)  # (n_img, dec_dim) each, float32
+        logits = self.fc(self.dropout(h_next.to(self.fc.weight.dtype)))  # (n_img, vocab)
+        return torch.log_softmax(logits.float(), dim=1), alpha, h_next, c_next
+
+    def cell(self, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        """``self.lstm``'s LSTM cell (``nn.LSTMCell``'s gates i, f, g, o), with the gates' nonlinearities and the
+        cell state in float32 whatever the weights' precision: in a half-precision model only the two matmuls run
+        in half. ``x (n_img, emb_dim + enc_dim)``, ``h (n_img, dec_dim)`` in the weights' dtype, ``c`` any float."""
+        lstm = self.lstm
+        gates = F.linear(x, lstm.weight_ih, lstm.bias_ih) + F.linear(h, lstm.weight_hh, lstm.bias_hh)  # (n_img, 4*dec_dim)
+        i, f, g, o = gates.float().chunk(4, dim=1)  # (n_img, dec_dim) each
+        c_next = torch.sigmoid(f) * c.float() + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c_next), c_next
 
     def decode_teacher_forced(self, features: Tensor, captions: Tensor) -> tuple[Tensor, Tensor]:
         """Feed ground-truth ``captions[:, :-1]`` (``(n_img, T+1)``, starting with ``<start>``).

@@ -4,7 +4,12 @@ Each graph is a thin wrapper module that calls the model's method (nothing is re
 traced with ``torch.onnx.export(dynamo=True)`` from an example batch of 2 with a dynamic
 ``batch`` axis on every input (a batch-1 example would bake a static batch). Weights are stored
 inside the ``.onnx`` files. ``fp16`` graphs come from a half-precision copy of the model; their
-inputs and outputs stay float32 (cast at the graph boundary), so every runtime feeds them alike.
+inputs and outputs stay float32 (cast at the graph boundary), so every runtime feeds them alike, and
+the model's ``step`` keeps the attention softmax, the log-softmax and the LSTM cell state in float32
+(``ShowAttendTell.step``): the state carried from step to step never passes through fp16. (Not a
+block list in a graph conversion, as onnxconverter-common does: its converter, also onnxruntime's
+``transformers.float16``, casts every kept node's output back to fp16, and the state input to fp16
+before casting it up, so the state would still be rounded to fp16 at every step.)
 """
 from __future__ import annotations
 
@@ -49,7 +54,7 @@ class DecoderStepGraph(nn.Module):
         self.model, self.dtype = model, dtype
 
     def forward(self, tokens: Tensor, h: Tensor, c: Tensor, features: Tensor, features_proj: Tensor):
-        h, c, features, features_proj = (t.to(self.dtype) for t in (h, c, features, features_proj))
+        features, features_proj = (t.to(self.dtype) for t in (features, features_proj))
         return tuple(t.float() for t in self.model.step(tokens, h, c, features, features_proj))
 
 

@@ -90,3 +90,14 @@ def test_config_rejects_bad_values_and_mismatched_backbone():
         ShowAttendTell(tiny_config(enc_dim=2048))
     with pytest.raises(ValueError, match="preset"):
         make_model(10, preset="huge")
+
+
+def test_the_cell_is_lstmcell_and_keeps_its_state_in_float32_in_a_half_model():
+    model = tiny_model()
+    x, h, c = torch.randn(3, 64), torch.randn(3, 32), torch.randn(3, 32)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(model.cell(x, h, c), model.lstm(x, (h, c))))
+        half = tiny_model().half()
+        enc = half.encode(torch.randn(2, 3, 64, 64).half())
+        logprobs, alpha, h_next, c_next = half.step(torch.zeros(2, dtype=torch.long), enc[2], enc[3].float(), *enc[:2])
+    assert [t.dtype for t in (logprobs, alpha, h_next, c_next)] == [torch.float32] * 4

@@ -100,3 +100,25 @@ def test_fp16_pair_keeps_float32_io_and_passes_fp16_parity(tmp_path, vocab):
     report = verify_onnx(model, vocab, paths[ENCODER.name], paths[DECODER_STEP.name], "fp16")
     assert report.passed, report.to_dict()
     assert max(d.rel_l2 for d in report.diffs) > 1e-6  # really reduced precision, not an fp32 copy
+
+
+def test_fp16_step_keeps_its_softmaxes_and_the_cell_state_in_float32(tmp_path):
+    """The attention softmax and the log-softmax read float32, and nothing on the way from the cell state ``c`` to
+    ``c_next`` is fp16: the state carried across steps is never rounded to fp16."""
+    path = export_onnx(tiny_model(), tmp_path, "fp16")[DECODER_STEP.name]
+    graph = onnx.shape_inference.infer_shapes(onnx.load(str(path))).graph
+    dtype = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
+    softmaxes = [n for n in graph.node if n.op_type in ("Softmax", "LogSoftmax")]
+    assert len(softmaxes) == 2 and all(dtype[n.input[0]] == onnx.TensorProto.FLOAT for n in softmaxes)
+    after_c, producer = {"c"}, {out: n for n in graph.node for out in n.output}
+    for node in graph.node:  # topological order: every tensor computed from c
+        if after_c & set(node.input):
+            after_c.update(node.output)
+    path_to_c_next, todo = set(), ["c_next"]
+    while todo:  # every tensor c_next is computed from
+        name = todo.pop()
+        if name not in path_to_c_next:
+            path_to_c_next.add(name)
+            todo += list(producer[name].input) if name in producer else []
+    on_the_way = after_c & path_to_c_next
+    assert {"c", "c_next"} < on_the_way and {dtype[t] for t in on_the_way} == {onnx.TensorProto.FLOAT}
