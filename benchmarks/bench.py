@@ -2,8 +2,9 @@
 
 Per configuration (``benchmarks.configs``), as nanoGPT's ``bench.py`` measures:
 
-1. open it; the time and the resident memory it adds are recorded, and a failure becomes the
-   row's status while the other rows go on;
+1. open it (TensorRT rows: build their engines for the run's batches first, ``configs.trt_profile``);
+   the time and the resident memory it adds are recorded, and a failure becomes the row's status while
+   the other rows go on;
 2. accuracy pass: every bench image once (the prepared model's 500 held-out images), at the
    largest batch size; its captions are judged against PyTorch eager fp32's by the task rule
    (``training.faithful``: corpus BLEU-4 and CIDEr-D >= 99 % of eager's, paired-bootstrap
@@ -38,7 +39,7 @@ import torch
 from rich.console import Console
 
 from benchmarks.ceilings import encoder_macs, gemm_rates
-from benchmarks.configs import BASELINE, CONFIGS, BenchConfig, emulated, open_config
+from benchmarks.configs import BASELINE, CONFIGS, BenchConfig, emulated, open_config, trt_profile
 from benchmarks.options import BenchOptions
 from benchmarks.prepare import BenchModel
 from engines.base import Backend
@@ -76,6 +77,7 @@ class Row:
     status: str = "ok"
     backend: Backend | None = None
     description: str = ""
+    batch_profile: tuple[int, int, int] | None = None  # TensorRT rows: the engines' (min, opt, max) batch
     setup_s: float | None = None
     first_batch_s: float | None = None
     load_rss_mb: float | None = None
@@ -186,10 +188,11 @@ def _open(row: Row, model: BenchModel, options: BenchOptions) -> None:
         row.status = "skipped: --quick (its setup takes minutes)"
         return
     before, start = rss_mb(), time.perf_counter()
-    row.backend = _guard(row, "opening", lambda: open_config(row.config, model.ckpt, model.bundle))
+    profile = trt_profile(options.batch_sizes, options.beam)
+    row.backend = _guard(row, "opening", lambda: open_config(row.config, model.ckpt, model.bundle, profile))
     if row.backend is not None:
         row.setup_s, row.load_rss_mb = time.perf_counter() - start, rss_mb() - before
-        row.description = row.backend.describe()
+        row.description, row.batch_profile = row.backend.describe(), row.backend.batch_profile
 
 
 def _caption_all(row: Row, images: torch.Tensor, batch: int, special_ids: dict, options: DecodeOptions) -> None:

@@ -9,6 +9,7 @@ torch-bf16             + bf16 autocast (channels-last)               torch      
 torch-compile          ``torch.compile`` of the encoder              torch        fp32       cpu
 ort-fp32               the bundle's fp32 graphs                      onnxruntime  fp32       cpu
 ort-int8               int8 (QDQ) encoder + fp32 decoder step        onnxruntime  int8       cpu
+ort-fp16               the bundle's fp16 graphs (judged for accuracy)  onnxruntime  fp16       cpu
 ov-fp32                the fp32 encoder on OpenVINO, f32 pinned      openvino     fp32       cpu
 ov-bf16                the fp32 encoder on OpenVINO, bf16            openvino     bf16       cpu
 ov-int8                the NNCF int8 encoder on OpenVINO             openvino     int8       cpu
@@ -21,6 +22,10 @@ trt-fp16               the bundle's TensorRT fp16 engines            tensorrt   
 
 Every row is opened by ``sat_export.registry.open_backend`` (the one place that maps a runtime
 name to its backend); a row that cannot run here gets a status that says why, and the others go on.
+``trt-fp16`` builds its engines when it opens, for the batch profile the run needs (``engines_for``),
+so a failed build is that row's error. ``ort-fp16`` runs the fp16 graphs the GPU rows are built from; on
+the CPU onnxruntime computes most of them through casts to fp32: the row judges their accuracy (the
+same task rule as every row), its speed says nothing of a GPU's.
 The OpenVINO rows (the ``[openvino]`` extra) run only the encoder on OpenVINO; their decoder step is
 onnxruntime's fp32 one (``engines.openvino``).
 A row whose precision this CPU only emulates (bf16 without AVX-512 BF16 or AMX) runs, is timed and
@@ -35,6 +40,7 @@ import torch
 
 from engines.base import Backend
 from engines.errors import BackendUnavailable
+from sat_export.bundler.tensorrt import engines_for
 from sat_export.registry import open_backend
 from training.machine import cpu_info
 
@@ -61,6 +67,7 @@ CONFIGS: tuple[BenchConfig, ...] = (
     BenchConfig("torch-compile", "PyTorch torch.compile", "torch", options={"compile": True}, quick=False),
     BenchConfig("ort-fp32", "onnxruntime fp32", "onnxruntime"),
     BenchConfig("ort-int8", "onnxruntime int8 encoder", "onnxruntime", "int8"),
+    BenchConfig("ort-fp16", "onnxruntime fp16 graphs", "onnxruntime", "fp16"),
     BenchConfig("ov-fp32", "OpenVINO fp32 encoder", "openvino"),
     BenchConfig("ov-bf16", "OpenVINO bf16 encoder", "openvino", "bf16"),
     BenchConfig("ov-int8", "OpenVINO NNCF int8 encoder", "openvino", "int8"),
@@ -96,8 +103,9 @@ def unavailable(config: BenchConfig) -> str | None:
     return None
 
 
-def open_config(config: BenchConfig, ckpt: Path, bundle: Path) -> Backend:
-    """The backend ``config`` describes, for checkpoint ``ckpt`` and its bundle ``bundle``.
+def open_config(config: BenchConfig, ckpt: Path, bundle: Path, profile: tuple[int, int, int]) -> Backend:
+    """The backend ``config`` describes, for checkpoint ``ckpt`` and its bundle ``bundle``; TensorRT's engines
+    are built into ``bundle`` first for the batch ``profile`` (min, opt, max) unless it has them.
 
     Raises ``BackendUnavailable`` when the row cannot run here (its message becomes the status).
     """
@@ -106,4 +114,12 @@ def open_config(config: BenchConfig, ckpt: Path, bundle: Path) -> Backend:
         raise BackendUnavailable(reason)
     if config.runtime == "torch":
         return open_backend(ckpt, "torch", config.device, **config.options)
+    if config.runtime == "tensorrt":
+        engines_for(bundle, config.precision, profile)
     return open_backend(bundle, config.runtime, config.device, precision=config.precision)
+
+
+def trt_profile(batch_sizes: tuple[int, ...], beam: int) -> tuple[int, int, int]:
+    """The TensorRT batch profile a run needs: its largest batch of images, times ``beam`` rows at most (beam
+    search steps every beam of every image at once), so no call is split and no shape is out of range."""
+    return 1, max(batch_sizes), max(batch_sizes) * beam

@@ -37,6 +37,7 @@ def _row_doc(row: Row) -> dict:
     c = row.config
     doc = {"key": c.key, "label": c.label, "runtime": c.runtime, "precision": c.precision, "device": c.device,
            "options": {k: str(v) for k, v in c.options.items()}, "status": row.status, "backend": row.description,
+           "batch_profile": list(row.batch_profile) if row.batch_profile else None,
            "setup_s": _round(row.setup_s), "first_batch_s": _round(row.first_batch_s),
            "load_rss_mb": _round(row.load_rss_mb, 0), "emulated": emulated(c),
            "agreement": _round(row.agreement, 4), "agreement_images": len(row.captions) if row.captions else None,
@@ -125,15 +126,16 @@ def verdict(rows: list[dict], batch: int, ceilings: dict | None = None) -> dict:
 
 def print_table(doc: dict, console: Console) -> None:
     """Timing: one line per configuration and batch size (a row that did not run gets one line, its
-    status below). Accuracy: one line per configuration, on every bench image: BLEU-4 and CIDEr-D,
+    status below; TensorRT rows name the min/opt/max batch their engines were built for). Accuracy: one line per configuration, on every bench image: BLEU-4 and CIDEr-D,
     their difference to eager fp32 with the 95 % paired-bootstrap interval, the task-rule verdict
     and the share of identical captions."""
     images, machine = doc["images"], doc["machine"]
     timing = Table(title=f"sat-bench timing: {images['timing_images']} images {images['size'][0]}x"
                          f"{images['size'][1]}, beam {doc['options']['beam']}, {machine['isa']}, "
                          f"{machine['usable_cores']} cores")
-    for name in ("configuration", "status", "batch", "median ms", "p90 ms", "img/s", "x eager", "encoder ms",
-                 "enc % GEMM", "decode ms", "peak RSS MB", "faithful"):
+    profiles = any(row.get("batch_profile") for row in doc["rows"])  # TensorRT rows: what their engines were built for
+    for name in ("configuration", "status", *(("TRT profile",) if profiles else ()), "batch", "median ms", "p90 ms",
+                 "img/s", "x eager", "encoder ms", "enc % GEMM", "decode ms", "peak RSS MB", "faithful"):
         timing.add_column(name, justify="left" if name in ("configuration", "status") else "right")
     accuracy = Table(title=f"sat-bench accuracy: {images['n']} images, references: {images['references']}")
     for name in ("configuration", "BLEU-4", "diff [95% CI]", "CIDEr-D", "diff [95% CI]", "faithful", "identical"):
@@ -141,11 +143,12 @@ def print_table(doc: dict, console: Console) -> None:
     for row in doc["rows"]:
         faithful = _faithful(row)
         status = "emulated" if row["status"] == "ok" and row["emulated"] else row["status"].split(":")[0]
+        lead = [row["key"], status, *(["/".join(map(str, row.get("batch_profile") or ()))] if profiles else [])]
         if not row["batches"]:
-            timing.add_row(row["key"], status, *[""] * 9, faithful)
+            timing.add_row(*lead, *[""] * 9, faithful)
         for size, s in row["batches"].items():
             share = s["encoder_share_of_gemm"]
-            timing.add_row(row["key"], status, size, f"{s['latency_ms']['median']:.1f}",
+            timing.add_row(*lead, size, f"{s['latency_ms']['median']:.1f}",
                            f"{s['latency_ms']['p90']:.1f}", f"{s['images_per_s']:.1f}",
                            "" if s["speedup_vs_eager"] is None else f"{s['speedup_vs_eager']:.2f}",
                            f"{s['encoder_ms']:.1f}", "" if share is None else f"{share:.0%}", f"{s['decode_ms']:.1f}",

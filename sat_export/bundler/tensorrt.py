@@ -14,7 +14,7 @@ import torch
 from engines.contract import DECODER_STEP, ENCODER
 from engines.trt import TensorRTBackend, import_tensorrt
 from engines.trt_build import DEFAULT_PROFILE, build_plan, check_profile, strongly_typed_fp16
-from sat_export.bundle.format import TIMING_CACHE, Bundle, graph_file, load_bundle
+from sat_export.bundle.format import TIMING_CACHE, Bundle, graph_file, load_bundle, read_manifest, write_manifest
 from sat_export.errors import BundleError
 
 
@@ -53,6 +53,20 @@ def build_engines(bundle_dir, fp16: bool = False, profile: tuple[int, int, int] 
             "precision": "fp16" if fp16 else "fp32", "onnx": source,
             "profile": dict(zip(("min", "opt", "max"), profile)), "files": files,
             "timing_cache": None if cache is None else TIMING_CACHE}
+
+
+def engines_for(bundle_dir, precision: str, profile: tuple[int, int, int], notes: list[str] | None = None) -> None:
+    """Make the bundle's TensorRT engines ``precision`` (fp32 or fp16) engines for batch ``profile``, built by this
+    TensorRT on this GPU: kept when they are, else built now and recorded in the manifest (no parity gate: the
+    caller judges them, as ``sat-bench`` does). Raises as ``build_engines``."""
+    trt = import_tensorrt()
+    manifest = read_manifest(bundle_dir)
+    want = {"tensorrt": trt.__version__, "gpu": torch.cuda.get_device_name(torch.cuda.current_device()),
+            "precision": precision, "profile": dict(zip(("min", "opt", "max"), check_profile(profile)))}
+    have = manifest.get("tensorrt") or {}
+    if any(have.get(key) != value for key, value in want.items()):
+        manifest["tensorrt"] = build_engines(bundle_dir, precision == "fp16", profile, notes)
+        write_manifest(bundle_dir, manifest)
 
 
 def check_engine_compatible(plan: Path, built_with: dict, trt_version: str, gpu_name: str) -> None:
