@@ -29,6 +29,7 @@ from PIL import Image
 
 from engines.base import Backend
 from sat_export.errors import OutputError
+from sat_export.faults import INPUT, IO, error_kind
 from sat_export.options import InferOptions, SourceOptions, default_workers
 from sat_export.pipeline.inputs import InputItem, discover
 from sat_export.pipeline.outputs import OutputLock, check_output_paths, resume_output, row_line, whole_rows
@@ -102,6 +103,7 @@ class Loaded:
     pixels: np.ndarray | None  # (3, crop, crop) float32
     error: str | None
     thumbnail: Image.Image | None = None  # kept for overlays only
+    error_kind: str = IO  # of ``error`` (``sat_export.faults``)
 
 
 def open_for_readers(model: str | Path | None, backend: str = "auto", workers: int | None = None,
@@ -228,7 +230,7 @@ def read_item(item: InputItem, cfg: PreprocessConfig, max_pixels: int = DEFAULT_
     With ``thumbnail``, the decoded image is also kept, shrunk to at most that many pixels a side.
     """
     if item.error is not None:
-        return Loaded(item, None, item.error)
+        return Loaded(item, None, item.error, error_kind=item.error_kind)
     try:
         with _open_image(item) as f:  # opened here so a permission error reads as one; Pillow reads lazily
             image = load_rgb(f, max_pixels, None if full_decode else cfg.draft_short_side)
@@ -238,11 +240,11 @@ def read_item(item: InputItem, cfg: PreprocessConfig, max_pixels: int = DEFAULT_
         image.thumbnail((thumbnail, thumbnail))
         return Loaded(item, pixels, None, image)
     except ImageDecodeError as err:
-        return Loaded(item, None, str(err))
+        return Loaded(item, None, str(err), error_kind=INPUT)
     except OSError as err:
-        return Loaded(item, None, f"cannot read file: {err.strerror or err}")
+        return Loaded(item, None, f"cannot read file: {err.strerror or err}", error_kind=error_kind(err))
     except Exception as err:  # noqa: BLE001 - a decoder plugin bug on one file must not stop the run
-        return Loaded(item, None, f"cannot decode image: {type(err).__name__}: {first_line(err)}")
+        return Loaded(item, None, f"cannot decode image: {type(err).__name__}: {first_line(err)}", error_kind=INPUT)
 
 
 def _open_image(item: InputItem) -> BinaryIO:
@@ -319,7 +321,7 @@ def caption_rows(backend: Backend, batch: list[Loaded], options: DecodeOptions) 
     out: list[tuple[dict, np.ndarray | None]] = []
     for entry in batch:
         if entry.pixels is None:
-            out.append(({**row_start(entry.item), "error": entry.error}, None))
+            out.append(({**row_start(entry.item), "error": entry.error, "error_kind": entry.error_kind}, None))
             continue
         caption = next(captions)
         row = {**row_start(entry.item), "caption": " ".join(backend.vocab.decode(caption.tokens)),

@@ -28,6 +28,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from sat_export.errors import InputError
+from sat_export.faults import IO
 from training.images import image_suffixes
 
 LIST_SUFFIXES = (".txt", ".lst")
@@ -49,6 +50,7 @@ class InputItem:
     opener: Callable[[], BinaryIO] | None = None
     shard: str | None = None
     sample: str | None = None
+    error_kind: str = IO  # of ``error``: ``faults.INPUT`` (the bytes are bad) or ``faults.IO`` (cannot be read)
 
 
 def discover(paths: Iterable[str | Path]) -> list[InputItem]:

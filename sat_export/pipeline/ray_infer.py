@@ -65,16 +65,20 @@ def driver_config(model: str | Path | None, backend: str) -> ModelConfig:
 
 def read_batch(batch: dict[str, np.ndarray], cfg: PreprocessConfig, max_pixels: int,
                full_decode: bool = False) -> dict[str, np.ndarray]:
-    """CPU task: read, decode and preprocess each file of ``batch`` (columns ``path``, ``key``, ``error``).
+    """CPU task: read, decode and preprocess each file of ``batch`` (columns ``path``, ``key``, ``error``,
+    ``error_kind``).
 
-    Adds ``pixels (n, 3, crop, crop)`` float32 (zeros for a bad file) and sets ``error`` ("" when none).
+    Adds ``pixels (n, 3, crop, crop)`` float32 (zeros for a bad file) and sets ``error`` ("" when none)
+    and ``error_kind``.
     """
-    loaded = [read_item(InputItem(Path(path), key, error or None), cfg, max_pixels, full_decode=full_decode)
-              for path, key, error in zip(batch["path"], batch["key"], batch["error"])]
+    loaded = [read_item(InputItem(Path(path), key, error or None, error_kind=kind), cfg, max_pixels,
+                        full_decode=full_decode)
+              for path, key, error, kind in zip(batch["path"], batch["key"], batch["error"], batch["error_kind"])]
     blank = np.zeros((3, cfg.crop, cfg.crop), np.float32)
     return {"path": batch["path"], "key": batch["key"],
             "pixels": np.stack([entry.pixels if entry.pixels is not None else blank for entry in loaded]),
-            "error": np.array([entry.error or "" for entry in loaded], dtype=object)}
+            "error": np.array([entry.error or "" for entry in loaded], dtype=object),
+            "error_kind": np.array([entry.error_kind for entry in loaded], dtype=object)}
 
 
 class Captioner:
@@ -94,8 +98,9 @@ class Captioner:
         self.node = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        loaded = [Loaded(InputItem(Path(path), key), None if error else pixels, error or None)
-                  for path, key, pixels, error in zip(batch["path"], batch["key"], batch["pixels"], batch["error"])]
+        loaded = [Loaded(InputItem(Path(path), key), None if error else pixels, error or None, error_kind=kind)
+                  for path, key, pixels, error, kind in zip(batch["path"], batch["key"], batch["pixels"],
+                                                            batch["error"], batch["error_kind"])]
         pairs = caption_rows(self.backend, loaded, self.decode)
         return {"row": np.array([json.dumps(row, ensure_ascii=False) for row, _ in pairs], dtype=object),
                 "alphas": np.array([alphas.astype(np.float16).tobytes() if alphas is not None and self.keep_alphas
@@ -198,8 +203,8 @@ def _check_fits(resources: dict[str, float], ray_options: RayOptions) -> None:
 def _caption_dataset(ray, plan: Plan, model: str | Path | None, backend: str, config: ModelConfig,
                      options: InferOptions, ray_options: RayOptions, threads: int | None, precision: str):
     """The lazy Dataset: files -> ``read_batch`` CPU tasks -> ``Captioner`` actor pool -> rows."""
-    files = ray.data.from_items([{"path": os.path.abspath(item.path), "key": item.key, "error": item.error or ""}
-                                 for item in plan.todo])
+    files = ray.data.from_items([{"path": os.path.abspath(item.path), "key": item.key, "error": item.error or "",
+                                  "error_kind": item.error_kind} for item in plan.todo])
     # memory: a reader holds one decoded RGB image of up to max_pixels (at most 1 GiB asked); asking for it
     # (actors ask for none) also keeps Ray from fusing reading into the actors, where it would not overlap inference
     pixels = files.map_batches(read_batch, batch_size=options.batch_size, num_cpus=1,

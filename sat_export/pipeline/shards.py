@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from sat_export.errors import InputError
+from sat_export.faults import INPUT, error_kind
 from sat_export.options import SourceOptions
 from sat_export.pipeline.inputs import InputItem
 from training.errors import first_line
@@ -290,7 +291,7 @@ def _tar_samples(shard: Shard, column: str | None) -> Iterator[InputItem]:
     except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
         where = f"after {last}" if last else "at its start"
         yield InputItem(None, shard.name, f"{shard.name}: truncated or corrupt tar, broken {where} ({first_line(err)})",
-                        shard=shard.name)
+                        shard=shard.name, error_kind=error_kind(err))
 
 
 def _tar_item(shard: Shard, key: str, members: dict[str, bytes], column: str | None) -> InputItem:
@@ -300,7 +301,8 @@ def _tar_item(shard: Shard, key: str, members: dict[str, bytes], column: str | N
         images = [column] if column in members else []
     if not images:
         what = f"no {column!r} member" if column else "no image member"
-        return _item(shard, key, error=f"sample has {what} (members: {', '.join(sorted(members)) or 'none'})")
+        return _item(shard, key, error=f"sample has {what} (members: {', '.join(sorted(members)) or 'none'})",
+                     error_kind=INPUT)
     ext = min(images, key=lambda e: IMAGE_EXTS.index(e) if e in IMAGE_EXTS else len(IMAGE_EXTS))
     return _item(shard, key, data=members[ext])
 
@@ -328,11 +330,11 @@ def _parquet_samples(shard: Shard, column: str | None) -> Iterator[InputItem]:
                     yield _parquet_item(shard, str(row if key is None else key), name, value)
                     row += 1
     except InputError as err:
-        yield InputItem(None, shard.name, str(err), shard=shard.name)
+        yield InputItem(None, shard.name, str(err), shard=shard.name, error_kind=INPUT)
     except (pa.ArrowException, OSError, ValueError) as err:
         where = f"after row {row}" if row else "at its start"
         yield InputItem(None, shard.name, f"{shard.name}: cannot read Parquet, broken {where} ({first_line(err)})",
-                        shard=shard.name)
+                        shard=shard.name, error_kind=error_kind(err))
 
 
 def _parquet_item(shard: Shard, key: str, column: str, value) -> InputItem:
@@ -341,7 +343,7 @@ def _parquet_item(shard: Shard, key: str, column: str, value) -> InputItem:
     if isinstance(value, bytes):
         return _item(shard, key, data=value)
     if not value:
-        return _item(shard, key, error=f"sample has no image (column {column!r} is empty)")
+        return _item(shard, key, error=f"sample has no image (column {column!r} is empty)", error_kind=INPUT)
     if is_url(value) and value.partition("://")[0] not in protocols(shard.fs):
         try:
             fs, path = filesystem(value)  # another store: credentials from its standard variables

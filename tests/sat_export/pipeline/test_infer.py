@@ -141,6 +141,8 @@ def test_mixed_folder_gives_one_row_per_file_and_an_error_row_per_bad_file(mixed
     for name, pattern in BAD.items():
         assert re.match(pattern, rows[name]["error"]), rows[name]
         assert "caption" not in rows[name]
+        # could not be read (may succeed later, --retry-errors) vs the bytes are bad (never retried)
+        assert rows[name]["error_kind"] == ("io" if name == "locked.jpg" else "input"), rows[name]
     for key in good_keys:
         row = rows[key]
         assert "error" not in row and isinstance(row["score"], float) and row["score"] <= 0
