@@ -16,6 +16,11 @@ from training.backbones import build_backbone
 from training.config import PRESETS, ModelConfig, backbone_spec
 
 
+def at_least_fp32(x: Tensor) -> Tensor:
+    """``x`` in float32 if it is a half type (fp16, bf16); float32 and float64 (the parity oracle) as they are."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class Attention(nn.Module):
     """Soft (Bahdanau) attention: ``e = w . act(U feats + W h)``, ``alpha = softmax(e)``."""
 
@@ -28,7 +33,7 @@ class Attention(nn.Module):
 
     def forward(self, features: Tensor, features_proj: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
         e = self.full_att(self.act(features_proj + self.dec_att(h).unsqueeze(1))).squeeze(2)  # (n_img, n_pix)
-        alpha = torch.softmax(e.float(), dim=1)  # (n_img, n_pix), float32 at any precision
+        alpha = torch.softmax(at_least_fp32(e), dim=1)  # (n_img, n_pix), float32 at half precision
         context = torch.bmm(alpha.unsqueeze(1).to(features.dtype), features).squeeze(1)  # (n_img, enc_dim)
         return context, alpha
 
@@ -85,16 +90,16 @@ class ShowAttendTell(nn.Module):
             context = torch.sigmoid(self.f_beta(h)) * context  # gate beta: (n_img, enc_dim)
         h_next, c_next = self.cell(torch.cat([emb, context], dim=1), h, c)  # (n_img, dec_dim) each, float32
         logits = self.fc(self.dropout(h_next.to(self.fc.weight.dtype)))  # (n_img, vocab)
-        return torch.log_softmax(logits.float(), dim=1), alpha, h_next, c_next
+        return torch.log_softmax(at_least_fp32(logits), dim=1), alpha, h_next, c_next
 
     def cell(self, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
         """``self.lstm``'s LSTM cell (``nn.LSTMCell``'s gates i, f, g, o), with the gates' nonlinearities and the
-        cell state in float32 whatever the weights' precision: in a half-precision model only the two matmuls run
-        in half. ``x (n_img, emb_dim + enc_dim)``, ``h (n_img, dec_dim)`` in the weights' dtype, ``c`` any float."""
+        cell state in float32 (or float64) whatever the weights' precision: in a half-precision model only the two
+        matmuls run in half. ``x (n_img, emb_dim + enc_dim)``, ``h (n_img, dec_dim)`` in the weights' dtype, ``c`` any float."""
         lstm = self.lstm
         gates = F.linear(x, lstm.weight_ih, lstm.bias_ih) + F.linear(h, lstm.weight_hh, lstm.bias_hh)  # (n_img, 4*dec_dim)
-        i, f, g, o = gates.float().chunk(4, dim=1)  # (n_img, dec_dim) each
-        c_next = torch.sigmoid(f) * c.float() + torch.sigmoid(i) * torch.tanh(g)
+        i, f, g, o = at_least_fp32(gates).chunk(4, dim=1)  # (n_img, dec_dim) each
+        c_next = torch.sigmoid(f) * at_least_fp32(c) + torch.sigmoid(i) * torch.tanh(g)
         return torch.sigmoid(o) * torch.tanh(c_next), c_next
 
     def decode_teacher_forced(self, features: Tensor, captions: Tensor) -> tuple[Tensor, Tensor]:

@@ -101,3 +101,8 @@ def test_the_cell_is_lstmcell_and_keeps_its_state_in_float32_in_a_half_model():
         enc = half.encode(torch.randn(2, 3, 64, 64).half())
         logprobs, alpha, h_next, c_next = half.step(torch.zeros(2, dtype=torch.long), enc[2], enc[3].float(), *enc[:2])
     assert [t.dtype for t in (logprobs, alpha, h_next, c_next)] == [torch.float32] * 4
+    double = tiny_model().double()  # the parity gate's float64 oracle stays float64 throughout
+    with torch.no_grad():
+        enc = double.encode(torch.randn(2, 3, 64, 64).double())
+        assert {t.dtype for t in double.step(torch.zeros(2, dtype=torch.long), enc[2], enc[3], *enc[:2])} == {
+            torch.float64}
