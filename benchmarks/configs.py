@@ -9,7 +9,7 @@ torch-bf16             + bf16 autocast (channels-last)               torch      
 torch-compile          ``torch.compile`` of the encoder              torch        fp32       cpu
 ort-fp32               the bundle's fp32 graphs                      onnxruntime  fp32       cpu
 ort-int8               int8 (QDQ) encoder + fp32 decoder step        onnxruntime  int8       cpu
-ort-fp16               the bundle's fp16 graphs (judged for accuracy)  onnxruntime  fp16       cpu
+ort-fp16               the bundle's fp16 graphs (for accuracy)       onnxruntime  fp16       cpu
 ov-fp32                the fp32 encoder on OpenVINO, f32 pinned      openvino     fp32       cpu
 ov-bf16                the fp32 encoder on OpenVINO, bf16            openvino     bf16       cpu
 ov-int8                the NNCF int8 encoder on OpenVINO             openvino     int8       cpu

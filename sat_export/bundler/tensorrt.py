@@ -55,7 +55,7 @@ def build_engines(bundle_dir, fp16: bool = False, profile: tuple[int, int, int] 
             "timing_cache": None if cache is None else TIMING_CACHE}
 
 
-def engines_for(bundle_dir, precision: str, profile: tuple[int, int, int], notes: list[str] | None = None) -> None:
+def engines_for(bundle_dir, precision: str, profile: tuple[int, int, int]) -> None:
     """Make the bundle's TensorRT engines ``precision`` (fp32 or fp16) engines for batch ``profile``, built by this
     TensorRT on this GPU: kept when they are, else built now and recorded in the manifest (no parity gate: the
     caller judges them, as ``sat-bench`` does). Raises as ``build_engines``."""
@@ -65,7 +65,7 @@ def engines_for(bundle_dir, precision: str, profile: tuple[int, int, int], notes
             "precision": precision, "profile": dict(zip(("min", "opt", "max"), check_profile(profile)))}
     have = manifest.get("tensorrt") or {}
     if any(have.get(key) != value for key, value in want.items()):
-        manifest["tensorrt"] = build_engines(bundle_dir, precision == "fp16", profile, notes)
+        manifest["tensorrt"] = build_engines(bundle_dir, precision == "fp16", profile)
         write_manifest(bundle_dir, manifest)
 
 
