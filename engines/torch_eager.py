@@ -7,7 +7,7 @@ runs in fp32 is IEEE fp32, not TF32 (``ieee_fp32``).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -34,6 +34,11 @@ def ieee_fp32() -> Iterator[None]:
     finally:
         for f, value in zip(flags, before):
             f.allow_tf32 = value
+
+
+def fp32_math(device: torch.device) -> AbstractContextManager:
+    """``ieee_fp32`` on a CUDA device (TF32 is a GPU matter; toggling the flags costs ~20 us a call on the CPU)."""
+    return ieee_fp32() if device.type == "cuda" else nullcontext()
 
 
 class TorchBackend(Backend):
@@ -63,13 +68,13 @@ class TorchBackend(Backend):
         images = images.to(self.device, non_blocking=True)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), ieee_fp32(), torch.autocast(self.device.type, self.autocast or torch.float32,
-                                                                 enabled=self.autocast is not None):
+        with torch.inference_mode(), fp32_math(self.device), torch.autocast(
+                self.device.type, self.autocast or torch.float32, enabled=self.autocast is not None):
             out = self._encode(images)
         return tuple(x.float().contiguous() for x in out)
 
     def step(self, tokens: Tensor, h: Tensor, c: Tensor, features: Tensor, features_proj: Tensor) -> StepOutputs:
-        with torch.inference_mode(), ieee_fp32():
+        with torch.inference_mode(), fp32_math(self.device):
             return self.model.step(tokens, h, c, features, features_proj)
 
     def describe(self) -> str:

@@ -18,7 +18,12 @@ from training.config import PRESETS, ModelConfig, backbone_spec
 
 def at_least_fp32(x: Tensor) -> Tensor:
     """``x`` in float32 if it is a half type (fp16, bf16); float32 and float64 (the parity oracle) as they are."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def as_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x.to(dtype)``, without a call where it is ``dtype`` already (the decode loop's hot path)."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 class Attention(nn.Module):
@@ -34,7 +39,7 @@ class Attention(nn.Module):
     def forward(self, features: Tensor, features_proj: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
         e = self.full_att(self.act(features_proj + self.dec_att(h).unsqueeze(1))).squeeze(2)  # (n_img, n_pix)
         alpha = torch.softmax(at_least_fp32(e), dim=1)  # (n_img, n_pix), float32 at half precision
-        context = torch.bmm(alpha.unsqueeze(1).to(features.dtype), features).squeeze(1)  # (n_img, enc_dim)
+        context = torch.bmm(as_dtype(alpha, features.dtype).unsqueeze(1), features).squeeze(1)  # (n_img, enc_dim)
         return context, alpha
 
 
@@ -84,19 +89,21 @@ class ShowAttendTell(nn.Module):
         In a half-precision model (the fp16 graphs' source) the attention softmax, the log-softmax and the LSTM cell
         state stay float32, as the outputs are; ``h`` and ``c`` may be of any float dtype."""
         emb = self.embedding(tokens)  # (n_img, emb_dim)
-        h = h.to(self.fc.weight.dtype)
+        h = as_dtype(h, self.fc.weight.dtype)
         context, alpha = self.attention(features, features_proj, h)  # (n_img, enc_dim), (n_img, n_pix)
         if self.f_beta is not None:
             context = torch.sigmoid(self.f_beta(h)) * context  # gate beta: (n_img, enc_dim)
         h_next, c_next = self.cell(torch.cat([emb, context], dim=1), h, c)  # (n_img, dec_dim) each, float32
-        logits = self.fc(self.dropout(h_next.to(self.fc.weight.dtype)))  # (n_img, vocab)
+        logits = self.fc(self.dropout(as_dtype(h_next, self.fc.weight.dtype)))  # (n_img, vocab)
         return torch.log_softmax(at_least_fp32(logits), dim=1), alpha, h_next, c_next
 
     def cell(self, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-        """``self.lstm``'s LSTM cell (``nn.LSTMCell``'s gates i, f, g, o), with the gates' nonlinearities and the
-        cell state in float32 (or float64) whatever the weights' precision: in a half-precision model only the two
-        matmuls run in half. ``x (n_img, emb_dim + enc_dim)``, ``h (n_img, dec_dim)`` in the weights' dtype, ``c`` any float."""
+        """``self.lstm``: ``nn.LSTMCell`` itself at float32 or float64; in a half-precision model its gates (i, f, g, o)
+        written out, so that only the two matmuls run in half and the gates' nonlinearities and the cell state in
+        float32. ``x (n_img, emb_dim + enc_dim)``, ``h (n_img, dec_dim)`` in the weights' dtype, ``c`` any float."""
         lstm = self.lstm
+        if lstm.weight_ih.dtype in (torch.float32, torch.float64):
+            return lstm(x, (h, c))
         gates = F.linear(x, lstm.weight_ih, lstm.bias_ih) + F.linear(h, lstm.weight_hh, lstm.bias_hh)  # (n_img, 4*dec_dim)
         i, f, g, o = at_least_fp32(gates).chunk(4, dim=1)  # (n_img, dec_dim) each
         c_next = torch.sigmoid(f) * at_least_fp32(c) + torch.sigmoid(i) * torch.tanh(g)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from engines.errors import BackendUnavailable
-from engines.torch_eager import TorchBackend
+from engines.torch_eager import TorchBackend, fp32_math
 from sat_export.registry import open_backend
 from tests.conftest import tiny_model
 from training.decode import decode
@@ -37,20 +37,19 @@ def test_torch_cpu_options_keep_float32_outputs_close_to_fp32(vocab):
         assert rel < tol, (opts, rel)
 
 
-def test_torch_fp32_runs_in_ieee_fp32_not_tf32_and_leaves_the_callers_flags_alone(vocab):
+def test_torch_fp32_on_cuda_runs_without_tf32_and_leaves_the_callers_flags_alone():
     """torch's default lets cuDNN convolutions round fp32 to TF32 on Ampere and later GPUs
-    (``torch.backends.cudnn.allow_tf32`` True): the encoder and the step run with TF32 off, read here from inside
-    the model (the flags are torch's, set the same on any device)."""
-    seen = []
-    backend = TorchBackend(tiny_model(), vocab)
-    for module in (backend.model.backbone, backend.model.lstm):
-        module.register_forward_hook(lambda *_: seen.append((torch.backends.cudnn.allow_tf32,
-                                                             torch.backends.cuda.matmul.allow_tf32)))
-    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    enc = backend.encode(torch.randn(2, 3, 64, 64))
-    backend.step(torch.zeros(2, dtype=torch.long), enc[2], enc[3], enc[0], enc[1])
-    assert seen == [(False, False)] * 2
-    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
+    (``torch.backends.cudnn.allow_tf32`` True): on a CUDA device the backend's encode and step run with cuDNN's and
+    cuBLAS's TF32 off (the flags are torch's, global, read here without a GPU), and leave them as they were."""
+    def flags():
+        return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+
+    before = flags()
+    with fp32_math(torch.device("cuda:1")):
+        assert flags() == (False, False)
+    with fp32_math(torch.device("cpu")):
+        assert flags() == before
+    assert flags() == before
 
 
 def test_registry_refuses_unknown_names_and_bad_combinations(tiny_ckpt, tmp_path):
