@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from engines.ort import GPU_TRT_INSTALL
-from sat_export.bundle.format import DIGEST_KEY, MANIFEST_FILE, _digest, _render
+from engines.contract import DECODER_STEP, ENCODER
+from sat_export.bundle.format import DIGEST_KEY, MANIFEST_FILE, _digest, _render, graph_file
 from training.checkpoint import save_checkpoint
 from training.config import ModelConfig, PreprocessConfig
 from training.machine import CpuInfo
@@ -96,9 +97,10 @@ def copy_instead_of_export(monkeypatch, tiny_bundle):
 
     import sat_export.bundler.builder
 
-    def fake_export(model, out_dir, precision="fp32", opset=18):
+    def fake_export(model, out_dir, precision="fp32", opset=18):  # each precision under its own name, fp32 inside
         out_dir.mkdir(parents=True, exist_ok=True)
-        return {g: shutil.copy(tiny_bundle / f"{g}.onnx", out_dir / f"{g}.onnx") for g in ("encoder", "decoder_step")}
+        return {spec.name: shutil.copy(tiny_bundle / spec.file, out_dir / graph_file(spec, precision))
+                for spec in (ENCODER, DECODER_STEP)}
 
     monkeypatch.setattr(sat_export.bundler.builder, "export_onnx", fake_export)
 

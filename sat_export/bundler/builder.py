@@ -59,7 +59,8 @@ def build_bundle(ckpt_path: str | Path, out_dir: str | Path, options: BuildOptio
                           f"with {len(search.excluded_groups)} groups "
                           "left in fp32; the encoder is kept, its record is the manifest's 'int8' entry",
                           highlight=False, soft_wrap=True)
-        manifest["precisions"]["int8"] = {ENCODER.name: int8.name, DECODER_STEP.name: paths[DECODER_STEP.name].name}
+        manifest["precisions"]["int8"] = {ENCODER.name: int8.name,  # and the fp32 step, not the last one exported
+                                          DECODER_STEP.name: manifest["precisions"]["fp32"][DECODER_STEP.name]}
         _gate(model, ckpt.vocab, out_dir, manifest, "int8", options.verify, console)
     if options.trt:
         from sat_export.bundler.tensorrt import build_engines

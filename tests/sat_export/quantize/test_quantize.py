@@ -97,6 +97,16 @@ def test_build_with_int8_encoder_registers_it_and_check_runs_it(tmp_path, tiny_c
     assert result.exit_code == 2 and "--calib" in result.output
 
 
+def test_the_int8_encoder_pairs_with_the_fp32_decoder_step_also_in_a_bundle_with_fp16_graphs(tmp_path, tiny_ckpt,
+                                                                                              calib_dir,
+                                                                                              copy_instead_of_export):
+    out = tmp_path / "bundle"
+    result = CliRunner().invoke(app, ["build", "--ckpt", str(tiny_ckpt), "--out", str(out), "--fp16", "--int8-encoder",
+                                      "--calib", str(calib_dir)])
+    assert result.exit_code == 0, result.output
+    assert manifest_of(out)["precisions"]["int8"] == {"encoder": "encoder.int8.onnx", "decoder_step": "decoder_step.onnx"}
+
+
 def test_build_says_when_the_int8_target_is_not_reached(tmp_path, tiny_ckpt, calib_dir, copy_instead_of_export,
                                                         monkeypatch):
     monkeypatch.setattr(HeldBack, "score", lambda self, encoder: (fake_verdict(0.25), 0.3))  # never faithful
