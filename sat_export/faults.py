@@ -182,8 +182,8 @@ class Incident:
 
     def failed(self, err: BaseException) -> None:
         """Wait the next backoff delay, or raise: ``err`` itself when it is not transient, ``StorageUnavailable``
-        (one line naming ``what`` and the last error; where it ``stops_run``, saying a rerun goes on) when the
-        budget is spent."""
+        (one line naming ``what`` and the store's last error; where it ``stops_run``, saying a rerun goes on)
+        when the budget is spent."""
         if not transient(err):
             raise err
         retrying = self.retrying
@@ -197,6 +197,7 @@ class Incident:
                 retrying.retries += 1
         if left <= 0:
             rerun = "; rerun the same command to go on where this run stopped" if self.stops_run else ""
-            raise StorageUnavailable(f"{self.what}: {first_line(err)} (still failing after {tries + 1} tries over "
+            cause = next(e for e in _chain(err) if _transient_one(e))  # the store's own error, not a wrapper's
+            raise StorageUnavailable(f"{self.what}: {first_line(cause)} (still failing after {tries + 1} tries over "
                                      f"{now - self.started:.0f} s{rerun})") from None
         retrying._sleep(min(random.uniform(0, bound), left))

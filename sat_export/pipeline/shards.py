@@ -26,7 +26,7 @@ from functools import partial
 from pathlib import Path
 
 from sat_export.errors import InputError
-from sat_export.faults import INPUT, RetryPolicy, Retrying
+from sat_export.faults import INPUT, RetryPolicy, Retrying, transient
 from sat_export.options import SourceOptions
 from sat_export.pipeline.inputs import InputItem
 from sat_export.pipeline.parquet_shards import check_image_column, parquet_samples
@@ -131,9 +131,10 @@ def _shards_of(raw: str, fs, path: str, ask: Callable) -> Iterator[Shard]:
     if has_pattern(path):
         yield from _matches(raw, fs, Pattern(path), ask)
         return
-    if not ask(partial(fs.exists, path)):
+    info = ask(partial(_info, fs, path))
+    if info is None:
         raise InputError(f"{raw}: no such file, folder or object")
-    if ask(partial(fs.isdir, path)):
+    if info.get("type") == "directory" or not shard_kind(path) and ask(partial(fs.isdir, path)):  # http: a page
         found = {p: info for p, info in sorted(ask(partial(fs.find, path, detail=True)).items()) if shard_kind(p)}
         tars = {p: info for p, info in found.items() if shard_kind(p) == "tar"}
         if not found:
@@ -143,7 +144,7 @@ def _shards_of(raw: str, fs, path: str, ask: Callable) -> Iterator[Shard]:
         return
     if not shard_kind(path):
         raise InputError(f"{raw}: not a shard (.tar, .tgz, .tar.gz or .parquet)")
-    yield _shard(fs, path, posixpath.dirname(path), ask(partial(fs.info, path)))
+    yield _shard(fs, path, posixpath.dirname(path), info)
 
 
 def _matches(raw: str, fs, pattern: Pattern, ask: Callable) -> Iterator[Shard]:
@@ -167,14 +168,20 @@ def _listing(fs, pattern: Pattern) -> dict[str, dict]:
     """Path -> info of the files under the pattern's root, as deep as it reaches; none where nothing is there."""
     try:
         return fs.find(pattern.root, maxdepth=pattern.depth, detail=True)
-    except FileNotFoundError:
+    except FileNotFoundError as err:
+        if transient(err):
+            raise
         return {}
 
 
 def _info(fs, path: str) -> dict | None:
+    """``fs.info(path)``, or None where nothing is there (fsspec's HTTP says "not found" for a timeout too: that
+    one is raised, to be retried)."""
     try:
         return fs.info(path)
-    except FileNotFoundError:
+    except FileNotFoundError as err:
+        if transient(err):
+            raise
         return None
 
 
