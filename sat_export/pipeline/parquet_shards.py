@@ -1,6 +1,6 @@
 """Parquet shards as samples: read with pyarrow a row group at a time, continued where the store broke off.
 
-- **Image column**: ``--image-column``, else the one binary column (img2dataset's ``jpg``), else the one
+- **Image column**: ``--image-column``, else the one binary column but ``key`` (img2dataset's ``jpg``), else the one
   ``{bytes, path}`` struct with binary ``bytes`` (Hugging Face's ``image``), else the one string column named
   like a path or URL (``PATH_COLUMNS``). A column of any other type (numbers, lists) is refused.
 - **Keys**: the ``key`` column (img2dataset's) where it holds text, bytes (UTF-8; other bytes kept as
@@ -14,7 +14,10 @@
   (``github://``, ``ftp://``...) and chained URLs (``zip://...::``). A remote image is fetched whole
   (``stores.fetch``: timeouts, retries per host, at most ``max_sample_bytes``).
 - **Memory**: a row group is read ``BATCH_BYTES`` at a time by its image column's size in the footer (at most
-  ``BATCH_ROWS`` rows); a value over ``max_sample_bytes`` is an error row. (pyarrow decodes a page whole.)
+  ``BATCH_ROWS`` rows); a value over ``max_sample_bytes`` is an error row. pyarrow decodes a page whole, so a
+  row group whose image column the footer says inflates more than ``max_sample_bytes`` at over ``BOMB_RATIO``
+  times its stored size (a decompression bomb: images do not compress) is not read: its rows are error rows.
+  (A footer that understates its sizes is not caught.)
 - **Damage**: a row group that cannot be read costs its rows, each an error row (keys from its ``key`` column
   where that reads), and the next is read; a file whose footer cannot be read is one error row.
 - **Resume**: the position is (row group, rows of it read): after a transient failure the file is opened again
@@ -42,6 +45,7 @@ REMOTE_SCHEMES = ("http", "https", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfs
 LOCAL_SCHEMES = ("file", "local")
 BATCH_ROWS = 64  # most rows per record batch
 BATCH_BYTES = 16 * 2**20  # image bytes per record batch, by the footer's sizes
+BOMB_RATIO = 100  # decoded / stored bytes of an image column past which it is a decompression bomb
 
 
 @contextmanager
@@ -66,9 +70,10 @@ def image_column(schema, column: str | None, where: str) -> str:
             raise InputError(f"{where}: column {column!r} is {schema.field(column).type}, not image bytes, "
                              "paths or URLs")
         return column
-    binary = [f.name for f in schema if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)]
-    structs = [f.name for f in schema if pa.types.is_struct(f.type) and _holds_images(f.type)]
-    paths = [f.name for f in schema if _is_text(f.type) and f.name.lower() in PATH_COLUMNS]
+    fields = [f for f in schema if f.name != "key"]  # the samples' keys
+    binary = [f.name for f in fields if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)]
+    structs = [f.name for f in fields if pa.types.is_struct(f.type) and _holds_images(f.type)]
+    paths = [f.name for f in fields if _is_text(f.type) and f.name.lower() in PATH_COLUMNS]
     for found in (binary, structs, paths):
         if len(found) == 1:
             return found[0]
@@ -143,8 +148,6 @@ class _ParquetReader:
 
     def read(self, start: tuple[int, int]) -> Iterator[tuple[InputItem, tuple[int, int]]]:
         """The samples from row ``start[1]`` of row group ``start[0]`` on, each with the position after it."""
-        import pyarrow as pa
-
         first_group, skip = start
         with open_parquet(self.shard) as file:
             schema, meta = file.schema_arrow, file.metadata
@@ -152,18 +155,31 @@ class _ParquetReader:
             keyed = "key" in schema.names and column != "key" and _usable_key(schema.field("key").type)
             row = sum(meta.row_group(g).num_rows for g in range(first_group))
             for group in range(first_group, meta.num_row_groups):
-                n_rows, done = meta.row_group(group).num_rows, skip
-                try:
-                    for key, value in self._rows(file, group, column, keyed, row, skip):
-                        done += 1
-                        yield self._item(key, column, value), (group, done)
-                except (pa.ArrowException, OSError, ValueError) as err:
-                    if transient(err):
-                        raise
-                    for item in self._lost(file, group, keyed, row + done, row + n_rows, err):
-                        done += 1
-                        yield item, (group, done)
-                row, skip = row + n_rows, 0
+                for done, item in enumerate(self._group(file, group, column, keyed, row, skip), start=skip + 1):
+                    yield item, (group, done)
+                row, skip = row + meta.row_group(group).num_rows, 0
+
+    def _group(self, file, group: int, column: str, keyed: bool, first: int, skip: int) -> Iterator[InputItem]:
+        """The items of the rows of ``group`` (whose first row is ``first``) after its first ``skip``: samples, or
+        error items for rows that are not read (a decompression bomb) or cannot be."""
+        import pyarrow as pa
+
+        end = first + file.metadata.row_group(group).num_rows
+        stored, decoded = _column_sizes(file.metadata.row_group(group), column)
+        if decoded > max(self.sources.max_sample_bytes, BOMB_RATIO * stored):
+            yield from self._lost(file, group, keyed, first + skip, end, f"row group {group} is not read: its column "
+                                  f"{column!r} inflates {decoded:,} bytes from {stored:,} (a decompression bomb)", INPUT)
+            return
+        done = skip
+        try:
+            for key, value in self._rows(file, group, column, keyed, first, skip):
+                done += 1
+                yield self._item(key, column, value)
+        except (pa.ArrowException, OSError, ValueError) as err:
+            if transient(err):
+                raise
+            yield from self._lost(file, group, keyed, first + done, end,
+                                  f"row group {group} cannot be read ({first_line(err)})", error_kind(err))
 
     def _rows(self, file, group: int, column: str, keyed: bool, first: int, skip: int) -> Iterator[tuple[str, object]]:
         """(key, value) of the rows of ``group`` after the first ``skip``; ``first`` is the group's first row."""
@@ -177,8 +193,9 @@ class _ParquetReader:
                     yield _key(key, row), value
                 row += 1
 
-    def _lost(self, file, group: int, keyed: bool, first: int, end: int, err: BaseException) -> Iterator[InputItem]:
-        """An error item for each row ``first``..``end - 1`` of ``group``, which cannot be read."""
+    def _lost(self, file, group: int, keyed: bool, first: int, end: int, message: str,
+              kind: str) -> Iterator[InputItem]:
+        """An error item for each row ``first``..``end - 1`` of ``group``, whose images cannot be read."""
         import pyarrow as pa
 
         keys: list = [None] * (end - first)
@@ -187,9 +204,8 @@ class _ParquetReader:
                 keys = file.read_row_group(group, columns=["key"]).column("key").to_pylist()[-(end - first):]
             except (pa.ArrowException, OSError, ValueError):  # the keys are damaged too: the row numbers stand in
                 pass
-        message = f"row group {group} cannot be read ({first_line(err)})"
         for row, key in zip(range(first, end), keys):
-            yield self._error(_key(key, row), message, error_kind(err))
+            yield self._error(_key(key, row), message, kind)
 
     def _error(self, key: str, message: str, kind: str = INPUT) -> InputItem:
         self.rows += 1
@@ -202,7 +218,7 @@ class _ParquetReader:
             return self._error(key, f"sample has no image (column {column!r} is empty)")
         limit = self.sources.max_sample_bytes
         if isinstance(value, bytes) and len(value) > limit:
-            return self._error(key, over_limit("image", len(value), limit))
+            return self._error(key, over_limit("the image", len(value), limit))
         if isinstance(value, bytes):
             self.rows += 1
             return sample_item(self.shard, self.keys.unique(key), data=value)
@@ -225,11 +241,16 @@ def _key(value, row: int) -> str:
     return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)
 
 
+def _column_sizes(group_meta, column: str) -> tuple[int, int]:
+    """The bytes ``column`` (all its leaves) takes in a row group, stored and decoded, as the footer says."""
+    chunks = [group_meta.column(i) for i in range(group_meta.num_columns)
+              if group_meta.column(i).path_in_schema.split(".")[0] == column]
+    return sum(c.total_compressed_size for c in chunks), sum(c.total_uncompressed_size for c in chunks)
+
+
 def _batch_rows(group_meta, column: str) -> int:
     """Rows per record batch of a row group, so that one holds about ``BATCH_BYTES`` of its image column."""
-    size = sum(group_meta.column(i).total_uncompressed_size for i in range(group_meta.num_columns)
-               if group_meta.column(i).path_in_schema.split(".")[0] == column)
-    per_row = max(1, size // max(1, group_meta.num_rows))
+    per_row = max(1, _column_sizes(group_meta, column)[1] // max(1, group_meta.num_rows))
     return max(1, min(BATCH_ROWS, BATCH_BYTES // per_row))
 
 

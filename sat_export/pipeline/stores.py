@@ -93,11 +93,11 @@ def fetch(fs, path: str, sources: SourceOptions, retrying: Retrying) -> io.Bytes
     deadline = {"timeout": sources.connect_timeout + sources.read_timeout} if fs.async_impl else {}
     data = retrying.call(lambda: fs.cat_file(path, start=0, end=limit + 1, **deadline), url, host_of(url))
     if len(data) > limit:
-        raise ImageDecodeError(over_limit("image", None, limit))
+        raise ImageDecodeError(over_limit("the image", None, limit))
     return io.BytesIO(data)
 
 
 def over_limit(what: str, size: int | None, limit: int) -> str:
-    """An error row's words for an object over ``--max-sample-bytes``."""
-    has = f" has {size:,} bytes," if size is not None else ""
+    """An error row's words for an object over ``--max-sample-bytes`` (``size`` None: not known)."""
+    has = f" is {size:,} bytes," if size is not None else " is"
     return f"{what}{has} over the limit of {limit:,} bytes (--max-sample-bytes)"

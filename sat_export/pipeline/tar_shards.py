@@ -26,7 +26,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from sat_export.faults import INPUT, IO, Retrying, error_kind
+from sat_export.faults import INPUT, IO, Retrying, error_kind, transient
 from sat_export.options import SourceOptions
 from sat_export.pipeline.inputs import InputItem
 from sat_export.pipeline.shard_samples import SampleKeys, Shard, resumable, sample_item, shard_error
@@ -39,6 +39,7 @@ HEADER_LIMIT = 2**20  # bytes of one extended header (a pax record set, a GNU lo
 EXTENDED = {tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
             tarfile.GNUTYPE_LONGLINK}
 END = -1  # the position after the last sample
+DAMAGE = (tarfile.TarError, EOFError, OSError, ValueError, zlib.error)  # what a damaged or unreadable tar raises
 
 
 class _StrictInfo(tarfile.TarInfo):
@@ -82,7 +83,7 @@ def tar_samples(shard: Shard, sources: SourceOptions, retrying: Retrying) -> Ite
     reader = _TarReader(shard, sources)
     try:
         yield from resumable(shard, retrying, reader.read, 0)
-    except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error) as err:
+    except DAMAGE as err:
         where = f"after {reader.last}" if reader.last else "at its start"
         kind = error_kind(err)
         what = "cannot read tar" if kind == IO else "truncated or corrupt tar"
@@ -108,7 +109,15 @@ class _TarReader:
             with tarfile.open(fileobj=f, mode="r|" if seek else "r|*", tarinfo=_StrictInfo) as tar:
                 self.compressed = tar.fileobj.comptype != "tar"
                 base, sample = start if seek else 0, None
-                while (member := tar.next()) is not None:
+                while True:
+                    try:
+                        member = tar.next()
+                    except DAMAGE as err:  # the sample read whole before the damage is kept, unless it is read again
+                        if sample is not None and not transient(err):
+                            yield self._item(sample), END
+                        raise
+                    if member is None:
+                        break
                     tar.members.clear()  # stream mode keeps every header read; nothing here needs them
                     offset = base + member.offset
                     if offset < start:
@@ -138,7 +147,7 @@ class _TarReader:
     def _item(self, sample: _Sample) -> InputItem:
         key = self.keys.unique(sample.key)
         if sample.size > self.limit:
-            return sample_item(self.shard, key, error=over_limit("sample's image members", sample.size, self.limit),
+            return sample_item(self.shard, key, error=over_limit("the sample's image", sample.size, self.limit),
                                error_kind=INPUT)
         if not sample.images:
             what = f"no {self.column!r} member" if self.column else "no image member"
