@@ -167,8 +167,9 @@ class _ParquetReader:
         end = first + file.metadata.row_group(group).num_rows
         stored, decoded = _column_sizes(file.metadata.row_group(group), column)
         if decoded > max(self.sources.max_sample_bytes, BOMB_RATIO * stored):
-            yield from self._lost(file, group, keyed, first + skip, end, f"row group {group} is not read: its column "
-                                  f"{column!r} inflates {decoded:,} bytes from {stored:,} (a decompression bomb)", INPUT)
+            message = (f"row group {group} is not read: its column {column!r} inflates {decoded:,} bytes from "
+                       f"{stored:,} (a decompression bomb)")
+            yield from self._lost(file, group, keyed, first + skip, end, message, INPUT)
             return
         done = skip
         try:

@@ -131,7 +131,7 @@ def _glob_regex(text: str) -> str:
 
 
 def _parse(text: str, i: int, inside: bool) -> tuple[tuple, int]:
-    """The parts of ``text`` from ``i`` up to its end (or, ``inside`` a group, a ``,`` or ``}``), and where it stopped."""
+    """The parts of ``text`` from ``i`` to its end (``inside`` a group: to a ``,`` or ``}``), and where it stopped."""
     parts, chars = [], []
     while i < len(text) and not (inside and text[i] in ",}"):
         group = _group(text, i) if text[i] == "{" else None

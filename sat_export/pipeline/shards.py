@@ -92,7 +92,8 @@ def stream(shards: Iterable[Shard], sources: SourceOptions = SourceOptions(),
         yield from samples(shard, sources, retrying)
 
 
-def samples(shard: Shard, sources: SourceOptions = SourceOptions(), retrying: Retrying | None = None) -> Iterator[InputItem]:
+def samples(shard: Shard, sources: SourceOptions = SourceOptions(),
+            retrying: Retrying | None = None) -> Iterator[InputItem]:
     """The samples of ``shard`` as items (encoded image in ``data``, or a ``path``/``opener`` to it), in order;
     a shard that cannot be read, or what is left of a damaged one, is one error item named after the shard."""
     retrying = retrying or new_retrying(sources)

@@ -4,7 +4,6 @@ row is about memory, a fresh Python runs it and reports its peak resident memory
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import os
 import subprocess
@@ -36,7 +35,8 @@ def tar_of(path: Path, members: list[tuple[str, bytes]], mode: str = "w") -> Pat
     return path
 
 
-def caption(backend, paths, out: Path, sources: SourceOptions = SourceOptions(), **options) -> dict[str, dict]:  # noqa: F811
+def caption(backend, paths, out: Path, sources: SourceOptions = SourceOptions(),  # noqa: F811
+            **options) -> dict[str, dict]:
     with plan(paths, out, sources=sources) as work:
         run(backend, work, InferOptions(**{"batch_size": 4, **options}))
     return read_rows(out)
@@ -73,7 +73,8 @@ RESULT = {"errors": [item.error for item in items if item.error]}
 
 
 # row 2
-def test_parquet_image_columns_that_hold_neither_bytes_nor_text_are_refused_in_one_line(tmp_path, backend):  # noqa: F811
+def test_parquet_image_columns_that_hold_neither_bytes_nor_text_are_refused_in_one_line(tmp_path,
+                                                                                       backend):  # noqa: F811
     pq.write_table(pa.table({"image": [{"bytes": 1, "path": "a.jpg"}]}), tmp_path / "struct.parquet")
     result = CliRunner().invoke(app, [str(tmp_path / "struct.parquet"), "--out", str(tmp_path / "c.jsonl")])
     one_line_error(result, "struct.parquet: cannot tell which column holds the images")
@@ -109,7 +110,8 @@ def test_parquet_values_are_read_only_beside_the_shard_or_from_stores_the_rest_o
               "dbfs": "dbfs://x/a.jpg", "jupyter": "jupyter://x/a.jpg"}
     pq.write_table(pa.table({"key": list(values), "url": list(values.values())}), tmp_path / "in" / "s.parquet")
     rows = caption(backend, [tmp_path / "in" / "s.parquet"], tmp_path / "c.jsonl", SourceOptions(retry_for=0))
-    assert len(rows) == 11 and all(rows[f"s.parquet/{key}"]["error_kind"] == "input" for key in values if "ok" not in key)
+    refused = [key for key in values if "ok" not in key]
+    assert len(rows) == 11 and all(rows[f"s.parquet/{key}"]["error_kind"] == "input" for key in refused)
     assert rows["s.parquet/ok"]["tokens"] == rows["s.parquet/ok2"]["tokens"]
     errors = {key: rows[f"s.parquet/{key}"].get("error", "") for key in values}
     for key in ("ftp", "hdfs", "github", "dbfs", "jupyter"):
