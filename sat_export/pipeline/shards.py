@@ -141,11 +141,11 @@ def _shards_of(raw: str, fs, path: str, ask: Callable) -> Iterator[Shard]:
         if not found:
             raise InputError(f"{raw}: holds no .tar or .parquet shard")
         for p, info in (tars or found).items():  # beside tars, Parquet files are img2dataset's metadata
-            yield _shard(fs, p, path.rstrip("/"), info)
+            yield _shard(fs, p, path.rstrip("/"), info, ask)
         return
     if not shard_kind(path):
         raise InputError(f"{raw}: not a shard (.tar, .tgz, .tar.gz or .parquet)")
-    yield _shard(fs, path, posixpath.dirname(path), info)
+    yield _shard(fs, path, posixpath.dirname(path), info, ask)
 
 
 def _matches(raw: str, fs, pattern: Pattern, ask: Callable) -> Iterator[Shard]:
@@ -156,13 +156,13 @@ def _matches(raw: str, fs, pattern: Pattern, ask: Callable) -> Iterator[Shard]:
     if named:
         for name in pattern.names():
             info = listed.get(name) or ask(partial(_info, fs, name))
-            yield _shard(fs, name, pattern.root, info) if info else Shard(
+            yield _shard(fs, name, pattern.root, info, ask) if info else Shard(
                 fs, name, _relative(name, pattern.root), error="no such object")
         return
     if not listed:
         raise InputError(f"{raw}: matches no .tar or .parquet shard")
     for path in sorted(listed):
-        yield _shard(fs, path, pattern.root, listed[path])
+        yield _shard(fs, path, pattern.root, listed[path], ask)
 
 
 def _listing(fs, pattern: Pattern) -> dict[str, dict]:
@@ -190,10 +190,12 @@ def _relative(path: str, root: str) -> str:
     return posixpath.relpath(path, root) if root else path
 
 
-def _shard(fs, path: str, root: str, info: dict) -> Shard:
-    """A shard from its listing ``info``; one that is not a regular file (a FIFO, a device, a folder) is an error
-    row at once: opening a FIFO would block the run."""
+def _shard(fs, path: str, root: str, info: dict, ask: Callable) -> Shard:
+    """A shard from its listing ``info`` (asked for where the listing lacks its size: an HTTP index page); one
+    that is not a regular file (a FIFO, a device, a folder) is an error row at once: opening a FIFO would block."""
     name = _relative(path, root)
+    if info.get("size") is None:
+        info = ask(partial(fs.info, path))
     if info.get("type", "file") != "file":
         return Shard(fs, path, name, error="not a regular file (a FIFO, device or folder)", error_kind=INPUT)
     etag = info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("mtime")
