@@ -271,8 +271,7 @@ def _open_image(item: InputItem) -> BinaryIO:
     return item.path.open("rb")
 
 
-def prefetch(pool: Executor, fn: Callable, items: Iterable[InputItem], depth: int,
-             max_bytes: int | None = None) -> Iterator:
+def prefetch(pool: Executor, fn: Callable, items: Iterable, depth: int, max_bytes: int | None = None) -> Iterator:
     """``map(fn, items)`` on ``pool``, in order, with at most ``depth`` calls submitted ahead and, with
     ``max_bytes``, at most that many encoded bytes (``InputItem.data``) among them; one always goes ahead."""
     pending: deque = deque()

@@ -203,14 +203,18 @@ class _ParquetReader:
         if keyed:
             try:
                 keys = file.read_row_group(group, columns=["key"]).column("key").to_pylist()[-(end - first):]
-            except (pa.ArrowException, OSError, ValueError):  # the keys are damaged too: the row numbers stand in
-                pass
+            except (pa.ArrowException, OSError, ValueError) as err:  # damaged too: the row numbers stand in
+                if transient(err):
+                    raise
         for row, key in zip(range(first, end), keys):
             yield self._error(_key(key, row), message, kind)
 
-    def _error(self, key: str, message: str, kind: str = INPUT) -> InputItem:
+    def _sample(self, key: str, **what) -> InputItem:
         self.rows += 1
-        return sample_item(self.shard, self.keys.unique(key), error=message, error_kind=kind)
+        return sample_item(self.shard, self.keys.unique(key), **what)
+
+    def _error(self, key: str, message: str, kind: str = INPUT) -> InputItem:
+        return self._sample(key, error=message, error_kind=kind)
 
     def _item(self, key: str, column: str, value) -> InputItem:
         if isinstance(value, dict):  # Hugging Face's image struct
@@ -221,19 +225,16 @@ class _ParquetReader:
         if isinstance(value, bytes) and len(value) > limit:
             return self._error(key, over_limit("the image", len(value), limit))
         if isinstance(value, bytes):
-            self.rows += 1
-            return sample_item(self.shard, self.keys.unique(key), data=value)
+            return self._sample(key, data=value)
         if not isinstance(value, str):
             return self._error(key, f"column {column!r} holds {type(value).__name__}, not image bytes, a path or a URL")
         try:
             fs, path = image_source(self.shard, value, self.sources)
         except InputError as err:
             return self._error(key, str(err))
-        self.rows += 1
         if fs is None:
-            return sample_item(self.shard, self.keys.unique(key), path=Path(path))
-        return sample_item(self.shard, self.keys.unique(key), opener=partial(fetch, fs, path, self.sources,
-                                                                             self.retrying))
+            return self._sample(key, path=Path(path))
+        return self._sample(key, opener=partial(fetch, fs, path, self.sources, self.retrying))
 
 
 def _key(value, row: int) -> str:
