@@ -54,7 +54,8 @@ def test_quick_bench_has_a_row_with_a_status_for_every_configuration(tmp_path, t
     for key in ("torch-fp32", "torch-channels-last", "torch-bf16", "ort-fp32", "ort-int8"):
         assert rows[key]["status"] == "ok", rows[key]
         assert set(rows[key]["batches"]) == {"1", "4"}
-        assert len(rows[key]["batches"]["4"]["runs_ms"]) == 2
+        # a row emulated on this CPU (bf16 without avx512_bf16/AMX) is timed in the first round only
+        assert len(rows[key]["batches"]["4"]["runs_ms"]) == (1 if rows[key]["emulated"] else 2), rows[key]
         assert rows[key]["agreement_images"] == (doc["images"]["timing_images"] if rows[key]["emulated"] else 8)
     assert rows["torch-fp32"]["agreement"] == 1.0 and rows["ort-fp32"]["agreement"] == 1.0
     assert rows["torch-fp32"]["accuracy"]["faithful"] and rows["ort-fp32"]["accuracy"]["faithful"]
