@@ -4,7 +4,8 @@ Readers, writers and the Ray driver ask this module; nobody else decides which e
 
 - ``transient(err)``: the environment failed and may recover (connection refused or reset, timeouts, HTTP 5xx,
   429 / SlowDown, an incomplete read, a lost Ray worker or node). Retried with exponential backoff and full
-  jitter for at most ``RetryPolicy.retry_for`` seconds per incident (``Retrying``).
+  jitter for at most ``RetryPolicy.retry_for`` seconds per incident (``Retrying``). A stall is a timeout: the
+  stores' connect and read timeouts default to ``DEFAULT_CONNECT_TIMEOUT`` and ``DEFAULT_READ_TIMEOUT``.
 - ``error_kind(err)``: the ``error_kind`` of the error row an item gets when it cannot be captioned: ``"input"``
   (the bytes are bad: undecodable, too large, no image; never retried) or ``"io"`` (it could not be read:
   network, permission, missing; ``sat-infer --retry-errors`` redoes these).
@@ -29,6 +30,8 @@ T = TypeVar("T")
 
 INPUT, IO = "input", "io"  # the two kinds of error rows
 DEFAULT_RETRY_FOR = 300.0  # seconds one incident may be retried (``--retry-for``)
+DEFAULT_CONNECT_TIMEOUT = 10.0  # seconds to connect to a store or image host (``--connect-timeout``)
+DEFAULT_READ_TIMEOUT = 20.0  # seconds a store may keep silent mid-request (``--read-timeout``)
 
 # Errors of storage and network clients that a later try may not meet (matched on any class of the error's MRO).
 TRANSIENT_CLASSES = frozenset({
@@ -107,11 +110,18 @@ def transient(err: BaseException) -> bool:
     return not isinstance(err, SatError) and any(_transient_one(e) for e in _chain(err))
 
 
+def _undecodable(err: BaseException) -> bool:
+    """pyarrow reports bytes it cannot decode (a corrupt page or footer) as a bare ``OSError``: no errno, no cause;
+    the operating system's and the stores' clients' ``OSError`` carry an errno or the error they came from."""
+    return type(err) is OSError and err.errno is None and err.__cause__ is None and err.__context__ is None
+
+
 def error_kind(err: BaseException) -> str:
     """``"input"`` when ``err`` says the bytes are bad, else ``"io"`` (they could not be read)."""
     if transient(err):
         return IO
-    return INPUT if any(_class_names(e) & INPUT_CLASSES for e in _chain(err)) else IO
+    bad = any(_class_names(e) & INPUT_CLASSES or _undecodable(e) for e in _chain(err))
+    return INPUT if bad else IO
 
 
 @dataclass(frozen=True)
@@ -131,47 +141,63 @@ class Retrying:
                  clock: Callable[[], float] = time.monotonic):
         self.policy, self._sleep, self._clock = policy, sleep, clock
         self._lock = threading.Lock()
+        self._hosts: dict[str, Incident] = {}
         self.retries = 0
 
     def incident(self, what: str) -> Incident:
         """A new incident on ``what`` (a shard's or object's name): call its ``failed(err)`` on each error."""
         return Incident(self, what)
 
-    def call(self, fn: Callable[[], T], what: str) -> T:
-        """``fn()``, retried while it fails transiently within the budget; other errors propagate as they are."""
-        incident = self.incident(what)
+    def call(self, fn: Callable[[], T], what: str, host: str | None = None) -> T:
+        """``fn()``, retried while it fails transiently within the budget; other errors propagate as they are.
+
+        With ``host`` (``what``'s store, e.g. ``https://example.com``), the failures of every call on it, from
+        any thread, are one incident until a call succeeds: once a host has failed for the whole budget, each
+        later call on it raises ``StorageUnavailable`` after one try instead of waiting the budget again.
+        """
+        incident = self.incident(what) if host is None else self._host_incident(host)
         while True:
             try:
-                return fn()
+                result = fn()
             except Exception as err:  # noqa: BLE001 - ``failed`` re-raises what is not transient
                 incident.failed(err)
+                continue
+            if host is not None:
+                with self._lock:
+                    self._hosts.pop(host, None)
+            return result
 
-    def _count(self) -> None:
+    def _host_incident(self, host: str) -> Incident:
         with self._lock:
-            self.retries += 1
+            return self._hosts.setdefault(host, Incident(self, host, stops_run=False))
 
 
 class Incident:
     """Consecutive transient failures of one thing: ``failed(err)`` waits before the next try, or raises."""
 
-    def __init__(self, retrying: Retrying, what: str):
-        self.retrying, self.what = retrying, what
+    def __init__(self, retrying: Retrying, what: str, stops_run: bool = True):
+        self.retrying, self.what, self.stops_run = retrying, what, stops_run
         self.started: float | None = None
         self.tries = 0
 
     def failed(self, err: BaseException) -> None:
         """Wait the next backoff delay, or raise: ``err`` itself when it is not transient, ``StorageUnavailable``
-        (one line naming ``what`` and the last error) when the budget is spent."""
+        (one line naming ``what`` and the store's last error; where it ``stops_run``, saying a rerun goes on)
+        when the budget is spent."""
         if not transient(err):
             raise err
-        policy, now = self.retrying.policy, self.retrying._clock()
-        self.started = now if self.started is None else self.started
-        left = policy.retry_for - (now - self.started)
+        retrying = self.retrying
+        policy, now = retrying.policy, retrying._clock()
+        with retrying._lock:  # an incident of a host is shared by the reader threads
+            self.started = now if self.started is None else self.started
+            left = policy.retry_for - (now - self.started)
+            tries, bound = self.tries, min(policy.max_delay, policy.first_delay * 2 ** min(self.tries, 32))
+            if left > 0:
+                self.tries += 1
+                retrying.retries += 1
         if left <= 0:
-            raise StorageUnavailable(
-                f"{self.what}: {first_line(err)} (still failing after {self.tries + 1} tries over "
-                f"{now - self.started:.0f} s; rerun the same command to go on where this run stopped)") from None
-        bound = min(policy.max_delay, policy.first_delay * 2 ** self.tries)
-        self.tries += 1
-        self.retrying._count()
-        self.retrying._sleep(min(random.uniform(0, bound), left))
+            rerun = "; rerun the same command to go on where this run stopped" if self.stops_run else ""
+            cause = next(e for e in _chain(err) if _transient_one(e))  # the store's own error, not a wrapper's
+            raise StorageUnavailable(f"{self.what}: {first_line(cause)} (still failing after {tries + 1} tries over "
+                                     f"{now - self.started:.0f} s{rerun})") from None
+        retrying._sleep(min(random.uniform(0, bound), left))

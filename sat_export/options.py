@@ -11,6 +11,7 @@ from pathlib import Path
 
 from engines.contract import DEFAULT_OPSET
 from engines.trt_build import DEFAULT_PROFILE
+from sat_export.faults import DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, DEFAULT_RETRY_FOR
 from training.images import DEFAULT_MAX_PIXELS
 from training.machine import usable_cores
 from training.options import FAITHFUL_RATIO, DecodeOptions
@@ -19,6 +20,9 @@ BACKEND_NAMES = ("auto", "torch", "onnxruntime", "tensorrt", "openvino")
 OPENVINO_PRECISIONS = ("fp32", "bf16", "int8")
 METHODS = ("minmax", "entropy", "percentile", "mse")  # int8 calibration methods (``quantize.ort``)
 DEFAULT_TARGET = FAITHFUL_RATIO  # each task metric of the int8 encoder >= this share of fp32's
+MiB = 2**20
+DEFAULT_MAX_SAMPLE_BYTES = 64 * MiB  # one shard sample's or remote image's encoded bytes (``--max-sample-bytes``)
+DEFAULT_READ_AHEAD_BYTES = 256 * MiB  # encoded bytes read ahead of inference, all items together
 
 
 def default_workers() -> int:
@@ -45,9 +49,10 @@ class InferOptions:
     alphas_dir: Path | None = None
     overlays_dir: Path | None = None
     full_decode: bool = False  # decode every pixel of large JPEGs (PreprocessConfig.draft_margin is the default)
+    read_ahead_bytes: int = DEFAULT_READ_AHEAD_BYTES  # besides ``prefetch`` items (one item always goes ahead)
 
     def __post_init__(self):
-        for name in ("batch_size", "workers", "max_pixels"):
+        for name in ("batch_size", "workers", "max_pixels", "read_ahead_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
@@ -60,10 +65,23 @@ class InferOptions:
 @dataclass(frozen=True)
 class SourceOptions:
     """Where shards keep their images: the Parquet column (or tar member extension; None: found by itself)
-    and fsspec's storage options for URLs (credentials, ``endpoint_url``...; default: the standard variables)."""
+    and fsspec's storage options for URLs (credentials, ``endpoint_url``...; default: the standard variables);
+    how long a store's failure is retried (``retry_for`` seconds per incident, 0: never) and waited for (connect
+    and read timeouts, seconds); the most encoded bytes one sample or remote image may have."""
 
     image_column: str | None = None
     storage_options: dict = field(default_factory=dict)
+    retry_for: float = DEFAULT_RETRY_FOR
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    read_timeout: float = DEFAULT_READ_TIMEOUT
+    max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES
+
+    def __post_init__(self):
+        if self.retry_for < 0:
+            raise ValueError(f"retry_for must not be negative, got {self.retry_for}")
+        for name in ("connect_timeout", "read_timeout", "max_sample_bytes"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)

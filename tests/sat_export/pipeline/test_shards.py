@@ -17,7 +17,9 @@ from sat_export.cli.infer import app
 from sat_export.errors import InputError
 from sat_export.options import InferOptions, SourceOptions
 from sat_export.pipeline.infer import plan, run
-from sat_export.pipeline.shards import expand_braces, find_shards, is_shard_input, split_member
+from sat_export.pipeline.patterns import Pattern
+from sat_export.pipeline.shards import find_shards, is_shard_input
+from sat_export.pipeline.tar_shards import split_member
 from tests.conftest import http_server, one_line_error
 from tests.sat_export.pipeline.test_infer import backend, encoded, image, kill_9_mid_run, read_rows  # noqa: F401
 
@@ -138,8 +140,8 @@ def test_compare_img2dataset_webdataset_and_parquet_vs_the_same_photos_as_files(
 
 def test_brace_patterns_globs_and_image_columns_name_the_same_shards(tmp_path, backend):  # noqa: F811
     write_webdataset(tmp_path / "wds", n_shards=3)
-    assert expand_braces("s/{000..002}.tar") == ["s/000.tar", "s/001.tar", "s/002.tar"]
-    assert expand_braces("{a,b}{1..2}") == ["a1", "a2", "b1", "b2"]
+    assert list(Pattern("s/{000..002}.tar").names()) == ["s/000.tar", "s/001.tar", "s/002.tar"]
+    assert list(Pattern("{a,b}{1..2}").names()) == ["a1", "a2", "b1", "b2"]
     assert split_member("d/000001.seg.PNG") == ("d/000001", "seg.png")
     names = lambda raw: [s.name for s in find_shards([raw])]  # noqa: E731
     assert names(str(tmp_path / "wds" / "{00000..00001}.tar")) == ["00000.tar", "00001.tar"]
