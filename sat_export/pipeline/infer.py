@@ -77,7 +77,8 @@ class Plan:
 
 @dataclass
 class Summary:
-    """What a run did. ``images_per_s`` counts every row written (captions and errors)."""
+    """What a run did. ``images_per_s`` counts every row written (captions and errors); ``errors`` counts the
+    error rows, ``io_errors`` and ``input_errors`` them by kind (``sat_export.faults``)."""
 
     captioned: int = 0
     errors: int = 0
@@ -85,6 +86,9 @@ class Summary:
     seconds: float = 0.0
     retries: int = 0  # tries again after a transient failure of a store (``sat_export.faults.Retrying``)
     nodes: set[str] = field(default_factory=set)  # the Ray nodes whose actors captioned (``--ray``)
+    io_errors: int = 0
+    input_errors: int = 0
+    failed_shards: list[str] = field(default_factory=list)  # shards that got no result (the run exits 1)
 
     @property
     def images_per_s(self) -> float:
@@ -92,9 +96,11 @@ class Summary:
 
     def add(self, rows: list[dict]) -> None:
         """Count rows just written."""
-        n_err = sum("error" in row for row in rows)
-        self.errors += n_err
-        self.captioned += len(rows) - n_err
+        kinds = [row.get("error_kind", IO) for row in rows if "error" in row]
+        self.errors += len(kinds)
+        self.io_errors += kinds.count(IO)
+        self.input_errors += kinds.count(INPUT)
+        self.captioned += len(rows) - len(kinds)
 
 
 @dataclass

@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from sat_export.errors import EvalError
-from sat_export.results.parquet import alphas_ref, is_results, read_results
+from sat_export.results.parquet import is_results, load_alphas, read_results
 from sat_export.results.paths import sidecar_path
 from training.config import PreprocessConfig
 from training.data import SPLITS, ImageCaptions, load_boxes, load_captions, upright_size
@@ -36,19 +36,17 @@ class Prediction:
     caption: str | None
     error: str | None
     alphas: Path | str | None  # resolved .npz path, when the row or --alphas names one; in a result: its ref
-    tokens: list[int] | None
-    attention: np.ndarray | None = None  # (T, grid, grid) alphas read from a per-shard result
+    tokens: list[int] | None  # JSONL rows' (to check their .npz file); a result's alphas are in its own row
 
 
 def read_predictions(path: str | Path, alphas_dir: str | Path | None = None) -> list[Prediction]:
     """``sat-infer`` rows from ``path``: a JSONL file, or per-shard Parquet results (a file, folder or URL:
-    ``results.parquet.read_results``, alphas inside); JSONL ``alphas`` paths are resolved against its
-    folder or ``alphas_dir``."""
+    ``results.parquet.read_results``, read a batch at a time; their alphas are read when needed); JSONL
+    ``alphas`` paths are resolved against its folder or ``alphas_dir``."""
     if is_results(path):
         try:
-            return [Prediction(row["image"], row.get("caption"), row.get("error"),
-                               alphas_ref(row["result"], row["key"]) if "attention" in row else None,
-                               row.get("tokens"), row.get("attention")) for row in read_results(str(path))]
+            return [Prediction(row["image"], row.get("caption"), row.get("error"), row.get("alphas"), None)
+                    for row in read_results(str(path))]
         except (OSError, ValueError) as err:
             raise EvalError(f"{path}: cannot read predictions ({first_line(err)})") from None
     path = Path(path)
@@ -120,8 +118,11 @@ def grounding_of(pred: Prediction, words: list[str], boxes: dict, image: Path,
     """Per-word grounding of one prediction (see ``attention_grounding``), or ``EvalError`` saying why not."""
     if pred.alphas is None:
         raise EvalError("row has no alphas file (run sat-infer with --alphas, or pass --alphas DIR)")
-    if pred.attention is not None:
-        alphas = pred.attention  # inside the row's result: its own tokens'
+    if isinstance(pred.alphas, str):
+        try:
+            alphas = load_alphas(pred.alphas)  # inside the row's result: its own tokens'
+        except (OSError, KeyError, ValueError) as err:
+            raise EvalError(f"{pred.alphas}: cannot read alphas ({first_line(err)})") from None
     else:
         try:
             with np.load(pred.alphas) as npz:

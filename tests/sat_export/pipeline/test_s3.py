@@ -17,7 +17,7 @@ import pytest
 from sat_export.faults import StorageUnavailable
 from sat_export.options import InferOptions, SourceOptions
 from sat_export.pipeline.shard_results import plan_shards, run_shards
-from sat_export.results.parquet import read_results
+from sat_export.results.parquet import load_alphas, read_results
 from tests.conftest import free_port
 from tests.sat_export.pipeline.test_infer import backend, read_rows  # noqa: F401
 from tests.sat_export.pipeline.test_shards import (infer, key_of, photo, write_image_tars, write_parquet_shards,
@@ -131,7 +131,7 @@ def test_compare_shards_read_from_s3_vs_from_disk_and_results_written_back(aws_e
     rows = list(read_results(out))
     disk = read_rows(tmp_path / "disk.jsonl")
     assert [row["image"] for row in rows] == keys
-    assert all(row["tokens"] == disk[row["image"]]["tokens"] and row["attention"].shape[0] == len(row["tokens"])
+    assert all(row["tokens"] == disk[row["image"]]["tokens"] and load_alphas(row["alphas"]).shape[0] == len(row["tokens"])
                for row in rows)
     assert "captioned 0, errors 0, already done 8" in infer(f"s3://{BUCKET}/wds/", "--out", out, "--alphas", out,
                                                             *common)

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from typer.testing import CliRunner
 
 from sat_export.cli.infer import app
-from sat_export.results.parquet import read_info, read_results
+from sat_export.results.parquet import load_alphas, read_info, read_results
 from tests.conftest import one_line_error
 from tests.sat_export.pipeline.test_infer import read_rows
 from tests.sat_export.pipeline.test_shards import infer, write_image_tars, write_parquet_shards, write_webdataset
@@ -36,8 +36,8 @@ def test_compare_per_shard_parquet_results_vs_jsonl_rows_and_alphas_files(tmp_pa
         assert {k: row[k] for k in ("shard", "key", "caption", "tokens", "score")} == {
             k: want[k] for k in ("shard", "key", "caption", "tokens", "score")}
         with np.load(tmp_path / want["alphas"]) as npz:
-            np.testing.assert_array_equal(row["attention"], npz["alphas"].astype(np.float32))  # float16 both
-    assert pq.read_schema(f"{out}/00000.parquet").names == ["key", "caption", "tokens", "score", "error", "alphas",
+            np.testing.assert_array_equal(load_alphas(row["alphas"]), npz["alphas"].astype(np.float32))  # float16 both
+    assert pq.read_schema(f"{out}/00000.parquet").names == ["key", "caption", "tokens", "score", "error", "error_kind", "alphas",
                                                             "alphas_shape"]
 
 
@@ -93,5 +93,5 @@ def test_a_file_at_a_results_place_that_is_not_one_is_refused_and_left_as_it_is(
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "00000.parquet").write_bytes(b"my own notes")
     result = CliRunner().invoke(app, [str(tmp_path / "wds"), "--out", f"{tmp_path}/r/"])
-    one_line_error(result, "00000.parquet: not a readable sat-infer result", "left as it is")
+    one_line_error(result, "00000.parquet: not a sat-infer result (unreadable", "left as it is")
     assert (tmp_path / "r" / "00000.parquet").read_bytes() == b"my own notes"

@@ -211,7 +211,7 @@ def test_compare_evaluate_on_per_shard_parquet_results_vs_jsonl_with_alphas_file
     assert shards["metrics"] == files["metrics"] and shards["grounding"] == files["grounding"]
     assert shards["grounding"]["n_words"] > 0 and not shards["grounding_skipped"]
     assert [r["image"] for r in shards["images"]] == [f"00000.tar/{r['reference'][:-4]}" for r in files["images"]]
-    assert shards["images"][0]["alphas"] == f"file://{tmp_path}/results/00000.parquet#00000"
+    assert shards["images"][0]["alphas"] == f"file://{tmp_path}/results/00000.parquet#0"  # its row
     page = render_html(shards, cfg, gallery=2)
     words = sum(len(r["caption"].split()) for r in shards["images"][:2])
     assert page.count("data:image/jpeg;base64,") == 2 + words  # each image, then one overlay per word
