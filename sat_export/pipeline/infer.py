@@ -32,7 +32,8 @@ from sat_export.errors import OutputError
 from sat_export.faults import INPUT, IO, Retrying, StorageUnavailable, error_kind
 from sat_export.options import InferOptions, SourceOptions, default_workers
 from sat_export.pipeline.inputs import InputItem, discover
-from sat_export.pipeline.outputs import OutputLock, check_output_paths, resume_output, row_line, whole_rows
+from sat_export.pipeline.outputs import (OutputLock, check_output_paths, resume_output, row_line, whole_rows,
+                                         write_atomically)
 from sat_export.pipeline.shards import new_retrying, shard_inputs, stream
 from sat_export.registry import model_sha256, open_backend
 from sat_export.reports.gallery import THUMB, overlay_folder, write_gallery, write_overlays
@@ -370,10 +371,8 @@ def append_rows(sink: BinaryIO, rows: list[dict]) -> None:
 
 
 def write_alphas(path: Path, alphas: np.ndarray, tokens: list[int]) -> Path:
-    """Atomically write ``alphas (T, grid, grid)`` as float16 and ``tokens (T,)`` as int32 to ``path``."""
+    """Atomically (``outputs.write_atomically``) write ``alphas (T, grid, grid)`` as float16 and ``tokens (T,)`` as
+    int32 to ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        np.savez(f, alphas=alphas.astype(np.float16), tokens=np.asarray(tokens, dtype=np.int32))
-    tmp.replace(path)
-    return path
+    return write_atomically(path, partial(np.savez, alphas=alphas.astype(np.float16),
+                                          tokens=np.asarray(tokens, dtype=np.int32)))

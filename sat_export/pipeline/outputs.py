@@ -17,8 +17,10 @@ import fcntl
 import json
 import os
 import stat
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import BinaryIO
 
 from sat_export.errors import OutputError
 
@@ -67,6 +69,28 @@ def _check_creatable(path: Path) -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise OutputError(f"{path}: cannot be created: {parent} is a file, not a folder")
+
+
+def fresh_temp(folder: str | Path, prefix: str = ".sat-infer-") -> tuple[BinaryIO, str]:
+    """A new hidden temporary file in ``folder``, open for writing, and its path: a fresh random name created with
+    ``O_EXCL`` (``tempfile.mkstemp``), so a link or FIFO planted at a temporary file's place is never followed."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=".tmp")
+    return os.fdopen(fd, "wb"), tmp
+
+
+def write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> Path:
+    """``write(file)`` into a ``fresh_temp`` beside ``path``, then rename it to ``path`` (a link there is replaced,
+    not followed); a failure leaves no temporary file."""
+    f, tmp = fresh_temp(path.parent)
+    try:
+        with f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
 
 
 def lock_path(out: Path) -> Path:
@@ -149,11 +173,8 @@ def refuse_other_settings(out: str | Path, before: dict, settings: dict) -> None
 
 
 def _write_run_record(out: Path, settings: dict) -> None:
-    """Record beside ``out`` the settings its rows are made with (atomically: a link there is replaced, not followed)."""
-    record = run_record_path(out)
-    tmp = record.with_name(record.name + ".tmp")
-    tmp.write_text(json.dumps(settings, indent=1) + "\n")
-    tmp.replace(record)
+    """Record beside ``out`` the settings its rows are made with (``write_atomically``)."""
+    write_atomically(run_record_path(out), lambda f: f.write((json.dumps(settings, indent=1) + "\n").encode()))
 
 
 def resume_output(out: Path, overwrite: bool = False, settings: dict | None = None) -> dict[str, bool]:

@@ -9,14 +9,22 @@ that shard whole and nothing is duplicated.
 
 ``plan_shards`` skips a shard whose result records the same settings (model, decoding), source
 (name, size, etag) and alphas choice; a result made with other settings is refused, as a JSONL
-output is, unless ``--overwrite``; a changed source shard is redone. A local output folder is
-locked for the run (``outputs.OutputLock`` on ``DIR.lock``); an object store has no lock: give
-concurrent runs different prefixes.
+output is, unless ``--overwrite``; a changed source shard is redone, and with ``--retry-errors`` one whose
+result holds ``io`` error rows. A local output folder is locked for the run (``outputs.OutputLock`` on
+``DIR.lock``); an object store has no lock: give concurrent runs different prefixes.
+
+Results stay under ``--out`` and replace only results: a result's name is confined (``results.parquet.
+result_name``), never written through a link inside the folder, its temporary file is created fresh
+(``outputs.fresh_temp``), and a file at its place that is not a sat-infer result (an input shard, a FIFO, a
+folder, a link) is refused before any work, ``--overwrite`` included. Listing and publishing on a store are
+retried as reading is (``faults.Retrying``).
 """
 from __future__ import annotations
 
+import glob
 import os
 import posixpath
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -33,10 +41,10 @@ from sat_export.errors import OutputError
 from sat_export.faults import Retrying
 from sat_export.options import InferOptions, SourceOptions
 from sat_export.pipeline.infer import Plan, Summary, batches, caption_rows, prefetch, read_item
-from sat_export.pipeline.outputs import OutputLock, refuse_other_settings
+from sat_export.pipeline.outputs import OutputLock, fresh_temp, refuse_other_settings
 from sat_export.pipeline.shards import Shard, new_retrying, samples, shard_inputs
 from sat_export.pipeline.stores import filesystem, is_url, protocols
-from sat_export.results.parquet import columns_of, read_info, result_name, result_schema
+from sat_export.results.parquet import OUT_HINT, columns_of, read_info, result_name, result_schema
 
 ROW_GROUP = 4096  # rows buffered before they are written to the temporary file
 
@@ -75,15 +83,17 @@ class ShardPlan(Plan):
 
 
 def plan_shards(paths: Iterable[str | Path], out: str, overwrite: bool = False, settings: dict | None = None,
-                sources: SourceOptions = SourceOptions(), alphas: bool = False) -> ShardPlan:
-    """List the shards of ``paths`` and the results already at ``out``; lock a local ``out``.
+                sources: SourceOptions = SourceOptions(), alphas: bool = False, retry_errors: bool = False) -> ShardPlan:
+    """List the shards of ``paths`` and the results already at ``out``; lock a local ``out``. With
+    ``retry_errors``, a shard whose result holds ``io`` error rows is redone whole.
 
     Raises
     ------
     InputError
         An input is not shards (``shards.shard_inputs``), or two shards would share a result.
     OutputError
-        A file at a result's place is not a sat-infer result, or was made with other ``settings``.
+        A file at a result's place is not a sat-infer result (an input shard, a FIFO, a folder, a link), or was
+        made with other ``settings``; a result's folder inside ``out`` is a link.
     """
     retrying = new_retrying(sources)
     shards = shard_inputs(paths, sources, retrying)
@@ -106,18 +116,25 @@ def plan_shards(paths: Iterable[str | Path], out: str, overwrite: bool = False, 
             raise OutputError(f"{out}: cannot create the output folder ({err.strerror})") from None
         lock = OutputLock(Path(dest))
     try:
-        fs.invalidate_cache(dest)
-        existing = set(fs.find(dest)) if fs.exists(dest) else set()
+        existing = retrying.call(partial(_listing, fs, dest), fs.unstrip_protocol(dest))
         todo, done, done_errors = [], 0, 0
         for shard in shards:
             path = posixpath.join(dest, result_name(shard.name))
-            if overwrite or path not in existing:
+            if is_local(fs):
+                check_result_place(dest, path)
+            if path not in existing:
                 todo.append(shard)
                 continue
-            info = read_info(fs, path)
-            refuse_other_settings(fs.unstrip_protocol(path), info.record.get("settings") or {}, settings)
-            if info.record.get("source") != source_record(shard) or info.record.get("alphas") != alphas:
-                todo.append(shard)  # the shard changed, or alphas are now wanted (or not): redone
+            if shard.url == fs.unstrip_protocol(path):
+                raise OutputError(f"{shard.url}: an input shard is at its own result's place; choose another --out")
+            info = retrying.call(partial(read_info, fs, path, retry_errors), fs.unstrip_protocol(path))
+            if overwrite:
+                todo.append(shard)  # a result (read_info says so), replaced
+                continue
+            refuse_other_settings(fs.unstrip_protocol(path), info.record["settings"], settings)
+            if (info.record.get("source") != source_record(shard) or info.record.get("alphas") != alphas
+                    or retry_errors and info.io_errors):
+                todo.append(shard)  # the shard changed, alphas are now wanted (or not), or io errors are retried
                 continue
             done, done_errors = done + info.rows, done_errors + info.errors
     except BaseException:
@@ -127,21 +144,50 @@ def plan_shards(paths: Iterable[str | Path], out: str, overwrite: bool = False, 
     return ShardPlan(str(out), todo, done, done_errors, lock, retrying, fs, dest, settings, sources, alphas)
 
 
-class ResultWriter:
-    """One shard's rows, written a row group at a time to a temporary file and published whole."""
+def _listing(fs, dest: str) -> set[str]:
+    """The files under ``dest`` on ``fs``, listed afresh."""
+    fs.invalidate_cache(dest)
+    return set(fs.find(dest)) if fs.exists(dest) else set()
 
-    def __init__(self, fs, path: str, schema):
+
+def check_result_place(dest: str, path: str) -> None:
+    """Refuse (``OutputError``, at once: nothing is opened) a local result ``path`` under ``dest`` whose place holds
+    anything but a regular file (a FIFO, a device, a folder, a link) or whose folders inside ``dest`` are links or
+    files: a result is never written through a link nor out of ``dest``."""
+    here = dest
+    for part in posixpath.relpath(path, dest).split("/"):
+        here = posixpath.join(here, part)
+        try:
+            mode = os.lstat(here).st_mode
+        except FileNotFoundError:
+            return
+        if here == path and not stat.S_ISREG(mode):
+            raise OutputError(f"{here}: not a regular file (a FIFO, device, folder or link) at a result's place"
+                              f"{OUT_HINT}")
+        if here != path and not stat.S_ISDIR(mode):
+            raise OutputError(f"{here}: a link or file where a folder of results goes; results are never written "
+                              f"through links{OUT_HINT}")
+
+
+class ResultWriter:
+    """One shard's rows, written a row group at a time to a fresh temporary file and published whole; publishing
+    on a store is retried (``retrying``)."""
+
+    def __init__(self, fs, path: str, schema, retrying: Retrying, dest: str):
         import pyarrow.parquet as pq
 
-        self.fs, self.path, self.schema = fs, path, schema
+        self.fs, self.path, self.schema, self.retrying = fs, path, schema, retrying
         self.alphas = "alphas" in schema.names
         if is_local(fs):
             os.makedirs(posixpath.dirname(path), exist_ok=True)
-            self.tmp = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.tmp")
+            check_result_place(dest, path)  # a link planted since the plan
+            prefix = f".{posixpath.basename(path)}."
+            for stale in glob.glob(glob.escape(posixpath.join(posixpath.dirname(path), prefix)) + "*.tmp"):
+                os.unlink(stale)  # a killed run's (the folder is locked): removed, a link never followed
+            self.file, self.tmp = fresh_temp(posixpath.dirname(path), prefix)
         else:
-            fd, self.tmp = tempfile.mkstemp(prefix="sat-infer-", suffix=".parquet")
-            os.close(fd)
-        self.writer = pq.ParquetWriter(self.tmp, schema)
+            self.file, self.tmp = fresh_temp(tempfile.gettempdir(), "sat-infer-")
+        self.writer = pq.ParquetWriter(self.file, schema)
         self.rows: list[dict] = []
         self.attention: list[np.ndarray | None] = []
 
@@ -164,18 +210,25 @@ class ResultWriter:
     def publish(self) -> None:
         """Close the file and make it the shard's result: a rename on a disk, one upload on an object store."""
         self._flush()
-        self.writer.close()
+        self._close()
         if is_local(self.fs):
-            with open(self.tmp, "rb") as f:
-                os.fsync(f.fileno())
             os.replace(self.tmp, self.path)
         else:
-            self.fs.put_file(self.tmp, self.path)
+            url = self.fs.unstrip_protocol(self.path)
+            self.retrying.call(partial(self.fs.put_file, self.tmp, self.path), url)
             os.unlink(self.tmp)
 
-    def discard(self) -> None:
+    def _close(self) -> None:
         self.writer.close()
-        if os.path.exists(self.tmp):
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+
+    def discard(self) -> None:
+        if not self.file.closed:
+            self.writer.close()
+            self.file.close()
+        if os.path.lexists(self.tmp):
             os.unlink(self.tmp)
 
 
@@ -196,7 +249,8 @@ def publish(plan: ShardPlan, shard: Shard, batches_of_pairs: Iterable[list[tuple
     path = plan.result_path(shard)
     record = {"settings": plan.settings, "source": source_record(shard), "alphas": plan.alphas}
     try:
-        writer = ResultWriter(plan.fs, path, result_schema(plan.alphas, record))
+        writer = ResultWriter(plan.fs, path, result_schema(plan.alphas, record), plan.retrying or new_retrying(plan.sources),
+                              plan.dest)
         try:
             for pairs in batches_of_pairs:
                 writer.add(pairs)

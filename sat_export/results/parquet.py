@@ -37,6 +37,7 @@ import numpy as np
 
 from sat_export.errors import OutputError
 from sat_export.faults import IO, transient
+from sat_export.results.paths import confined_parts
 from training.errors import first_line
 
 RECORD_KEY = b"sat_export"
@@ -46,9 +47,11 @@ SHARD_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".parquet")
 
 
 def result_name(shard: str) -> str:
-    """``sub/00000.tar`` -> ``sub/00000.parquet``: where a shard's result goes under the output prefix."""
-    lower = shard.lower()
-    stem = next((shard[:-len(s)] for s in SHARD_SUFFIXES if lower.endswith(s)), shard)
+    """``sub/00000.tar`` -> ``sub/00000.parquet``: where a shard's result goes under the output prefix, confined
+    to it (``paths.confined_parts``: ``../x.tar`` -> ``__/x.parquet``, ``/abs/x.tar`` -> ``abs/x.parquet``)."""
+    name = "/".join(confined_parts(shard))
+    lower = name.lower()
+    stem = next((name[:-len(s)] for s in SHARD_SUFFIXES if lower.endswith(s)), name)
     return stem + ".parquet"
 
 
