@@ -73,6 +73,9 @@ def main(
                                      "default they are decoded at the reduced size the model's preprocessing allows)."),
     strict: bool = typer.Option(False, help="Exit 1 when any file could not be captioned."),
     overwrite: bool = typer.Option(False, help="Start over instead of resuming --out."),
+    retry_errors: bool = typer.Option(False, help="Caption again the files whose error rows are of kind io (could "
+                                      "not be read: network, permission, missing); per-shard results holding such "
+                                      "rows are redone whole. input errors (bad bytes) are never retried."),
     ray: bool = typer.Option(False, "--ray", help="Caption on a Ray cluster (extra: ray); only this process writes."),
     ray_address: str = typer.Option(None, help="Cluster to join: auto or HOST:PORT (default: $RAY_ADDRESS or local)."),
     ray_actors: int = typer.Option(RAY_DEFAULTS.actors, min=1, help="Captioning actors, each loading the model once."),
@@ -84,6 +87,10 @@ def main(
     """Caption every image under PATHS into one JSON row per file, written batch by batch.
 
     Bad files become rows with an "error" and never stop the run. Rerunning resumes.
+
+    Exit code 0 when every file and shard got its row (error rows included); 1 when the run was refused or
+    stopped (one line), a shard got no result, or --strict and a file could not be captioned; 2 for a bad
+    command line.
 
     Example:  sat-infer examples/images --out captions.jsonl --alphas alphas --overlays overlays
 
@@ -110,8 +117,8 @@ def main(
     options = InferOptions(batch_size, DecodeOptions(beam, max_len), workers, max_pixels,
                            None if sharded else alphas, overlays, full_decode)
     settings = run_settings(model, options.decode, options.full_decode, precision)
-    opened_plan = (plan_shards(paths, out, overwrite, settings, sources, alphas is not None) if sharded
-                   else plan(paths, out, overwrite, settings, (alphas, overlays), sources))
+    opened_plan = (plan_shards(paths, out, overwrite, settings, sources, alphas is not None, retry_errors) if sharded
+                   else plan(paths, out, overwrite, settings, (alphas, overlays), sources, retry_errors))
     with opened_plan as work:  # out locked
         if work.todo:
             opening = nullcontext() if ray else open_for_readers(model, backend, workers, threads, precision)
@@ -127,11 +134,10 @@ def main(
                 else:
                     summary = (run_shards if sharded else run)(opened, work, options, on_rows=advance)
         else:
-            summary = Summary(skipped=work.done)
-    on_nodes = f" on {len(summary.nodes)} Ray node(s)" if summary.nodes else ""
-    console.print(printable(f"{out}: captioned {summary.captioned}, errors {summary.errors}, already done "
-                            f"{summary.skipped} in {summary.seconds:.1f} s ({summary.images_per_s:.1f} images/s), "
-                            f"at {settings['precision']}{on_nodes}"), highlight=False, markup=False, soft_wrap=True)
+            summary = Summary(skipped=work.done, retries=work.retrying.retries if work.retrying else 0)
+    console.print(printable(summary.line(out, settings["precision"])), highlight=False, markup=False, soft_wrap=True)
+    if summary.failure():
+        raise SatError(summary.failure())
     errors = summary.errors + work.done_errors
     if strict and errors:
         raise SatError(f"{errors} file(s) could not be captioned (--strict): see the rows with \"error\" in {out}")

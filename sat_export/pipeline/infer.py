@@ -95,6 +95,21 @@ class Summary:
     def images_per_s(self) -> float:
         return (self.captioned + self.errors) / self.seconds if self.seconds > 0 else 0.0
 
+    def line(self, out: str, precision: str) -> str:
+        """The summary a run prints: rows by kind, retries, failed shards, time and rate."""
+        on_nodes = f" on {len(self.nodes)} Ray node(s)" if self.nodes else ""
+        return (f"{out}: captioned {self.captioned}, errors {self.errors}, already done {self.skipped} in "
+                f"{self.seconds:.1f} s ({self.images_per_s:.1f} images/s), at {precision}{on_nodes}; error rows "
+                f"io {self.io_errors}, input {self.input_errors}; retries {self.retries}; failed shards "
+                f"{len(self.failed_shards)}")
+
+    def failure(self) -> str | None:
+        """Why the run must exit 1 though it ran to its end: the shards that got no result (at most 10 named)."""
+        if not self.failed_shards:
+            return None
+        shown = ", ".join(self.failed_shards[:10]) + (" ..." if len(self.failed_shards) > 10 else "")
+        return f"{len(self.failed_shards)} shard(s) got no result: {shown}; rerun the same command to redo them"
+
     def add(self, rows: list[dict]) -> None:
         """Count rows just written."""
         kinds = [row.get("error_kind", IO) for row in rows if "error" in row]
@@ -145,7 +160,8 @@ def run_settings(model: str | Path | None, decode: DecodeOptions, full_decode: b
 
 
 def plan(paths: Iterable[str | Path], out: str | Path, overwrite: bool = False, settings: dict | None = None,
-         folders: Iterable[Path | None] = (), sources: SourceOptions = SourceOptions()) -> Plan:
+         folders: Iterable[Path | None] = (), sources: SourceOptions = SourceOptions(),
+         retry_errors: bool = False) -> Plan:
     """Discover the inputs, lock ``out`` and prepare it (``outputs.resume_output``: validated, then a
     torn line cut, or emptied with ``overwrite``). The plan holds the lock until it is closed.
 
@@ -154,7 +170,8 @@ def plan(paths: Iterable[str | Path], out: str | Path, overwrite: bool = False, 
 
     With ``settings`` (``run_settings``), an ``out`` whose rows were made with other settings is
     refused rather than resumed, and the settings are recorded beside it. ``folders`` (alphas,
-    overlays) are checked up front with ``out``, before anything is read or written.
+    overlays) are checked up front with ``out``, before anything is read or written. With ``retry_errors``,
+    the items of ``io`` error rows are captioned again (``outputs.resume_output``).
 
     Raises ``InputError`` for a missing input or a key clash; ``OutputError`` for an output of the
     wrong kind, not sat-infer JSONL, made with other settings, or locked by another run.
@@ -170,7 +187,7 @@ def plan(paths: Iterable[str | Path], out: str | Path, overwrite: bool = False, 
         raise OutputError(f"{out.parent}: cannot create the output folder ({err.strerror})") from None
     lock = OutputLock(out)
     try:
-        done = resume_output(out, overwrite, settings)
+        done = resume_output(out, overwrite, settings, retry_errors)
     except BaseException:
         lock.release()
         raise

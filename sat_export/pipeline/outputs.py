@@ -23,8 +23,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 from sat_export.errors import OutputError
+from sat_export.faults import IO
 
 ROW_START = b'{"image": '  # every row is rendered with its key first
+UMASK = os.umask(0o022)  # read (set back at once) when this module is imported: new files' permissions
+os.umask(UMASK)
 
 
 def row_line(row: dict) -> bytes:
@@ -75,6 +78,7 @@ def fresh_temp(folder: str | Path, prefix: str = ".sat-infer-") -> tuple[BinaryI
     """A new hidden temporary file in ``folder``, open for writing, and its path: a fresh random name created with
     ``O_EXCL`` (``tempfile.mkstemp``), so a link or FIFO planted at a temporary file's place is never followed."""
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~UMASK)  # as open() would create it (mkstemp makes it 0600)
     return os.fdopen(fd, "wb"), tmp
 
 
@@ -177,13 +181,16 @@ def _write_run_record(out: Path, settings: dict) -> None:
     write_atomically(run_record_path(out), lambda f: f.write((json.dumps(settings, indent=1) + "\n").encode()))
 
 
-def resume_output(out: Path, overwrite: bool = False, settings: dict | None = None) -> dict[str, bool]:
+def resume_output(out: Path, overwrite: bool = False, settings: dict | None = None,
+                  retry_errors: bool = False) -> dict[str, bool]:
     """Validate ``out``, then prepare it for appending; map the key of each row it holds to "is an error row".
 
     Nothing is changed unless every complete line is a row, a torn last line starts like one and,
     with ``settings`` (what the rows of this run depend on), ``<out>.run.json`` records the same
-    settings. Then the torn line is cut off (or with ``overwrite`` the file is emptied) and, with
-    ``settings``, the record is (re)written.
+    settings. Then the torn line is cut off (or with ``overwrite`` the file is emptied), with ``retry_errors``
+    the error rows of kind ``io`` are taken out (``out`` rewritten atomically: one row per item stays true
+    whenever the run stops) so their items are captioned again, and, with ``settings``, the record is
+    (re)written.
 
     Raises
     ------
@@ -199,11 +206,33 @@ def resume_output(out: Path, overwrite: bool = False, settings: dict | None = No
         if size is None or overwrite or complete < size:
             with out.open("r+b" if size is not None else "wb") as f:
                 f.truncate(0 if overwrite else complete)
+        if retry_errors and not overwrite and any(done.values()):
+            for key in _drop_io_rows(out):
+                del done[key]
         if settings is not None:
             _write_run_record(out, settings)
     except OSError as err:
         raise OutputError(f"{err.filename or out}: cannot prepare the output ({err.strerror or err})") from None
     return {} if overwrite else done
+
+
+def _drop_io_rows(out: Path) -> list[str]:
+    """Rewrite ``out`` (``write_atomically``) without its error rows of kind ``io``; their keys. Error rows written
+    before rows had a kind are kept."""
+    dropped: list[str] = []
+
+    def write(sink: BinaryIO) -> None:
+        with out.open("rb") as rows:
+            for line in rows:
+                row = json.loads(line)
+                if "error" in row and row.get("error_kind") == IO:
+                    dropped.append(row["image"])
+                else:
+                    sink.write(line)
+
+    if out.is_file():
+        write_atomically(out, write)
+    return dropped
 
 
 def _read_rows(out: Path) -> tuple[dict[str, bool], int]:
