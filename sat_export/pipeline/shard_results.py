@@ -4,7 +4,7 @@ Where the rows of a shard go and what they hold is ``sat_export.results.parquet`
 rows are written, a row group at a time, to a temporary file (beside the result on a local disk,
 in the system's temporary folder for an object store) and published when the shard is done:
 ``os.replace`` on a disk, one upload on an object store (an object appears whole or not at all). A
-run killed mid-shard leaves no result for it (at most a hidden ``.NAME.tmp``), so the rerun redoes
+run killed mid-shard leaves no result for it (at most a hidden ``.NAME.<random>.tmp``, removed when it is redone), so the rerun redoes
 that shard whole and nothing is duplicated.
 
 ``plan_shards`` skips a shard whose result records the same settings (model, decoding), source
