@@ -18,6 +18,7 @@ from sat_export.cli.infer import app
 from sat_export.results.parquet import read_results
 from tests.conftest import one_line_error
 from tests.sat_export.pipeline.test_hostile_shards import tar_of
+from tests.sat_export.pipeline.test_ray_infer import ray_address  # noqa: F401
 from tests.sat_export.pipeline.test_shards import infer, photo, write_parquet_shards
 
 
@@ -27,20 +28,25 @@ def common(tiny_ckpt) -> list:
 
 
 # row 1
-def test_a_member_name_that_is_not_utf8_is_a_row_of_its_result_with_the_byte_escaped(tmp_path, tiny_ckpt):
+@pytest.mark.parametrize("ray", [False, True])
+def test_a_member_name_that_is_not_utf8_is_a_row_of_its_result_with_the_byte_escaped(tmp_path, tiny_ckpt, ray,
+                                                                                      request):
     with tarfile.open(tmp_path / "s.tar", "w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tar:
         for name, i in (("café.jpg", 0), ("plain.jpg", 1)):  # é written as the one latin-1 byte 0xe9
             info = tarfile.TarInfo(name)
             data = photo(0, i)
             info.size = len(data)
-
             tar.addfile(info, io.BytesIO(data))
     assert b"caf\xe9.jpg" in (tmp_path / "s.tar").read_bytes()
     out = f"{tmp_path}/out/"
-    assert "captioned 2, errors 0" in infer(tmp_path / "s.tar", "--out", out, "--alphas", out, *common(tiny_ckpt))
+    on_ray = ["--ray"] if ray else []
+    if ray:
+        request.getfixturevalue("ray_address")  # this process joins a local Ray
+    args = [tmp_path / "s.tar", "--out", out, "--alphas", out, *on_ray, *common(tiny_ckpt)]
+    assert "captioned 2, errors 0" in infer(*args)
     rows = list(read_results(out))
     assert [row["key"] for row in rows] == ["caf\\udce9", "plain"] and all(row.get("caption") for row in rows)
-    assert "already done 2" in infer(tmp_path / "s.tar", "--out", out, "--alphas", out, *common(tiny_ckpt))
+    assert "already done 2" in infer(*args)
 
 
 # row 11
