@@ -117,7 +117,8 @@ def main(
     options = InferOptions(batch_size, DecodeOptions(beam, max_len), workers, max_pixels,
                            None if sharded else alphas, overlays, full_decode)
     settings = run_settings(model, options.decode, options.full_decode, precision)
-    opened_plan = (plan_shards(paths, out, overwrite, settings, sources, alphas is not None, retry_errors) if sharded
+    opened_plan = (plan_shards(paths, out, overwrite, settings, sources, alphas is not None, retry_errors)
+                   if sharded
                    else plan(paths, out, overwrite, settings, (alphas, overlays), sources, retry_errors))
     with opened_plan as work:  # out locked
         if work.todo:

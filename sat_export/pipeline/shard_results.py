@@ -4,7 +4,8 @@ Where the rows of a shard go and what they hold is ``sat_export.results.parquet`
 rows are written, a row group at a time, to a temporary file (beside the result on a local disk,
 in the system's temporary folder for an object store) and published when the shard is done:
 ``os.replace`` on a disk, one upload on an object store (an object appears whole or not at all). A
-run killed mid-shard leaves no result for it (at most a hidden ``.NAME.<random>.tmp``, removed when it is redone), so the rerun redoes
+run killed mid-shard leaves no result for it (at most a hidden ``.NAME.<random>.tmp``, removed when it is
+redone), so the rerun redoes
 that shard whole and nothing is duplicated.
 
 ``plan_shards`` skips a shard whose result records the same settings (model, decoding), source
@@ -83,7 +84,8 @@ class ShardPlan(Plan):
 
 
 def plan_shards(paths: Iterable[str | Path], out: str, overwrite: bool = False, settings: dict | None = None,
-                sources: SourceOptions = SourceOptions(), alphas: bool = False, retry_errors: bool = False) -> ShardPlan:
+                sources: SourceOptions = SourceOptions(), alphas: bool = False,
+                retry_errors: bool = False) -> ShardPlan:
     """List the shards of ``paths`` and the results already at ``out``; lock a local ``out``. With
     ``retry_errors``, a shard whose result holds ``io`` error rows is redone whole.
 
@@ -125,7 +127,7 @@ def plan_shards(paths: Iterable[str | Path], out: str, overwrite: bool = False, 
             if path not in existing:
                 todo.append(shard)
                 continue
-            if shard.url == fs.unstrip_protocol(path):
+            if _is_input(shard, fs, path):
                 raise OutputError(f"{shard.url}: an input shard is at its own result's place; choose another --out")
             info = retrying.call(partial(read_info, fs, path, retry_errors), fs.unstrip_protocol(path))
             if overwrite:
@@ -142,6 +144,18 @@ def plan_shards(paths: Iterable[str | Path], out: str, overwrite: bool = False, 
             lock.release()
         raise
     return ShardPlan(str(out), todo, done, done_errors, lock, retrying, fs, dest, settings, sources, alphas)
+
+
+def _is_input(shard: Shard, fs, path: str) -> bool:
+    """Whether the result ``path`` on ``fs`` is the input ``shard`` itself: the same URL, or on a disk the same file."""
+    if shard.url == fs.unstrip_protocol(path):
+        return True
+    if not (is_local(fs) and is_local(shard.fs)):
+        return False
+    try:
+        return os.path.samefile(shard.path, path)
+    except OSError:
+        return False
 
 
 def _listing(fs, dest: str) -> set[str]:
@@ -249,8 +263,8 @@ def publish(plan: ShardPlan, shard: Shard, batches_of_pairs: Iterable[list[tuple
     path = plan.result_path(shard)
     record = {"settings": plan.settings, "source": source_record(shard), "alphas": plan.alphas}
     try:
-        writer = ResultWriter(plan.fs, path, result_schema(plan.alphas, record), plan.retrying or new_retrying(plan.sources),
-                              plan.dest)
+        writer = ResultWriter(plan.fs, path, result_schema(plan.alphas, record),
+                              plan.retrying or new_retrying(plan.sources), plan.dest)
         try:
             for pairs in batches_of_pairs:
                 writer.add(pairs)

@@ -98,7 +98,8 @@ def result_record(url: str, schema, hint: str = "") -> dict:
         record = None
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise not_a_result(url, "no sat-infer run record", hint)
-    for key, kind, name in (("settings", dict, "an object"), ("source", dict, "an object"), ("alphas", bool, "a boolean")):
+    for key, kind, name in (("settings", dict, "an object"), ("source", dict, "an object"),
+                            ("alphas", bool, "a boolean")):
         if not isinstance(record.get(key), kind):
             raise not_a_result(url, f"its run record's {key!r} is not {name}", hint)
     if not isinstance(record["source"].get("shard"), str):

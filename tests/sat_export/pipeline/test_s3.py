@@ -131,7 +131,8 @@ def test_compare_shards_read_from_s3_vs_from_disk_and_results_written_back(aws_e
     rows = list(read_results(out))
     disk = read_rows(tmp_path / "disk.jsonl")
     assert [row["image"] for row in rows] == keys
-    assert all(row["tokens"] == disk[row["image"]]["tokens"] and load_alphas(row["alphas"]).shape[0] == len(row["tokens"])
+    assert all(row["tokens"] == disk[row["image"]]["tokens"]
+               and load_alphas(row["alphas"]).shape[0] == len(row["tokens"])
                for row in rows)
     assert "captioned 0, errors 0, already done 8" in infer(f"s3://{BUCKET}/wds/", "--out", out, "--alphas", out,
                                                             *common)

@@ -37,8 +37,8 @@ def test_compare_per_shard_parquet_results_vs_jsonl_rows_and_alphas_files(tmp_pa
             k: want[k] for k in ("shard", "key", "caption", "tokens", "score")}
         with np.load(tmp_path / want["alphas"]) as npz:
             np.testing.assert_array_equal(load_alphas(row["alphas"]), npz["alphas"].astype(np.float32))  # float16 both
-    assert pq.read_schema(f"{out}/00000.parquet").names == ["key", "caption", "tokens", "score", "error", "error_kind", "alphas",
-                                                            "alphas_shape"]
+    assert pq.read_schema(f"{out}/00000.parquet").names == ["key", "caption", "tokens", "score", "error", "error_kind",
+                                                            "alphas", "alphas_shape"]
 
 
 def test_a_rerun_skips_done_shards_redoes_a_changed_one_and_refuses_other_settings(tmp_path, tiny_ckpt):
