@@ -201,7 +201,12 @@ class ResultWriter:
             self.file, self.tmp = fresh_temp(posixpath.dirname(path), prefix)
         else:
             self.file, self.tmp = fresh_temp(tempfile.gettempdir(), "sat-infer-")
-        self.writer = pq.ParquetWriter(self.file, schema)
+        try:
+            self.writer = pq.ParquetWriter(self.file, schema)
+        except BaseException:
+            self.file.close()
+            os.unlink(self.tmp)
+            raise
         self.rows: list[dict] = []
         self.attention: list[np.ndarray | None] = []
 
@@ -239,11 +244,13 @@ class ResultWriter:
         self.file.close()
 
     def discard(self) -> None:
-        if not self.file.closed:
-            self.writer.close()
+        try:
+            if not self.file.closed:
+                self.writer.close()
+        finally:
             self.file.close()
-        if os.path.lexists(self.tmp):
-            os.unlink(self.tmp)
+            if os.path.lexists(self.tmp):
+                os.unlink(self.tmp)
 
 
 def shard_batches(backend: Backend, pool: Executor, shard: Shard, options: InferOptions,
