@@ -14,7 +14,7 @@ from sat_export.cli.common import console, new_app, user_errors
 from sat_export.errors import UsageError
 from sat_export.options import BACKEND_NAMES, InferOptions, RayOptions, SourceOptions
 from sat_export.text import printable
-from training.errors import SatError
+from training.errors import SatError, clip
 from training.options import DecodeOptions
 
 app = new_app()
@@ -132,6 +132,9 @@ def main(
     console.print(printable(f"{out}: captioned {summary.captioned}, errors {summary.errors}, already done "
                             f"{summary.skipped} in {summary.seconds:.1f} s ({summary.images_per_s:.1f} images/s), "
                             f"at {settings['precision']}{on_nodes}"), highlight=False, markup=False, soft_wrap=True)
+    if summary.failed_shards:
+        raise SatError(f"{len(summary.failed_shards)} shard(s) failed and have no result: "
+                       f"{clip(', '.join(summary.failed_shards), 400)}; rerun the same command to try them again")
     errors = summary.errors + work.done_errors
     if strict and errors:
         raise SatError(f"{errors} file(s) could not be captioned (--strict): see the rows with \"error\" in {out}")

@@ -85,6 +85,7 @@ class Summary:
     seconds: float = 0.0
     retries: int = 0  # tries again after a transient failure of a store (``sat_export.faults.Retrying``)
     nodes: set[str] = field(default_factory=set)  # the Ray nodes whose actors captioned (``--ray``)
+    failed_shards: list[str] = field(default_factory=list)  # shards left without a result (``--ray``: a lost actor)
 
     @property
     def images_per_s(self) -> float:
