@@ -245,7 +245,9 @@ def _caption_dataset(ray, plan: Plan, model: str | Path | None, backend: str, co
     actor_args = dict(model=None if model is None else os.path.abspath(model), backend=backend,
                       threads=threads or max(1, int(ray_options.cpus_per_actor)), decode=options.decode,
                       keep_alphas=options.alphas_dir is not None, precision=precision)
-    # a lost actor is restarted (Ray Data's default, max_restarts=-1); its batch tried again, a bounded number of times
+    # a lost actor is restarted (Ray Data's default, max_restarts=-1) and its batch tried again, a bounded number of
+    # times (Ray Data's default is no bound); as of Ray 2.60 max_task_retries has no named parameter (a hidden
+    # DeprecationWarning asks for one)
     return pixels.map_batches(Captioner, batch_size=options.batch_size, fn_constructor_kwargs=actor_args,
                               compute=ray.data.ActorPoolStrategy(size=ray_options.actors),
                               num_cpus=ray_options.cpus_per_actor, num_gpus=ray_options.gpus_per_actor or None,
