@@ -153,16 +153,12 @@ def run_ray(model: str | Path | None, plan: Plan, options: InferOptions = InferO
         with joined(ray, ray_options):
             rows = _caption_dataset(ray, plan, model, backend, config, options, ray_options, threads, precision)
             with appending(plan, summary) as append:
-                try:
-                    for batch in rows.iter_batches(batch_size=None, batch_format="numpy"):
-                        written = _finish_rows(batch, config.grid, options.alphas_dir, plan.out.parent)
-                        append(written)
-                        summary.nodes.update(batch["node"])
-                        if on_rows is not None:
-                            on_rows(len(written))
-                except Exception as err:  # noqa: BLE001 - the cluster's and its tasks' errors, as one line
-                    raise cluster_error(err, f"captioning on Ray stopped ({plan.out} keeps the rows written: rerun "
-                                             "the same command to resume)") from None
+                for batch in _finished(rows, plan.out):
+                    written = _finish_rows(batch, config.grid, options.alphas_dir, plan.out.parent)
+                    append(written)
+                    summary.nodes.update(batch["node"])
+                    if on_rows is not None:
+                        on_rows(len(written))
     finally:
         summary.seconds = time.perf_counter() - start
     return summary
@@ -238,8 +234,10 @@ def _caption_dataset(ray, plan: Plan, model: str | Path | None, backend: str, co
                                   "error_kind": item.error_kind} for item in plan.todo])
     # memory: a reader holds one decoded RGB image of up to max_pixels (at most 1 GiB asked); asking for it
     # (actors ask for none) also keeps Ray from fusing reading into the actors, where it would not overlap inference
+    # a reader task whose worker dies (a crashing decoder) is tried again a bounded number of times (Ray Data's
+    # default is no bound: a file that kills its reader every time would stall the run forever)
     pixels = files.map_batches(read_batch, batch_size=options.batch_size, num_cpus=1,
-                               memory=min(3 * options.max_pixels, 2**30),
+                               memory=min(3 * options.max_pixels, 2**30), max_retries=ray_options.attempts - 1,
                                fn_kwargs={"cfg": config.preprocess, "max_pixels": options.max_pixels,
                                           "full_decode": options.full_decode})
     actor_args = dict(model=None if model is None else os.path.abspath(model), backend=backend,
@@ -252,6 +250,20 @@ def _caption_dataset(ray, plan: Plan, model: str | Path | None, backend: str, co
                               compute=ray.data.ActorPoolStrategy(size=ray_options.actors),
                               num_cpus=ray_options.cpus_per_actor, num_gpus=ray_options.gpus_per_actor or None,
                               max_task_retries=ray_options.attempts - 1)
+
+
+def _finished(rows, out: Path) -> Iterator[dict[str, np.ndarray]]:
+    """The Dataset's batches as they finish; a failure of Ray or of its tasks as one line (``cluster_error``)."""
+    batches = rows.iter_batches(batch_size=None, batch_format="numpy")
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as err:  # noqa: BLE001 - the cluster's and its tasks' errors, as one line
+            raise cluster_error(err, f"captioning on Ray stopped ({out} keeps the rows written: rerun the same "
+                                     "command to resume)") from None
+        yield batch
 
 
 def _finish_rows(batch: dict[str, np.ndarray], grid: int, alphas_dir: Path | None, out_dir: Path) -> list[dict]:

@@ -24,23 +24,26 @@ from tests.sat_export.pipeline.test_infer import read_rows, write_images
 from tests.sat_export.pipeline.test_shards import add_member, photo, write_image_tars
 from training.errors import SatError
 
-POISON = "poison"  # the key of the sample that kills whoever reads it
+POISON = "poison"  # the name (without suffix) of the sample or file that kills whoever reads it
 
 
 def die_on_poison() -> None:
-    """Ray's worker setup hook for this module's job: a worker reading the sample keyed ``POISON`` dies at once
-    (``os._exit``), as one killed by a crashing native decoder or the kernel's OOM killer would. The code under
-    test is unchanged: the hook wraps its reader in the worker processes only."""
-    from sat_export.pipeline import shard_results
+    """Ray's worker setup hook for this module's job: a worker reading a sample or file named ``POISON`` dies at
+    once (``os._exit``), as one killed by a crashing native decoder or the kernel's OOM killer would. The code
+    under test is unchanged: the hook wraps its readers (a shard's, a folder's) in the worker processes only."""
+    from sat_export.pipeline import ray_infer, shard_results
 
-    read = shard_results.read_item
+    for module in (shard_results, ray_infer):
+        module.read_item = poisoned(module.read_item)
 
+
+def poisoned(read):
     def read_or_die(item, *args, **kwargs):
-        if item.sample == POISON:
+        if Path(item.key).stem == POISON:
             os._exit(1)
         return read(item, *args, **kwargs)
 
-    shard_results.read_item = read_or_die
+    return read_or_die
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +135,19 @@ def test_on_shards_the_actors_may_take_every_cpu_on_folders_one_is_left_for_the_
         _check_fits(cluster, RayOptions(actors=2), readers=True)
     with pytest.raises(SatError, match=r"3 actor\(s\) x 1 CPU need more than the cluster's 2 CPU\(s\)"):
         _check_fits(cluster, RayOptions(actors=3), readers=False)
+
+
+def test_a_file_that_kills_its_reader_on_every_try_stops_a_folder_run_in_one_line_keeping_its_rows(
+        ray_address, tmp_path, tiny_ckpt, capfd):
+    names = write_images(tmp_path / "in", 8)
+    (tmp_path / "in" / f"{POISON}.png").write_bytes((tmp_path / "in" / names[0]).read_bytes())
+    out = tmp_path / "c.jsonl"
+    result = CliRunner().invoke(app, [str(tmp_path / "in"), "--out", str(out), "--model", str(tiny_ckpt),
+                                      "--backend", "torch", "--batch-size", "1", "--ray"])
+    logged = capfd.readouterr()
+    assert result.exit_code == 1, result.output
+    message = result.output.split("error: ", 1)[1]
+    assert message.startswith(f"captioning on Ray stopped ({out} keeps the rows written: rerun the same command "
+                              "to resume): ") and message.count("\n") == 1, message
+    assert "Traceback" not in result.output + logged.out + logged.err
+    assert set(read_rows(out)) <= set(names)  # whole rows of good files only
