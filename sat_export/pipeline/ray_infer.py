@@ -29,6 +29,7 @@ import logging
 import os
 import socket
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -232,38 +233,56 @@ def _caption_dataset(ray, plan: Plan, model: str | Path | None, backend: str, co
     """The lazy Dataset: files -> ``read_batch`` CPU tasks -> ``Captioner`` actor pool -> rows."""
     files = ray.data.from_items([{"path": os.path.abspath(item.path), "key": item.key, "error": item.error or "",
                                   "error_kind": item.error_kind} for item in plan.todo])
-    # memory: a reader holds one decoded RGB image of up to max_pixels (at most 1 GiB asked); asking for it
-    # (actors ask for none) also keeps Ray from fusing reading into the actors, where it would not overlap inference
-    # a reader task whose worker dies (a crashing decoder) is tried again a bounded number of times (Ray Data's
-    # default is no bound: a file that kills its reader every time would stall the run forever)
-    pixels = files.map_batches(read_batch, batch_size=options.batch_size, num_cpus=1,
-                               memory=min(3 * options.max_pixels, 2**30), max_retries=ray_options.attempts - 1,
-                               fn_kwargs={"cfg": config.preprocess, "max_pixels": options.max_pixels,
-                                          "full_decode": options.full_decode})
     actor_args = dict(model=None if model is None else os.path.abspath(model), backend=backend,
                       threads=threads or max(1, int(ray_options.cpus_per_actor)), decode=options.decode,
                       keep_alphas=options.alphas_dir is not None, precision=precision)
-    # a lost actor is restarted (Ray Data's default, max_restarts=-1) and its batch tried again, a bounded number of
-    # times (Ray Data's default is no bound); as of Ray 2.60 max_task_retries has no named parameter (a hidden
-    # DeprecationWarning asks for one)
-    return pixels.map_batches(Captioner, batch_size=options.batch_size, fn_constructor_kwargs=actor_args,
-                              compute=ray.data.ActorPoolStrategy(size=ray_options.actors),
-                              num_cpus=ray_options.cpus_per_actor, num_gpus=ray_options.gpus_per_actor or None,
-                              max_task_retries=ray_options.attempts - 1)
+    # A reader task or an actor's batch whose worker died is tried again (a lost actor restarted: Ray Data's
+    # max_restarts=-1), ray_options.attempts tries in all: Ray Data's default is no bound, so a file that kills its
+    # reader every time would stall the run forever. Ray 2.60 has no named parameter for these: they go as remote
+    # args, whose deprecation warning is kept off the user's terminal.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", DeprecationWarning)
+        # memory: a reader holds one decoded RGB image of up to max_pixels (at most 1 GiB asked); asking for it
+        # (actors ask for none) also keeps Ray from fusing reading into the actors, where it would not overlap
+        # inference
+        pixels = files.map_batches(read_batch, batch_size=options.batch_size, num_cpus=1,
+                                   memory=min(3 * options.max_pixels, 2**30), max_retries=ray_options.attempts - 1,
+                                   fn_kwargs={"cfg": config.preprocess, "max_pixels": options.max_pixels,
+                                              "full_decode": options.full_decode})
+        return pixels.map_batches(Captioner, batch_size=options.batch_size, fn_constructor_kwargs=actor_args,
+                                  compute=ray.data.ActorPoolStrategy(size=ray_options.actors),
+                                  num_cpus=ray_options.cpus_per_actor, num_gpus=ray_options.gpus_per_actor or None,
+                                  max_task_retries=ray_options.attempts - 1)
 
 
 def _finished(rows, out: Path) -> Iterator[dict[str, np.ndarray]]:
-    """The Dataset's batches as they finish; a failure of Ray or of its tasks as one line (``cluster_error``)."""
-    batches = rows.iter_batches(batch_size=None, batch_format="numpy")
-    while True:
-        try:
-            batch = next(batches)
-        except StopIteration:
-            return
-        except Exception as err:  # noqa: BLE001 - the cluster's and its tasks' errors, as one line
-            raise cluster_error(err, f"captioning on Ray stopped ({out} keeps the rows written: rerun the same "
-                                     "command to resume)") from None
-        yield batch
+    """The Dataset's batches as they finish; a failure of Ray or of its tasks as one line (``cluster_error``).
+
+    Ray Data prints a failed task's error with a stack trace on its console; that goes to its log file only
+    (``<session>/logs/ray-data``), the line here says it on the terminal.
+    """
+    console = [handler for handler in logging.getLogger("ray.data").handlers
+               if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)]
+    for handler in console:
+        handler.addFilter(_below_error)
+    try:
+        batches = iter(rows.iter_batches(batch_size=None, batch_format="numpy"))
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except Exception as err:  # noqa: BLE001 - the cluster's and its tasks' errors, as one line
+                raise cluster_error(err, f"captioning on Ray stopped ({out} keeps the rows written: rerun the same "
+                                         "command to resume)") from None
+            yield batch
+    finally:
+        for handler in console:
+            handler.removeFilter(_below_error)
+
+
+def _below_error(record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR
 
 
 def _finish_rows(batch: dict[str, np.ndarray], grid: int, alphas_dir: Path | None, out_dir: Path) -> list[dict]:
