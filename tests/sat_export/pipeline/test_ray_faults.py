@@ -50,6 +50,7 @@ def poisoned(read):
 def ray_address():
     """A local Ray with 2 CPUs for the module, whose job's workers run ``die_on_poison``; its address."""
     import ray
+    import ray.data  # noqa: F401 - its console log handler then holds the real stderr, not a closed CliRunner's
 
     context = ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20,
                        runtime_env={"worker_process_setup_hook": "tests.sat_export.pipeline.test_ray_faults.die_on_poison",
