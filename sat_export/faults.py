@@ -12,7 +12,8 @@ Readers, writers and the Ray driver ask this module; nobody else decides which e
 
 Exceptions are matched by the names of their classes (``botocore.exceptions.EndpointConnectionError``), so no
 storage or cluster library is imported here, and through their ``__cause__``/``__context__`` chain, because
-s3fs, fsspec and pyarrow re-raise a library's error as an ``OSError`` of their own.
+s3fs, fsspec and pyarrow re-raise a library's error as an ``OSError`` of their own; a Ray task's error is judged by
+the error it carries (``unwrap``).
 """
 from __future__ import annotations
 
@@ -66,13 +67,27 @@ class StorageUnavailable(SatError):
     """A store or cluster kept failing past the retry budget; the message names what and the last error."""
 
 
+def unwrap(err: BaseException) -> BaseException:
+    """The error a Ray task raised (``RayTaskError.cause``, however deep), else ``err`` itself.
+
+    ``ray.get`` raises a task's error as a class deriving from both ``RayTaskError`` and the error's own class,
+    whose message is the worker's whole traceback: its ``cause`` is the error as it was raised.
+    """
+    while "ray.exceptions.RayTaskError" in _class_names(err) and isinstance(getattr(err, "cause", None),
+                                                                           BaseException):
+        err = err.cause
+    return err
+
+
 def _chain(err: BaseException) -> Iterator[BaseException]:
-    """``err``, then what it was raised from or during, each once."""
+    """``err`` (``unwrap``ped), then what it was raised from or during, each once."""
     seen: set[int] = set()
+    err = unwrap(err)
     while err is not None and id(err) not in seen:
         seen.add(id(err))
         yield err
         err = err.__cause__ or err.__context__
+        err = err if err is None else unwrap(err)
 
 
 def _class_names(err: BaseException) -> set[str]:
@@ -107,7 +122,7 @@ def _transient_one(err: BaseException) -> bool:
 
 def transient(err: BaseException) -> bool:
     """Whether ``err``, or an error it was raised from, is a failure of the environment that may pass."""
-    return not isinstance(err, SatError) and any(_transient_one(e) for e in _chain(err))
+    return not isinstance(unwrap(err), SatError) and any(_transient_one(e) for e in _chain(err))
 
 
 def _undecodable(err: BaseException) -> bool:

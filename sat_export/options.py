@@ -86,16 +86,20 @@ class SourceOptions:
 
 @dataclass(frozen=True)
 class RayOptions:
-    """Which cluster (None: ``RAY_ADDRESS``, else a new local Ray) and the captioning actor pool."""
+    """Which cluster (None: ``RAY_ADDRESS``, else a new local Ray) and the captioning actor pool; how many times a
+    shard or batch is tried when its actor is lost (killed, out of memory, its node gone) before it fails."""
 
     address: str | None = None
     actors: int = 1
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
+    attempts: int = 3
 
     def __post_init__(self):
         if self.actors < 1:
             raise ValueError(f"actors must be at least 1, got {self.actors}")
+        if self.attempts < 1:
+            raise ValueError(f"attempts must be at least 1, got {self.attempts}")
         if self.cpus_per_actor <= 0:
             raise ValueError(f"cpus_per_actor must be positive, got {self.cpus_per_actor}")
         if self.gpus_per_actor < 0:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import random
 import socket
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.services import free_port
 from engines.ort import GPU_TRT_INSTALL
 from engines.contract import DECODER_STEP, ENCODER
 from sat_export.bundle.format import DIGEST_KEY, MANIFEST_FILE, _digest, _render, graph_file
@@ -103,20 +103,6 @@ def copy_instead_of_export(monkeypatch, tiny_bundle):
                 for spec in (ENCODER, DECODER_STEP)}
 
     monkeypatch.setattr(sat_export.bundler.builder, "export_onnx", fake_export)
-
-
-def free_port() -> int:
-    """A port of 127.0.0.1 below 55000 that is free, and so is the port 10000 above it (SeaweedFS's gRPC)."""
-    for _ in range(200):
-        port = random.randint(20000, 44999)
-        try:
-            for p in (port, port + 10000):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", p))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free port pair below 55000")
 
 
 @contextmanager

@@ -14,13 +14,23 @@ and alphas folder are written by the driver only.
 Shards (``run_shards_ray``) go one task per shard to a pool of ``ShardCaptioner`` actors, each
 reading and captioning whole shards as ``shard_results.run_shards`` does; the driver publishes
 each shard's result as it comes back, so the rows are the single process's.
+
+A lost actor (its worker killed, out of memory, its node gone) is restarted by Ray (``max_restarts``) and
+what it held is tried again on it, up to ``RayOptions.attempts`` tries in all (``max_task_retries``; Ray Data's
+for a folder's batches). Rows reach the driver only from a try that finished, so a retried batch is written
+once and a retried shard published once. A shard that fails every try is left without a result
+(``Summary.failed_shards``, one line each in the log) while the others go on. Errors of the cluster reach the
+user as one line (``cluster_error``).
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
+import warnings
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -30,16 +40,19 @@ import numpy as np
 
 from engines.errors import BackendUnavailable
 from sat_export.bundle.format import Bundle
+from sat_export.faults import unwrap
 from sat_export.options import InferOptions, RayOptions, SourceOptions
 from sat_export.pipeline.infer import (Loaded, Plan, Summary, appending, caption_rows, open_for_readers, read_item,
                                        save_alphas)
 from sat_export.pipeline.inputs import InputItem
 from sat_export.pipeline.shard_results import ShardPlan, publish, shard_batches
-from sat_export.pipeline.shards import Shard
+from sat_export.pipeline.shards import Shard, new_retrying
 from sat_export.registry import model_config, open_backend, resolve_model
 from training.config import ModelConfig, PreprocessConfig
 from training.errors import SatError, first_line
 from training.options import DecodeOptions
+
+log = logging.getLogger(__name__)
 
 
 def import_ray():
@@ -124,8 +137,9 @@ def run_ray(model: str | Path | None, plan: Plan, options: InferOptions = InferO
     BackendUnavailable
         Ray Data is not installed.
     SatError
-        The model cannot be read, ``options`` asks for overlays, the cluster cannot be joined, or
-        the actor pool would leave it (its resources at the start) no CPU to read images with.
+        The model cannot be read, ``options`` asks for overlays, the cluster cannot be joined, the actor
+        pool would leave it (its resources at the start) no CPU to read images with, or a batch failed
+        ``ray_options.attempts`` times (``cluster_error``: one line; the rows written so far are kept).
     """
     if options.overlays_dir is not None:
         raise SatError("--overlays is not supported with --ray: caption with --alphas, then draw the "
@@ -140,7 +154,7 @@ def run_ray(model: str | Path | None, plan: Plan, options: InferOptions = InferO
         with joined(ray, ray_options):
             rows = _caption_dataset(ray, plan, model, backend, config, options, ray_options, threads, precision)
             with appending(plan, summary) as append:
-                for batch in rows.iter_batches(batch_size=None, batch_format="numpy"):
+                for batch in _finished(rows, plan.out):
                     written = _finish_rows(batch, config.grid, options.alphas_dir, plan.out.parent)
                     append(written)
                     summary.nodes.update(batch["node"])
@@ -151,10 +165,20 @@ def run_ray(model: str | Path | None, plan: Plan, options: InferOptions = InferO
     return summary
 
 
+def cluster_error(err: Exception, what: str) -> SatError:
+    """``err`` from Ray as one line: the ``SatError`` a task raised as it is (a store past its budget, a
+    result that cannot be written), else ``what``, the error's class and its message's first line."""
+    cause = unwrap(err)
+    if isinstance(cause, SatError):
+        return cause
+    return SatError(f"{what}: {type(cause).__name__}: {first_line(cause)}")
+
+
 @contextmanager
-def joined(ray, ray_options: RayOptions) -> Iterator[None]:
+def joined(ray, ray_options: RayOptions, readers: bool = True) -> Iterator[None]:
     """The running Ray if ``ray.is_initialized()``, else ``ray.init(ray_options.address)`` shut down on exit;
-    an actor pool the cluster cannot hold is refused (``_check_fits``)."""
+    an actor pool the cluster cannot hold (with a CPU left for reader tasks where there are ``readers``) is
+    refused (``_check_fits``)."""
     started = not ray.is_initialized()
     if started:
         address = ray_options.address or os.environ.get("RAY_ADDRESS")  # what ray.init will join
@@ -164,7 +188,7 @@ def joined(ray, ray_options: RayOptions) -> Iterator[None]:
         except ConnectionError as err:
             raise SatError(f"cannot join the Ray cluster at {address}: {first_line(err)}") from None
     try:
-        _check_fits(ray.cluster_resources(), ray_options)
+        _check_fits(ray.cluster_resources(), ray_options, readers)
         yield
     finally:
         if started:
@@ -188,13 +212,17 @@ def check_reachable(address: str | None, timeout: float = 10.0) -> None:
                        "(`ray status` on its head node)") from None
 
 
-def _check_fits(resources: dict[str, float], ray_options: RayOptions) -> None:
-    """Refuse an actor pool the cluster cannot hold with a CPU left for the readers: it would hang."""
+def _check_fits(resources: dict[str, float], ray_options: RayOptions, readers: bool = True) -> None:
+    """Refuse an actor pool the cluster cannot hold (with a CPU left for reader tasks, where there are
+    ``readers``: a folder's files are decoded by tasks, a shard by its actor): it would hang."""
     cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
     need_cpus = ray_options.actors * ray_options.cpus_per_actor
-    if need_cpus > cpus - 1:
+    if readers and need_cpus > cpus - 1:
         raise SatError(f"{ray_options.actors} actor(s) x {ray_options.cpus_per_actor:g} CPU leave no CPU of the "
                        f"cluster's {cpus:g} to read images: lower --ray-actors or --ray-cpus-per-actor")
+    if need_cpus > cpus:
+        raise SatError(f"{ray_options.actors} actor(s) x {ray_options.cpus_per_actor:g} CPU need more than the "
+                       f"cluster's {cpus:g} CPU(s): lower --ray-actors or --ray-cpus-per-actor")
     if ray_options.actors * ray_options.gpus_per_actor > gpus:
         raise SatError(f"{ray_options.actors} actor(s) x {ray_options.gpus_per_actor:g} GPU need more than the "
                        f"cluster's {gpus:g} GPU(s): lower --ray-actors or --ray-gpus-per-actor")
@@ -205,18 +233,56 @@ def _caption_dataset(ray, plan: Plan, model: str | Path | None, backend: str, co
     """The lazy Dataset: files -> ``read_batch`` CPU tasks -> ``Captioner`` actor pool -> rows."""
     files = ray.data.from_items([{"path": os.path.abspath(item.path), "key": item.key, "error": item.error or "",
                                   "error_kind": item.error_kind} for item in plan.todo])
-    # memory: a reader holds one decoded RGB image of up to max_pixels (at most 1 GiB asked); asking for it
-    # (actors ask for none) also keeps Ray from fusing reading into the actors, where it would not overlap inference
-    pixels = files.map_batches(read_batch, batch_size=options.batch_size, num_cpus=1,
-                               memory=min(3 * options.max_pixels, 2**30),
-                               fn_kwargs={"cfg": config.preprocess, "max_pixels": options.max_pixels,
-                                          "full_decode": options.full_decode})
     actor_args = dict(model=None if model is None else os.path.abspath(model), backend=backend,
                       threads=threads or max(1, int(ray_options.cpus_per_actor)), decode=options.decode,
                       keep_alphas=options.alphas_dir is not None, precision=precision)
-    return pixels.map_batches(Captioner, batch_size=options.batch_size, fn_constructor_kwargs=actor_args,
-                              compute=ray.data.ActorPoolStrategy(size=ray_options.actors),
-                              num_cpus=ray_options.cpus_per_actor, num_gpus=ray_options.gpus_per_actor or None)
+    # A reader task or an actor's batch whose worker died is tried again (a lost actor restarted: Ray Data's
+    # max_restarts=-1), ray_options.attempts tries in all: Ray Data's default is no bound, so a file that kills its
+    # reader every time would stall the run forever. Ray 2.60 has no named parameter for these: they go as remote
+    # args, whose deprecation warning is kept off the user's terminal.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", DeprecationWarning)
+        # memory: a reader holds one decoded RGB image of up to max_pixels (at most 1 GiB asked); asking for it
+        # (actors ask for none) also keeps Ray from fusing reading into the actors, where it would not overlap
+        # inference
+        pixels = files.map_batches(read_batch, batch_size=options.batch_size, num_cpus=1,
+                                   memory=min(3 * options.max_pixels, 2**30), max_retries=ray_options.attempts - 1,
+                                   fn_kwargs={"cfg": config.preprocess, "max_pixels": options.max_pixels,
+                                              "full_decode": options.full_decode})
+        return pixels.map_batches(Captioner, batch_size=options.batch_size, fn_constructor_kwargs=actor_args,
+                                  compute=ray.data.ActorPoolStrategy(size=ray_options.actors),
+                                  num_cpus=ray_options.cpus_per_actor, num_gpus=ray_options.gpus_per_actor or None,
+                                  max_task_retries=ray_options.attempts - 1)
+
+
+def _finished(rows, out: Path) -> Iterator[dict[str, np.ndarray]]:
+    """The Dataset's batches as they finish; a failure of Ray or of its tasks as one line (``cluster_error``).
+
+    Ray Data prints a failed task's error with a stack trace on its console; that goes to its log file only
+    (``<session>/logs/ray-data``), the line here says it on the terminal.
+    """
+    console = [handler for handler in logging.getLogger("ray.data").handlers
+               if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)]
+    for handler in console:
+        handler.addFilter(_below_error)
+    try:
+        batches = iter(rows.iter_batches(batch_size=None, batch_format="numpy"))
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except Exception as err:  # noqa: BLE001 - the cluster's and its tasks' errors, as one line
+                raise cluster_error(err, f"captioning on Ray stopped ({out} keeps the rows written: rerun the same "
+                                         "command to resume)") from None
+            yield batch
+    finally:
+        for handler in console:
+            handler.removeFilter(_below_error)
+
+
+def _below_error(record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR
 
 
 def _finish_rows(batch: dict[str, np.ndarray], grid: int, alphas_dir: Path | None, out_dir: Path) -> list[dict]:
@@ -242,13 +308,14 @@ class ShardCaptioner:
         self.options, self.sources, self.keep_alphas = options, sources, keep_alphas
         self.node = ray.get_runtime_context().get_node_id()
 
-    def caption(self, shard: Shard) -> tuple[Shard, list[list[tuple[dict, np.ndarray | None]]], str]:
-        """The shard, its batches of ``(row, alphas)`` pairs (alphas float16 as results keep them, or None
-        unless kept), and this actor's node."""
+    def caption(self, shard: Shard) -> tuple[list[list[tuple[dict, np.ndarray | None]]], str, int]:
+        """The shard's batches of ``(row, alphas)`` pairs (alphas float16 as results keep them, or None
+        unless kept), this actor's node, and how many times its store was retried."""
+        retrying = new_retrying(self.sources)
         batches = [[(row, alphas.astype(np.float16) if alphas is not None and self.keep_alphas else None)
                     for row, alphas in pairs]
-                   for pairs in shard_batches(self.backend, self.pool, shard, self.options, self.sources)]
-        return shard, batches, self.node
+                   for pairs in shard_batches(self.backend, self.pool, shard, self.options, self.sources, retrying)]
+        return batches, self.node, retrying.retries
 
 
 def run_shards_ray(model: str | Path | None, plan: ShardPlan, options: InferOptions = InferOptions(),
@@ -256,24 +323,54 @@ def run_shards_ray(model: str | Path | None, plan: ShardPlan, options: InferOpti
                    on_rows: Callable[[int], None] | None = None, precision: str = "fp32") -> Summary:
     """``run_shards`` on Ray: one task per shard on a pool of ``ShardCaptioner`` actors (``options.workers``
     reader threads and ``threads`` inference threads each, default its CPUs), results published by this
-    process as shards finish. Shards are read by the actors: on a cluster, give URLs or shared paths."""
-    ray = import_ray()
-    from ray.util import ActorPool
+    process as shards finish. Shards are read by the actors: on a cluster, give URLs or shared paths.
 
+    A shard whose actor is lost is tried again on it once Ray has restarted it, up to ``ray_options.attempts``
+    tries; a shard that fails them all, or whose captioning raised, is left without a result and named in
+    ``Summary.failed_shards``. A ``SatError`` of an actor (a store failing past its budget) stops the run, as
+    it stops ``run_shards``.
+    """
+    ray = import_ray()
     driver_config(model, backend)
     summary = Summary(skipped=plan.done)
     start = time.perf_counter()
     try:
-        with joined(ray, ray_options):
+        with joined(ray, ray_options, readers=False):
             actor = ray.remote(ShardCaptioner).options(num_cpus=ray_options.cpus_per_actor,
-                                                      num_gpus=ray_options.gpus_per_actor or None)
+                                                      num_gpus=ray_options.gpus_per_actor or None,
+                                                      max_restarts=ray_options.attempts * len(plan.todo),
+                                                      max_task_retries=ray_options.attempts - 1)
             args = (None if model is None else os.path.abspath(model), backend,
                     threads or max(1, int(ray_options.cpus_per_actor)), options, plan.sources, precision,
                     plan.alphas)
-            pool = ActorPool([actor.remote(*args) for _ in range(ray_options.actors)])
-            for shard, done, node in pool.map_unordered(lambda a, shard: a.caption.remote(shard), plan.todo):
-                publish(plan, shard, done, summary, on_rows)
-                summary.nodes.add(node)
+            actors = [actor.remote(*args) for _ in range(ray_options.actors)]
+            _caption_shards(ray, actors, plan, summary, on_rows)
     finally:
         summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _caption_shards(ray, actors: list, plan: ShardPlan, summary: Summary,
+                    on_rows: Callable[[int], None] | None) -> None:
+    """Keep each actor captioning one shard of ``plan.todo`` at a time; publish each shard as its try finishes;
+    a shard whose tries all failed is named in ``summary.failed_shards`` and the others go on."""
+    todo, free, running = deque(plan.todo), list(actors), {}
+    while todo or running:
+        while todo and free:
+            shard, actor = todo.popleft(), free.pop()
+            running[actor.caption.remote(shard)] = (shard, actor)
+        [ref], _ = ray.wait(list(running), num_returns=1)
+        shard, actor = running.pop(ref)
+        free.append(actor)
+        try:
+            batches, node, retries = ray.get(ref)
+        except Exception as err:  # noqa: BLE001 - a lost actor past its tries, or the shard's own error
+            cause = unwrap(err)
+            if isinstance(cause, SatError):
+                raise cause from None
+            summary.failed_shards.append(shard.name)
+            log.warning("%s: no result: %s: %s", shard.name, type(cause).__name__, first_line(cause))
+            continue
+        publish(plan, shard, batches, summary, on_rows)
+        summary.nodes.add(node)
+        summary.retries += retries

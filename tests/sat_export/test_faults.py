@@ -12,7 +12,7 @@ from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeou
 from s3fs.errors import translate_boto_error
 
 from sat_export.errors import InputError
-from sat_export.faults import INPUT, IO, RetryPolicy, Retrying, StorageUnavailable, error_kind, transient
+from sat_export.faults import INPUT, IO, RetryPolicy, Retrying, StorageUnavailable, error_kind, transient, unwrap
 from training.errors import ImageDecodeError
 
 
@@ -65,6 +65,23 @@ def test_a_missing_or_forbidden_object_is_io_and_not_retried(err):
 def test_bad_bytes_are_input_errors_and_not_retried(err):
     assert not transient(err)
     assert error_kind(err) == INPUT
+
+
+def task_error(cause: BaseException) -> BaseException:
+    """``cause`` as ``ray.get`` raises a remote task's error: a class of both ``RayTaskError`` and its own."""
+    return ray.exceptions.RayTaskError("caption", "Traceback (most recent call last):\n  ...", cause).as_instanceof_cause()
+
+
+def test_a_ray_task_error_is_judged_by_the_error_it_carries():
+    lost = task_error(EndpointConnectionError(endpoint_url="http://x"))
+    assert "\n" in str(lost) and "Could not connect" not in str(lost).splitlines()[0]  # the worker's traceback
+    assert unwrap(lost) is lost.cause
+    assert transient(lost) and error_kind(lost) == IO
+    bad = task_error(tarfile.ReadError("bad checksum"))
+    assert not transient(bad) and error_kind(bad) == INPUT
+    ours = task_error(StorageUnavailable("s3://b/00000.tar: connection refused"))
+    assert not transient(ours) and str(unwrap(ours)) == "s3://b/00000.tar: connection refused"
+    assert unwrap(task_error(task_error(ValueError("deep")).cause)).args == ("deep",)
 
 
 def test_our_own_errors_are_never_retried():

