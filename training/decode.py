@@ -8,7 +8,8 @@ Rows whose caption ended are dropped from the active batch, so late steps get ch
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,11 +39,34 @@ class Caption:
 
 def decode(step: StepFn, enc: EncoderOutputs, special_ids: dict[str, int],
            options: DecodeOptions = DecodeOptions()) -> list[Caption]:
-    """Caption every image of the batch ``enc``; greedy when ``options.beam == 1``."""
-    with torch.inference_mode():
+    """Caption every image of the batch ``enc``; greedy when ``options.beam == 1``.
+
+    The loop's own torch ops run on one thread and ``step`` on the caller's torch threads: the loop's ops are
+    small, and on a pool of threads each one waits for every thread of it, which costs a time slice whenever
+    another job has one of them descheduled (measured with ``benchmarks.beam --load spin``)."""
+    with torch.inference_mode(), _one_thread_between_steps(step) as step:
         if options.beam == 1:
             return greedy_search(step, enc, special_ids, options)
         return beam_search(step, enc, special_ids, options)
+
+
+@contextmanager
+def _one_thread_between_steps(step: StepFn) -> Iterator[StepFn]:
+    """``step`` wrapped to run on the current torch thread count, while the code around it runs on one."""
+    threads = torch.get_num_threads()
+
+    def threaded(*inputs: Tensor) -> StepOutputs:
+        torch.set_num_threads(threads)
+        try:
+            return step(*inputs)
+        finally:
+            torch.set_num_threads(1)
+
+    torch.set_num_threads(1)
+    try:
+        yield threaded
+    finally:
+        torch.set_num_threads(threads)
 
 
 def greedy_search(step: StepFn, enc: EncoderOutputs, special_ids: dict[str, int],
@@ -98,9 +122,10 @@ def beam_search(step: StepFn, enc: EncoderOutputs, special_ids: dict[str, int],
 
     The history is kept as back-pointers (``_History``: each step's words, their beams' parents and
     attention, written once) and followed once at the end; a hypothesis is its image's best as an
-    ``(end step, beam)`` pair. Stopped images leave the active batch once ``COMPACT_SHARE`` of it has
-    stopped (until then their rows are stepped but ignored). The host reads the device once a step:
-    how many images still search.
+    ``(end step, beam)`` pair. Stopped images leave the active batch at once, by moving the rows of images
+    still searching from its tail into their places (``_compact``): each image's per-beam features are
+    copied once (``repeat_interleave``) and moved at most once. The host reads the device once a step:
+    how many images still search, and how many of them must move.
     """
     features, proj, h, c = enc
     n_img, n_pix, device = features.size(0), features.size(1), features.device
@@ -140,18 +165,28 @@ def beam_search(step: StepFn, enc: EncoderOutputs, special_ids: dict[str, int],
             history.finish(images, searching, live_best, live_best / live_norm, t + 1, live_beam)
             break
         searching &= live_best / live_norm > history.normed[images]  # else no live beam can still win
-        n_left = int(searching.sum())  # the step's one host read
+        left = searching.sum()
+        front = torch.arange(n_act, device=device) < left  # (n_act,) the places that stay
+        n_left, n_move = torch.stack([left, (front & ~searching).sum()]).tolist()  # the step's one host read
         if n_left == 0:
             break
-        if n_act - n_left >= COMPACT_SHARE * n_act:
-            keep = torch.sort(~searching, stable=True).indices[:n_left]  # (n_left,) searching images, in order
-            rows_keep = (keep.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1)  # (n_left*k,)
-            images, searching, beam_scores = images[keep], searching[keep], beam_scores[keep]
-            h, c, tokens, features, proj = (x[rows_keep] for x in (h, c, tokens, features, proj))
+        if n_left < n_act:
+            holes, movers = _compact(front & ~searching, ~front & searching, n_move)
+            for x in (images, searching, beam_scores):
+                x[holes] = x[movers]
+            rows_from, rows_to = (((r * k).unsqueeze(1) + torch.arange(k, device=device)).view(-1)
+                                  for r in (movers, holes))  # (n_move*k,)
+            for x in (h, c, tokens, features, proj):
+                x[rows_to] = x[rows_from]
+            images, searching, beam_scores = images[:n_left], searching[:n_left], beam_scores[:n_left]
+            h, c, tokens, features, proj = (x[:n_left * k] for x in (h, c, tokens, features, proj))
     return _captions(*history.best(), options)
 
 
-COMPACT_SHARE = 0.25  # stopped images leave the active batch once they are this share of it (benchmarks.beam)
+def _compact(holes: Tensor, movers: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """The ``n`` places of the masks ``holes`` and ``movers`` (both ``(n_act,)``, n set each), in order, without a
+    host read: a stable sort puts the set places first."""
+    return tuple(torch.sort(~mask, stable=True).indices[:n] for mask in (holes, movers))
 
 
 class _History:
