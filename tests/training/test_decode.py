@@ -4,6 +4,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.overrides import TorchFunctionMode
 
 from tests.conftest import tiny_model
 from training.decode import beam_search, decode, greedy_search
@@ -310,3 +311,43 @@ def test_beam_search_reads_the_device_from_the_host_once_per_step():
         beam_search(step, lm.enc(12), SPECIALS, DecodeOptions(beam=3, max_len=8))
     per_step = reads.per_mark("step")
     assert len(per_step) > 2 and per_step[:-1] == [1] * (len(per_step) - 1), per_step  # the last: the captions' copy
+
+
+class _Threads(TorchFunctionMode):
+    """Records the torch thread count at each torch call: ``inside`` the step, or in the loop around it."""
+
+    def __init__(self):
+        super().__init__()
+        self.inside, self.step, self.loop = False, set(), set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        (self.step if self.inside else self.loop).add(torch.get_num_threads())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_the_step_runs_on_the_callers_threads_and_the_loop_between_steps_on_one(beam):
+    lm, threads, calls = ToyLM(vocab=6, seed=5), torch.get_num_threads(), _Threads()
+
+    def step(*inputs):
+        calls.inside = True
+        try:
+            return lm(*inputs)
+        finally:
+            calls.inside = False
+
+    def failing(*inputs):
+        raise RuntimeError("boom")
+
+    try:
+        torch.set_num_threads(2)
+        enc = lm.enc(4)
+        with calls:
+            decode(step, enc, SPECIALS, DecodeOptions(beam=beam, max_len=5))
+        assert calls.step == {2} and calls.loop == {1}
+        assert torch.get_num_threads() == 2  # restored after
+        with pytest.raises(RuntimeError, match="boom"):
+            decode(failing, lm.enc(4), SPECIALS, DecodeOptions(beam=beam))
+        assert torch.get_num_threads() == 2  # and after a failing step
+    finally:
+        torch.set_num_threads(threads)
