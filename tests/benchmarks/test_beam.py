@@ -15,18 +15,10 @@ def test_a_load_runs_only_inside_its_block():
         assert proc.poll() is not None  # stopped by its pid
 
 
-def test_beam_bench_times_greedy_and_beam_under_each_load_and_writes_the_ratios(tmp_path, tiny_ckpt, tiny_bundle,
-                                                                                 monkeypatch):
-    import shutil
-
-    import sat_export.bundler.builder
+def test_beam_bench_times_greedy_and_beam_under_each_load_and_writes_the_ratios(tmp_path, tiny_ckpt,
+                                                                                 copy_instead_of_export):
     from training.shapes import make_shapes
 
-    def copy_graphs(model, out_dir, precision="fp32", opset=18):  # the tiny bundle's graphs: same model
-        out_dir.mkdir(parents=True, exist_ok=True)
-        return {g: shutil.copy(tiny_bundle / f"{g}.onnx", out_dir / f"{g}.onnx") for g in ("encoder", "decoder_step")}
-
-    monkeypatch.setattr(sat_export.bundler.builder, "export_onnx", copy_graphs)
     images = make_shapes(tmp_path / "shapes", 6, size=64) / "images"
     out = tmp_path / "beam.json"
     result = CliRunner().invoke(app, ["--ckpt", str(tiny_ckpt), "--images", str(images), "--config", "ort-fp32",

@@ -183,12 +183,7 @@ def test_the_int8_verdict_names_a_faithful_int8_row_or_says_why_none_is():
 
 
 def test_bench_with_beam_judges_int8_with_beam_captions_and_says_whether_a_faithful_int8_row_exists(
-        tmp_path, tiny_ckpt, tiny_bundle, shapes, monkeypatch):
-    def copy_graphs(model, out_dir, precision="fp32", opset=18):  # the tiny bundle's graphs: same model
-        out_dir.mkdir(parents=True, exist_ok=True)
-        return {g: shutil.copy(tiny_bundle / f"{g}.onnx", out_dir / f"{g}.onnx") for g in ("encoder", "decoder_step")}
-
-    monkeypatch.setattr(sat_export.bundler.builder, "export_onnx", copy_graphs)
+        tmp_path, tiny_ckpt, shapes, copy_instead_of_export):
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(app, ["--quick", "--ckpt", str(tiny_ckpt), "--images", str(shapes), "--calib-method",
                                       "minmax", "--beam", "3", "--configs", "ort-int8", "--cache",
