@@ -14,6 +14,7 @@ Example:  python -m benchmarks.beam --batch 32 --beam 3 --load none,spin,copy --
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -178,6 +179,7 @@ def main(
                 doc["loads"][kind] = measure(backend, pixels, loaded.vocab.special_ids(), beam, max_len, repeats)
     finally:
         backend.close()
+    doc["loadavg_end"] = list(os.getloadavg())  # other jobs' load on the machine, beside --load's
     print_table(doc)
     json_path.write_text(json.dumps(doc, indent=1) + "\n")
     console.print(f"measurements written to {json_path}", highlight=False)
