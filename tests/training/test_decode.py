@@ -239,7 +239,10 @@ def test_finished_rows_are_compacted_out_of_the_active_batch(beam):
         sizes.append(tokens.numel())
         return lm(tokens, h, c, f, p)
 
-    caps = decode(step, lm.enc(16), SPECIALS, DecodeOptions(beam=beam, max_len=8))
+    enc = lm.enc(16)
+    before = [x.clone() for x in enc]
+    caps = decode(step, enc, SPECIALS, DecodeOptions(beam=beam, max_len=8))
+    assert all(torch.equal(x, y) for x, y in zip(enc, before))  # rows are moved in the loop's own copies
     lengths = sorted(len(c.tokens) for c in caps)
     assert sizes[0] == 16 * beam
     assert sizes == sorted(sizes, reverse=True) and sizes[-1] < sizes[0], sizes
