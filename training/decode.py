@@ -133,7 +133,6 @@ def beam_search(step: StepFn, enc: EncoderOutputs, special_ids: dict[str, int],
     # The k beams of an image are consecutive rows: row = image * k + beam.
     features, proj, h, c = (x.repeat_interleave(k, dim=0) for x in (features, proj, h, c))
     images = torch.arange(n_img, device=device)  # original index of each active image
-    searching = torch.ones(n_img, dtype=torch.bool, device=device)  # (n_act,): not stopped yet
     beam_scores = torch.full((n_img, k), float("-inf"), device=device)
     beam_scores[:, 0] = 0.0  # one live beam at the start, so the k beams do not duplicate
     tokens = torch.full((n_img * k,), special_ids["start"], dtype=torch.long, device=device)
@@ -150,7 +149,7 @@ def beam_search(step: StepFn, enc: EncoderOutputs, special_ids: dict[str, int],
         rank = torch.arange(top_idx.size(1), device=device).expand_as(top_idx)
         ended = torch.where(is_end & (rank < k), top_scores, float("-inf"))  # (n_act, 2k)
         end_best, j = ended.max(dim=1)  # (n_act,): each image's best new finished hypothesis
-        history.finish(images, searching, end_best, end_best / float(t + 1) ** p, t,
+        history.finish(images, end_best, end_best / float(t + 1) ** p, t,
                        src_beam.gather(1, j.unsqueeze(1)).squeeze(1))
         # The best k candidates that do not end continue (end ones sort last, ties keep rank order).
         sel = torch.sort(is_end.long() * top_idx.size(1) + rank, dim=1).indices[:, :k]  # (n_act, k)
@@ -162,9 +161,9 @@ def beam_search(step: StepFn, enc: EncoderOutputs, special_ids: dict[str, int],
 
         live_best, live_beam = beam_scores.max(dim=1)  # (n_act,)
         if t == options.max_len - 1:  # the live beams are (unfinished) candidates too
-            history.finish(images, searching, live_best, live_best / live_norm, t + 1, live_beam)
+            history.finish(images, live_best, live_best / live_norm, t + 1, live_beam)
             break
-        searching &= live_best / live_norm > history.normed[images]  # else no live beam can still win
+        searching = live_best / live_norm > history.normed[images]  # (n_act,) else no live beam can still win
         left = searching.sum()
         front = torch.arange(n_act, device=device) < left  # (n_act,) the places that stay
         n_left, n_move = torch.stack([left, (front & ~searching).sum()]).tolist()  # the step's one host read
@@ -172,13 +171,13 @@ def beam_search(step: StepFn, enc: EncoderOutputs, special_ids: dict[str, int],
             break
         if n_left < n_act:
             holes, movers = _compact(front & ~searching, ~front & searching, n_move)
-            for x in (images, searching, beam_scores):
+            for x in (images, beam_scores):
                 x[holes] = x[movers]
             rows_from, rows_to = (((r * k).unsqueeze(1) + torch.arange(k, device=device)).view(-1)
                                   for r in (movers, holes))  # (n_move*k,)
             for x in (h, c, tokens, features, proj):
                 x[rows_to] = x[rows_from]
-            images, searching, beam_scores = images[:n_left], searching[:n_left], beam_scores[:n_left]
+            images, beam_scores = images[:n_left], beam_scores[:n_left]
             h, c, tokens, features, proj = (x[:n_left * k] for x in (h, c, tokens, features, proj))
     return _captions(*history.best(), options)
 
@@ -215,11 +214,10 @@ class _History:
         (by the beams that computed them)."""
         self.words[t, images], self.parents[t, images], self.alphas[t, images] = words, parents, alphas
 
-    def finish(self, images: Tensor, searching: Tensor, raw: Tensor, normed: Tensor, length: int,
-               beam: Tensor) -> None:
-        """Per active image still ``searching``, the hypothesis of ``length`` words ending at ``beam`` (of step
-        ``length - 1``) becomes its best if its ``normed`` score beats the best so far; all ``(n_act,)``."""
-        better = searching & (normed > self.normed[images])  # (n_act,)
+    def finish(self, images: Tensor, raw: Tensor, normed: Tensor, length: int, beam: Tensor) -> None:
+        """Per active image, the hypothesis of ``length`` words ending at ``beam`` (of step ``length - 1``) becomes
+        its best if its ``normed`` score beats the best so far; all ``(n_act,)``."""
+        better = normed > self.normed[images]  # (n_act,)
         for best, new in ((self.scores, raw), (self.normed, normed), (self.last, beam)):
             best[images] = torch.where(better, new, best[images])
         self.lengths[images] = torch.where(better, length, self.lengths[images])
