@@ -77,7 +77,8 @@ def quantize_openvino_encoder(bundle_dir: str | Path, calib_images: str | Path |
     verdict, rel = held.score(bundle.dir / xml, OpenVinoBackend)
     record = {"encoder": xml, "method": "nncf.quantize (default preset)",
               "openvino": ov.__version__, "nncf": nncf.__version__, "target": target, "n_calib": len(samples),
-              "n_held_back": len(held.captions), "beam": beam, "references": "human captions" if held.human else "fp32 captions",
+              "n_held_back": len(held.captions), "beam": beam,
+              "references": "human captions" if held.human else "fp32 captions",
               "verdict": verdict, "feature_rel_l2": rel, "reached": verdict["faithful"],
               "seconds": round(time.perf_counter() - start, 1)}
     write_manifest(bundle.dir, {**bundle.manifest, "openvino_int8": record})

@@ -6,9 +6,9 @@
 3. The whole encoder is quantised (QDQ, per-channel int8 weights, uint8 activations: the
    VNNI-friendly choice on x86), and the held-back images are captioned with it and the fp32
    decoder step, with the decoding the bundle will be run with (greedy, or beam ``beam``: int8 error
-   that greedy captions hide can change beam captions, issue 28). It is judged by the task (``training.faithful``): its corpus BLEU-4 and CIDEr-D
-   must each be at least ``target`` (0.99) times the fp32 bundle's on the held-back images. The
-   references are the human captions of the calibration set where it has a captions file
+   that greedy captions hide can change beam captions, issue 28). It is judged by the task
+   (``training.faithful``): its corpus BLEU-4 and CIDEr-D must each be at least ``target`` (0.99)
+   times the fp32 bundle's on the held-back images. The references are the human captions of the calibration set where it has a captions file
    (``calibration_references``), else the fp32 captions themselves (one reference each: stricter,
    as any changed word then costs). Exact-caption agreement is recorded beside it.
 4. While the encoder is not faithful, the node groups (a backbone block such as ``backbone.6.3``, a
@@ -229,7 +229,8 @@ class HeldBack:
 
     def run(self, encoder: Path, runtime: type[Backend] = OrtBackend,
             ) -> tuple[tuple[torch.Tensor, ...], list[list[str]]]:
-        """Encoder outputs and captions (words, ``self.options``' decoding) of the held-back images with ``encoder`` on ``runtime``
+        """Encoder outputs and captions (words, ``self.options``' decoding) of the held-back images
+        with ``encoder`` on ``runtime``
         (a backend opened from an encoder and the fp32 decoder step: ``OrtBackend``, ``OpenVinoBackend``)."""
         with runtime(encoder, self.decoder, self.bundle.config, self.bundle.vocab) as backend:
             enc = backend.encode(self.images)
@@ -337,7 +338,8 @@ def search_int8_encoder(bundle_dir: str | Path, calib_images: str | Path | Seque
             verdicts.append(verdict)
             steps.append(SearchStep(excluded[-1] if excluded else None, verdict["faithful"],
                                     verdict["bleu4"]["ratio"], verdict["cider_d"]["ratio"], verdict["agreement"], rel))
-            console.print(f"int8 ({method}, {'greedy' if beam == 1 else f'beam {beam}'}) {'all quantised' if not excluded else 'fp32: ' + ', '.join(excluded)}: "
+            decoding = "greedy" if beam == 1 else f"beam {beam}"
+            console.print(f"int8 ({method}, {decoding}) {'all quantised' if not excluded else 'fp32: ' + ', '.join(excluded)}: "
                           f"{verdict_line(verdict)} on {verdict['images']} held-back images against {source}; "
                           f"features rel L2 vs the fp32 graph {rel:.3f}", highlight=False, soft_wrap=True)
             if verdict["faithful"]:

@@ -194,5 +194,6 @@ def test_bench_with_beam_judges_int8_with_beam_captions_and_says_whether_a_faith
     int8 = doc["summary"]["int8"]
     row = next(r for r in doc["rows"] if r["key"] == "ort-int8")
     assert int8["faithful"] == (["ort-int8"] if row["accuracy"]["faithful"] else [])
-    said = "int8 with beam 3: faithful: ort-int8" if int8["faithful"] else "no faithful int8 row with beam 3: ort-int8: "
+    said = ("int8 with beam 3: faithful: ort-int8" if int8["faithful"]
+            else "no faithful int8 row with beam 3: ort-int8: ")
     assert said in " ".join(result.output.split())
