@@ -1,6 +1,8 @@
 """benchmarks.beam: greedy and beam-k timed in one run under each load, which it starts and stops itself."""
 import json
 
+import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from benchmarks.beam import app, load
@@ -33,4 +35,8 @@ def test_beam_bench_times_greedy_and_beam_under_each_load_and_writes_the_ratios(
         assert 0 < greedy["step_ms"] <= greedy["decode_ms"] and 0 < beam["step_ms"] <= beam["decode_ms"]
         assert measured["ratios"]["decode_per_beam"] == round(beam["decode_ms"] / (3 * greedy["decode_ms"]), 3)
         assert measured["ratios"]["images_per_s"] == round(beam["images_per_s"] / greedy["images_per_s"], 3)
+        encoder = np.median([r["encoder"] for mode in (greedy, beam) for r in mode["runs_ms"]])
+        decode = [np.median([r["decode"] for r in mode["runs_ms"]]) for mode in (greedy, beam)]
+        pooled = (encoder + decode[0]) / (encoder + decode[1])
+        assert measured["ratios"]["images_per_s_pooled_encoder"] == pytest.approx(pooled, abs=2e-3)
     assert "beam 3 vs greedy" in result.output and "img/s ratio" in result.output
