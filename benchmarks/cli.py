@@ -47,7 +47,7 @@ def main(
                                       "must keep on its held-back calibration images."),
     batch_sizes: str = typer.Option(None, help="Comma-separated batch sizes.",
                                      show_default="1,8,32; --quick: 1,4"),
-    beam: int = typer.Option(1, help="Beam size (1: greedy)."),
+    beam: int = typer.Option(1, min=1, help="Beam size (1: greedy); the int8 encoders are judged with it too."),
     repeats: int = typer.Option(None, help="Timed rounds.", show_default="5; --quick: 2"),
     timing_images: int = typer.Option(BenchOptions.timing_images, help="Images the timed rounds draw from (the "
                                       "first ones); the accuracy pass captions them all."),
@@ -73,7 +73,7 @@ def main(
         raise typer.BadParameter("--ckpt needs --images DIR: the images to caption")
     start = time.perf_counter()
     cache = cache or default_cache()
-    int8 = Int8Options(calib_method, int8_target)
+    int8 = Int8Options(calib_method, int8_target, beam)  # the int8 encoder is judged with the run's decoding
     if ckpt is not None:
         model = from_checkpoint(ckpt, images, calib, int8, cache, console, refs)
     else:

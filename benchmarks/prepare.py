@@ -57,6 +57,7 @@ class Int8Options:
 
     method: str = "mse"
     target: float = DEFAULT_TARGET
+    beam: int = 1  # the int8 encoders are judged on captions decoded with this beam (the bench's --beam)
 
 
 @dataclass(frozen=True)
@@ -101,10 +102,12 @@ class BenchModel:
 
 
 def bench_bundle(ckpt: Path, calib: Path, int8: Int8Options, cache: Path, console: Console) -> tuple[Path, dict]:
-    """The cached bundle of ``ckpt`` (fp32, int8 encoder and NNCF int8 encoder calibrated on ``calib``); built on
-    first use. The NNCF encoder is added to a cached bundle without one once OpenVINO is installed."""
+    """The cached bundle of ``ckpt`` (fp32, int8 encoder and NNCF int8 encoder calibrated on ``calib`` and judged
+    with ``int8.beam``); built on first use. The NNCF encoder is added to a cached bundle without one once OpenVINO
+    is installed."""
     files = calibration_files(calib)
-    h = hashlib.sha256(f"{BUNDLE_VERSION}|{sha256(ckpt)}|{int8.method}|{int8.target}".encode())
+    beam = f"|beam {int8.beam}" if int8.beam > 1 else ""  # greedy bundles keep their cache key
+    h = hashlib.sha256(f"{BUNDLE_VERSION}|{sha256(ckpt)}|{int8.method}|{int8.target}{beam}".encode())
     for f in files:
         h.update(f"{f.resolve()}|{f.stat().st_size}|{f.stat().st_mtime_ns}\n".encode())
     out = cache / "bundles" / h.hexdigest()[:16]
@@ -129,7 +132,8 @@ def _build(ckpt: Path, calib: Path, int8: Int8Options, out: Path, console: Conso
 
     console.print(f"building the bench bundle in {out} (fp32, fp16, int8 encoder)", highlight=False, soft_wrap=True)
     shutil.rmtree(out, ignore_errors=True)
-    options = BuildOptions(int8_calib=calib, int8_method=int8.method, int8_target=int8.target, fp16=True)
+    options = BuildOptions(int8_calib=calib, int8_method=int8.method, int8_target=int8.target, fp16=True,
+                           int8_beam=int8.beam)
     record = {"bundle": str(out), "parity_error": None}
     try:
         build_bundle(ckpt, out, options, console)
@@ -149,7 +153,7 @@ def _openvino_int8(bundle: Path, calib: Path, int8: Int8Options, console: Consol
     from sat_export.quantize.openvino import quantize_openvino_encoder
 
     try:
-        quantize_openvino_encoder(bundle, calib, int8.target, console=console)
+        quantize_openvino_encoder(bundle, calib, int8.target, console=console, beam=int8.beam)
     except BackendUnavailable as err:  # OpenVINO or NNCF not installed: the ov rows say so too
         return str(err)
     except Exception as err:  # noqa: BLE001 - an NNCF failure costs the ov-int8 row, not the whole bench

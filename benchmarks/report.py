@@ -59,7 +59,8 @@ def document(result: BenchResult, seconds: dict) -> dict:
             "command": " ".join(["sat-bench", *sys.argv[1:]]), "seconds": seconds, **result.environment,
             "model": {**result.model.info, "bundle": str(result.model.bundle)}, "images": result.images,
             "options": asdict(result.options), "ceilings": result.ceilings, "rows": rows,
-            "summary": verdict(rows, max(result.options.batch_sizes), result.ceilings)}
+            "summary": {**verdict(rows, max(result.options.batch_sizes), result.ceilings),
+                        "int8": int8_verdict(rows, result.model.info, result.options.beam)}}
 
 
 def _add_speedups(rows: list[dict]) -> None:
@@ -122,6 +123,38 @@ def verdict(rows: list[dict], batch: int, ceilings: dict | None = None) -> dict:
         out.update(ort_fp32_speedup_vs_eager=round(median(base) / median(ort), 2),
                    ort_fp32_identical=ort["agreement"] == 1.0)
     return out
+
+
+def int8_verdict(rows: list[dict], model_info: dict, beam: int) -> dict:
+    """Whether an int8 row is faithful with the run's decoding (``beam``); when none is, why, per int8 row: its
+    task metrics' shares of eager's here, and what its int8 search judged (with which decoding) when it was built."""
+    int8 = [r for r in rows if r["precision"] == "int8"]
+    faithful = [r["key"] for r in int8 if r["accuracy"] and r["accuracy"]["faithful"]]
+    searches = {"onnxruntime": model_info.get("int8_search"), "openvino": model_info.get("openvino_int8")}
+    why = {} if faithful else {r["key"]: _int8_why(r, searches.get(r["runtime"]), beam) for r in int8}
+    return {"beam": beam, "faithful": faithful, "why_not": why}
+
+
+def _decoding(beam: int) -> str:
+    return "greedy" if beam == 1 else f"beam {beam}"
+
+
+def _int8_why(row: dict, search: dict | None, beam: int) -> str:
+    accuracy = row["accuracy"]
+    if accuracy is None:
+        return f"not judged ({row['status']})"
+    text = (f"BLEU-4 {accuracy['bleu4']['ratio']:.1%} and CIDEr-D {accuracy['cider_d']['ratio']:.1%} of eager's "
+            f"with {_decoding(beam)} (needs {accuracy['ratio_required']:.0%} each)")
+    if search:
+        judged = search["verdict"]
+        worst = min(judged["bleu4"]["ratio"], judged["cider_d"]["ratio"])
+        groups = f", {len(search['excluded_groups'])} groups in fp32" if "excluded_groups" in search else ""
+        text += (f"; its int8 encoder was judged with {_decoding(search.get('beam', 1))} on {judged['images']} "
+                 f"held-back calibration images: {'faithful' if judged['faithful'] else f'not faithful ({worst:.1%})'}"
+                 f"{groups}")
+        if search.get("beam", 1) != beam:
+            text += f" (rebuild it judged with beam {beam}: sat-export build --int8-beam {beam})"
+    return text
 
 
 def print_table(doc: dict, console: Console) -> None:
@@ -189,6 +222,11 @@ def verdict_lines(summary: dict) -> list[str]:
         lines.append(f"GEMM rates here (GMAC/s): {peaks}; an int8 encoder at the int8 rate would make the batch "
                      f"about {summary['int8_at_gemm_rate_vs_eager']:.2f}x eager fp32 and "
                      f"{summary['int8_at_gemm_rate_vs_best_torch']:.2f}x the best PyTorch option (estimate)")
+    int8 = summary.get("int8")
+    if int8 and (int8["faithful"] or int8["why_not"]):
+        lines.append(f"int8 with {_decoding(int8['beam'])}: faithful: {', '.join(int8['faithful'])}" if int8["faithful"]
+                     else f"no faithful int8 row with {_decoding(int8['beam'])}: "
+                     + "; ".join(f"{key}: {why}" for key, why in int8["why_not"].items()))
     if summary["emulated"]:
         lines.append(f"emulated on this CPU, timed but not judged: {', '.join(summary['emulated'])}")
     return lines

@@ -119,3 +119,4 @@ class BuildOptions:
     int8_method: str = "mse"  # calibration: one of quantize.METHODS
     int8_target: float = DEFAULT_TARGET  # share of fp32's BLEU-4 and CIDEr-D the int8 encoder must keep
     int8_captions: Path | None = None  # the calibration images' captions (default: found beside them)
+    int8_beam: int = 1  # the int8 encoder is judged on captions decoded with this beam (the one it will run with)

@@ -8,7 +8,8 @@ Rows whose caption ended are dropped from the active batch, so late steps get ch
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,11 +39,34 @@ class Caption:
 
 def decode(step: StepFn, enc: EncoderOutputs, special_ids: dict[str, int],
            options: DecodeOptions = DecodeOptions()) -> list[Caption]:
-    """Caption every image of the batch ``enc``; greedy when ``options.beam == 1``."""
-    with torch.inference_mode():
+    """Caption every image of the batch ``enc``; greedy when ``options.beam == 1``.
+
+    The loop's own torch ops run on one thread and ``step`` on the caller's torch threads: the loop's ops are
+    small, and on a pool of threads each one waits for every thread of it, which costs a time slice whenever
+    another job has one of them descheduled (measured with ``benchmarks.beam --load spin``)."""
+    with torch.inference_mode(), _one_thread_between_steps(step) as step:
         if options.beam == 1:
             return greedy_search(step, enc, special_ids, options)
         return beam_search(step, enc, special_ids, options)
+
+
+@contextmanager
+def _one_thread_between_steps(step: StepFn) -> Iterator[StepFn]:
+    """``step`` wrapped to run on the current torch thread count, while the code around it runs on one."""
+    threads = torch.get_num_threads()
+
+    def threaded(*inputs: Tensor) -> StepOutputs:
+        torch.set_num_threads(threads)
+        try:
+            return step(*inputs)
+        finally:
+            torch.set_num_threads(1)
+
+    torch.set_num_threads(1)
+    try:
+        yield threaded
+    finally:
+        torch.set_num_threads(threads)
 
 
 def greedy_search(step: StepFn, enc: EncoderOutputs, special_ids: dict[str, int],
@@ -84,38 +108,6 @@ def _captions(tokens: Tensor, alphas: Tensor, scores: Tensor, lengths: Tensor, o
     return result
 
 
-@dataclass
-class _Best:
-    """Each image's best hypothesis so far, laid out as ``greedy_search``'s outputs for ``_captions``.
-
-    ``tokens (n_img, max_len)``, ``alphas (n_img, max_len, n_pix)``, ``scores (n_img,)`` raw sums of
-    log-probs, ``lengths (n_img,)`` words (``max_len``: unfinished), ``normed (n_img,)`` the score
-    hypotheses are ranked by (``-inf`` until the first one).
-    """
-
-    tokens: Tensor
-    alphas: Tensor
-    scores: Tensor
-    lengths: Tensor
-    normed: Tensor
-
-    def update(self, images: Tensor, raw: Tensor, normed: Tensor, beam: Tensor, hist_tokens: Tensor,
-               hist_alphas: Tensor) -> None:
-        """Per active image, beam ``beam`` of the history, if its ``normed`` score beats the best so far.
-
-        ``images, raw, normed, beam``: ``(n_act,)``; ``hist_tokens (n_act, k, n)``, ``hist_alphas
-        (n_act, k, n, n_pix)``: the hypothesis' words (without ``<end>``) and their attention.
-        """
-        better = normed > self.normed[images]  # (n_act,)
-        if not bool(better.any()):
-            return
-        rows = better.nonzero().squeeze(1)  # (n_better,)
-        img, b, n = images[rows], beam[rows], hist_tokens.size(2)
-        self.tokens[img, :n] = hist_tokens[rows, b]
-        self.alphas[img, :n] = hist_alphas[rows, b]
-        self.scores[img], self.normed[img], self.lengths[img] = raw[rows], normed[rows], n
-
-
 def beam_search(step: StepFn, enc: EncoderOutputs, special_ids: dict[str, int],
                 options: DecodeOptions) -> list[Caption]:
     """Batched beam search: all images' beams go through one ``step`` call per position.
@@ -127,6 +119,13 @@ def beam_search(step: StepFn, enc: EncoderOutputs, special_ids: dict[str, int],
     words, so under length penalty p its final score is at most ``s / max_len**p`` (the exact bound,
     as Hugging Face's ``early_stopping="never"``; s itself when p = 0). At ``max_len`` live beams
     are candidates too (unfinished), so a caption is always returned.
+
+    The history is kept as back-pointers (``_History``: each step's words, their beams' parents and
+    attention, written once) and followed once at the end; a hypothesis is its image's best as an
+    ``(end step, beam)`` pair. Stopped images leave the active batch at once, by moving the rows of images
+    still searching from its tail into their places (``_compact``): each image's per-beam features are
+    copied once (``repeat_interleave``) and moved at most once. The host reads the device once a step:
+    how many images still search, and how many of them must move.
     """
     features, proj, h, c = enc
     n_img, n_pix, device = features.size(0), features.size(1), features.device
@@ -137,13 +136,7 @@ def beam_search(step: StepFn, enc: EncoderOutputs, special_ids: dict[str, int],
     beam_scores = torch.full((n_img, k), float("-inf"), device=device)
     beam_scores[:, 0] = 0.0  # one live beam at the start, so the k beams do not duplicate
     tokens = torch.full((n_img * k,), special_ids["start"], dtype=torch.long, device=device)
-    hist_tokens = torch.zeros((n_img, k, 0), dtype=torch.long, device=device)
-    hist_alphas = torch.zeros((n_img, k, 0, n_pix), device=device)
-    best = _Best(torch.full((n_img, options.max_len), end, dtype=torch.long, device=device),
-                 torch.zeros((n_img, options.max_len, n_pix), device=device),
-                 torch.zeros(n_img, device=device),
-                 torch.full((n_img,), options.max_len, dtype=torch.long, device=device),
-                 torch.full((n_img,), float("-inf"), device=device))
+    history = _History(options.max_len, n_img, k, n_pix, end, device)
     live_norm = float(options.max_len) ** p  # the longest any live beam can end up
 
     for t in range(options.max_len):
@@ -156,30 +149,91 @@ def beam_search(step: StepFn, enc: EncoderOutputs, special_ids: dict[str, int],
         rank = torch.arange(top_idx.size(1), device=device).expand_as(top_idx)
         ended = torch.where(is_end & (rank < k), top_scores, float("-inf"))  # (n_act, 2k)
         end_best, j = ended.max(dim=1)  # (n_act,): each image's best new finished hypothesis
-        best.update(images, end_best, end_best / float(t + 1) ** p, src_beam.gather(1, j.unsqueeze(1)).squeeze(1),
-                    hist_tokens, hist_alphas)
+        history.finish(images, end_best, end_best / float(t + 1) ** p, t,
+                       src_beam.gather(1, j.unsqueeze(1)).squeeze(1))
         # The best k candidates that do not end continue (end ones sort last, ties keep rank order).
         sel = torch.sort(is_end.long() * top_idx.size(1) + rank, dim=1).indices[:, :k]  # (n_act, k)
         beam_scores = torch.where(is_end.gather(1, sel), float("-inf"), top_scores.gather(1, sel))
         src, word = src_beam.gather(1, sel), word.gather(1, sel)  # (n_act, k)
+        history.record(t, images, word, src, alpha.float().view(n_act, k, n_pix))
         rows = (torch.arange(n_act, device=device).unsqueeze(1) * k + src).view(-1)  # (n_act*k,)
         h, c, tokens = h[rows], c[rows], word.view(-1)
-        hist_tokens = torch.cat([hist_tokens.gather(1, src.unsqueeze(2).expand_as(hist_tokens)),
-                                 word.unsqueeze(2)], dim=2)  # (n_act, k, t+1)
-        step_alpha = alpha.float()[rows].view(n_act, k, 1, n_pix)
-        hist_alphas = torch.cat([hist_alphas[torch.arange(n_act, device=device).unsqueeze(1), src], step_alpha], 2)
 
         live_best, live_beam = beam_scores.max(dim=1)  # (n_act,)
         if t == options.max_len - 1:  # the live beams are (unfinished) candidates too
-            best.update(images, live_best, live_best / live_norm, live_beam, hist_tokens, hist_alphas)
+            history.finish(images, live_best, live_best / live_norm, t + 1, live_beam)
             break
-        done = live_best / live_norm <= best.normed[images]  # (n_act,): no live beam can still win
-        if bool(done.any()):
-            keep = ~done
-            if not bool(keep.any()):
-                break
-            rows_keep = keep.repeat_interleave(k)
-            images, beam_scores, hist_tokens, hist_alphas = (
-                x[keep] for x in (images, beam_scores, hist_tokens, hist_alphas))
-            h, c, tokens, features, proj = (x[rows_keep] for x in (h, c, tokens, features, proj))
-    return _captions(best.tokens, best.alphas, best.scores, best.lengths, options)
+        searching = live_best / live_norm > history.normed[images]  # (n_act,) else no live beam can still win
+        left = searching.sum()
+        front = torch.arange(n_act, device=device) < left  # (n_act,) the places that stay
+        n_left, n_move = torch.stack([left, (front & ~searching).sum()]).tolist()  # the step's one host read
+        if n_left == 0:
+            break
+        if n_left < n_act:
+            holes, movers = _compact(front & ~searching, ~front & searching, n_move)
+            for x in (images, beam_scores):
+                x[holes] = x[movers]
+            rows_from, rows_to = (((r * k).unsqueeze(1) + torch.arange(k, device=device)).view(-1)
+                                  for r in (movers, holes))  # (n_move*k,)
+            for x in (h, c, tokens, features, proj):
+                x[rows_to] = x[rows_from]
+            images, beam_scores = images[:n_left], beam_scores[:n_left]
+            h, c, tokens, features, proj = (x[:n_left * k] for x in (h, c, tokens, features, proj))
+    return _captions(*history.best(), options)
+
+
+def _compact(holes: Tensor, movers: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """The ``n`` places of the masks ``holes`` and ``movers`` (both ``(n_act,)``, n set each), in order, without a
+    host read: a stable sort puts the set places first."""
+    return tuple(torch.sort(~mask, stable=True).indices[:n] for mask in (holes, movers))
+
+
+class _History:
+    """Beam search's hypotheses as back-pointers, by original image, in buffers allocated once.
+
+    Step t's ``words (max_len, n_img, k)`` are the words its beams end with, ``parents`` the beam of
+    step t-1 each extends, ``alphas (max_len, n_img, k, n_pix)`` the attention each beam of step t-1
+    computed at step t (a word's attention is its parent's). Each image's best hypothesis so far is
+    ``(lengths, last)``: its word count and the beam it ends at after step ``length - 1``, with its raw
+    score (a sum of log-probs) and ``normed``, the score hypotheses are ranked by (``-inf`` until the
+    first one).
+    """
+
+    def __init__(self, max_len: int, n_img: int, k: int, n_pix: int, end: int, device: torch.device):
+        self.end = end
+        self.words = torch.full((max_len, n_img, k), end, dtype=torch.long, device=device)
+        self.parents = torch.zeros((max_len, n_img, k), dtype=torch.long, device=device)
+        self.alphas = torch.zeros((max_len, n_img, k, n_pix), device=device)
+        self.scores = torch.zeros(n_img, device=device)
+        self.normed = torch.full((n_img,), float("-inf"), device=device)
+        self.lengths = torch.full((n_img,), max_len, dtype=torch.long, device=device)
+        self.last = torch.zeros(n_img, dtype=torch.long, device=device)
+
+    def record(self, t: int, images: Tensor, words: Tensor, parents: Tensor, alphas: Tensor) -> None:
+        """Step ``t`` of the active ``images (n_act,)``: ``words, parents (n_act, k)``, ``alphas (n_act, k, n_pix)``
+        (by the beams that computed them)."""
+        self.words[t, images], self.parents[t, images], self.alphas[t, images] = words, parents, alphas
+
+    def finish(self, images: Tensor, raw: Tensor, normed: Tensor, length: int, beam: Tensor) -> None:
+        """Per active image, the hypothesis of ``length`` words ending at ``beam`` (of step ``length - 1``) becomes
+        its best if its ``normed`` score beats the best so far; all ``(n_act,)``."""
+        better = normed > self.normed[images]  # (n_act,)
+        for best, new in ((self.scores, raw), (self.normed, normed), (self.last, beam)):
+            best[images] = torch.where(better, new, best[images])
+        self.lengths[images] = torch.where(better, length, self.lengths[images])
+
+    def best(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Each image's best hypothesis followed back once: ``tokens (n_img, max_len)`` (``<end>`` past its
+        length), ``alphas (n_img, max_len, n_pix)``, raw ``scores`` and ``lengths (n_img,)``."""
+        max_len, n_img, _, n_pix = self.alphas.shape
+        image = torch.arange(n_img, device=self.words.device)
+        tokens = torch.full((n_img, max_len), self.end, dtype=torch.long, device=self.words.device)
+        alphas = torch.zeros((n_img, max_len, n_pix), device=self.words.device)
+        beam = self.last.clone()  # (n_img,) the beam each hypothesis is at, step by step backwards
+        for t in range(max_len - 1, -1, -1):
+            inside = (t < self.lengths).unsqueeze(1)  # (n_img, 1)
+            parent = self.parents[t, image, beam]  # (n_img,)
+            tokens[:, t] = torch.where(inside[:, 0], self.words[t, image, beam], self.end)
+            alphas[:, t] = torch.where(inside, self.alphas[t, image, parent], 0.0)
+            beam = torch.where(inside[:, 0], parent, beam)
+        return tokens, alphas, self.scores, self.lengths

@@ -49,7 +49,7 @@ def build_bundle(ckpt_path: str | Path, out_dir: str | Path, options: BuildOptio
 
         start = time.perf_counter()
         search = search_int8_encoder(out_dir, options.int8_calib, options.int8_method, options.int8_target,
-                                     console=console, captions=options.int8_captions)
+                                     console=console, captions=options.int8_captions, beam=options.int8_beam)
         int8, manifest["int8"] = search.path, search.to_dict()
         console.print(f"quantised {int8.name} ({_mb(int8)}) in {time.perf_counter() - start:.1f} s", highlight=False)
         if not search.reached:

@@ -83,6 +83,8 @@ def build(
     calib_captions: Path | None = typer.Option(None, "--calib-captions", help="Captions of the calibration images "
                                                "(any format sat-train reads).", show_default="one found in --calib or "
                                                "its parent; else fp32's own captions are the references"),
+    int8_beam: int = typer.Option(DEFAULTS.int8_beam, "--int8-beam", min=1, help="The beam you will caption with "
+                                  "(sat-infer --beam): the int8 encoder is judged on captions decoded with it."),
     trt: bool = typer.Option(False, "--trt", help="Also build TensorRT engines (needs the [trt] extra and a GPU)."),
     trt_profile: str = typer.Option(",".join(map(str, DEFAULTS.trt_profile)), "--trt-profile",
                                     help="TensorRT min,opt,max batch."),
@@ -102,7 +104,7 @@ def build(
     try:
         profile = tuple(int(b) for b in trt_profile.split(","))
         options = BuildOptions(opset, fp16, calib, trt, check_profile(profile), verify, calib_method, int8_target,
-                               calib_captions)
+                               calib_captions, int8_beam)
     except ValueError as err:
         raise typer.BadParameter(f"--trt-profile: {err}") from None
     build_bundle(ckpt, out, options, console)

@@ -48,7 +48,8 @@ def import_nncf():
 
 def quantize_openvino_encoder(bundle_dir: str | Path, calib_images: str | Path | Sequence[str | Path],
                               target: float = DEFAULT_TARGET, limit: int | None = 256,
-                              captions: str | Path | None = None, console: Console | None = None) -> dict:
+                              captions: str | Path | None = None, console: Console | None = None,
+                              beam: int = 1) -> dict:
     """Quantise the bundle's encoder with NNCF, judge it on held-back images, register it; returns its record.
 
     Parameters
@@ -59,6 +60,7 @@ def quantize_openvino_encoder(bundle_dir: str | Path, calib_images: str | Path |
         whether it did (the encoder is kept either way, as the onnxruntime int8 search keeps its best).
     limit : use at most this many images (sorted by path), held-back ones included.
     captions : the calibration images' captions file (see ``quantize_search.calibration_references``).
+    beam : the beam the bundle will be decoded with (1: greedy); the held-back images are captioned with it.
     """
     if not 0 < target <= 1:
         raise ValueError(f"target must be in (0, 1], got {target}")
@@ -66,7 +68,7 @@ def quantize_openvino_encoder(bundle_dir: str | Path, calib_images: str | Path |
     console = console or make_console()
     start = time.perf_counter()
     bundle = load_bundle(bundle_dir)
-    reader, held, _ = split_calibration(bundle, calib_images, limit, captions, target)
+    reader, held, _ = split_calibration(bundle, calib_images, limit, captions, target, beam)
     samples = list(iter(reader.get_next, None))  # NNCF reads them more than once
     model = ov.Core().read_model(str(held.encoder))
     quantised = nncf.quantize(model, nncf.Dataset(samples), subset_size=len(samples))
@@ -75,7 +77,8 @@ def quantize_openvino_encoder(bundle_dir: str | Path, calib_images: str | Path |
     verdict, rel = held.score(bundle.dir / xml, OpenVinoBackend)
     record = {"encoder": xml, "method": "nncf.quantize (default preset)",
               "openvino": ov.__version__, "nncf": nncf.__version__, "target": target, "n_calib": len(samples),
-              "n_held_back": len(held.captions), "references": "human captions" if held.human else "fp32 captions",
+              "n_held_back": len(held.captions), "beam": beam,
+              "references": "human captions" if held.human else "fp32 captions",
               "verdict": verdict, "feature_rel_l2": rel, "reached": verdict["faithful"],
               "seconds": round(time.perf_counter() - start, 1)}
     write_manifest(bundle.dir, {**bundle.manifest, "openvino_int8": record})

@@ -5,9 +5,10 @@
    ``percentile``, ``entropy``) and cached, so every later quantisation of the search reuses them.
 3. The whole encoder is quantised (QDQ, per-channel int8 weights, uint8 activations: the
    VNNI-friendly choice on x86), and the held-back images are captioned with it and the fp32
-   decoder step. It is judged by the task (``training.faithful``): its corpus BLEU-4 and CIDEr-D
-   must each be at least ``target`` (0.99) times the fp32 bundle's on the held-back images. The
-   references are the human captions of the calibration set where it has a captions file
+   decoder step, with the decoding the bundle will be run with (greedy, or beam ``beam``: int8 error
+   that greedy captions hide can change beam captions, issue 28). It is judged by the task
+   (``training.faithful``): its corpus BLEU-4 and CIDEr-D must each be at least ``target`` (0.99)
+   times the fp32 bundle's on the held-back images. The references are the human captions of the calibration set where it has a captions file
    (``calibration_references``), else the fp32 captions themselves (one reference each: stricter,
    as any changed word then costs). Exact-caption agreement is recorded beside it.
 4. While the encoder is not faithful, the node groups (a backbone block such as ``backbone.6.3``, a
@@ -91,6 +92,7 @@ class Int8Search:
     n_calib: int
     n_held_back: int
     references: str  # where the held-back references came from
+    beam: int  # the held-back images were captioned with this beam (1: greedy)
     verdict: dict  # training.faithful.judge of the kept encoder
     reduce_range: bool  # 7-bit weights: the CPU that quantised had no VNNI (see training.machine)
     excluded_groups: list[str] = field(default_factory=list)
@@ -186,27 +188,29 @@ def calibration_references(calib_images: str | Path | Sequence[str | Path],
 
 
 def split_calibration(bundle: Bundle, calib_images: str | Path | Sequence[str | Path], limit: int | None,
-                      captions: str | Path | None, target: float) -> tuple[ImageCalibrationReader, HeldBack, str]:
+                      captions: str | Path | None, target: float, beam: int = 1,
+                      ) -> tuple[ImageCalibrationReader, HeldBack, str]:
     """The calibration images to fit ranges on (``split_held_back``; read one a batch, as histograms need
-    equal batches), the held-back rest that judges the result, and where its references came from."""
+    equal batches), the held-back rest that judges the result (captioned with ``beam``), and where its
+    references came from."""
     calib, held_files = split_held_back(calibration_files(calib_images, limit))
     reader = calibration_reader(calib, calib_images, bundle.config.preprocess, batch=1)
     found = calibration_references(calib_images, captions)
-    held = HeldBack(bundle, held_files, found[0] if found else None, ratio=target)
+    held = HeldBack(bundle, held_files, found[0] if found else None, ratio=target, beam=beam)
     source = f"human captions ({found[1]})" if held.human else "the fp32 captions (no captions file for every image)"
     return reader, held, source
 
 
 class HeldBack:
-    """The held-back images, their fp32 encoder outputs and greedy captions (computed once), and their
-    references (human captions where ``references`` has them for every image, else the fp32 captions).
+    """The held-back images, their fp32 encoder outputs and captions (computed once, greedy or with ``beam``),
+    and their references (human captions where ``references`` has them for every image, else the fp32 captions).
 
     ``score`` judges an int8 encoder against them: the task rule (``training.faithful.judge``) and
     the grid features' relative L2 error as the parity report measures it (``parity.relative_l2``).
     """
 
     def __init__(self, bundle: Bundle, files: Sequence[Path], references: dict[Path, list[list[str]]] | None = None,
-                 max_len: int = 20, ratio: float = DEFAULT_TARGET):
+                 max_len: int = 20, ratio: float = DEFAULT_TARGET, beam: int = 1):
         images, kept = [], []
         for path in files:
             try:
@@ -217,7 +221,7 @@ class HeldBack:
         if not images:
             raise BundleError(f"none of the {len(files)} held-back calibration images could be read")
         self.bundle, self.images, self.ratio = bundle, torch.from_numpy(np.stack(images)), ratio
-        self.options = DecodeOptions(max_len=max_len)
+        self.options = DecodeOptions(beam=beam, max_len=max_len)
         self.encoder, self.decoder = bundle.graph_paths("fp32")
         self.outputs, self.captions = self.run(self.encoder)
         self.human = references is not None and all(p in references for p in kept)
@@ -225,7 +229,8 @@ class HeldBack:
 
     def run(self, encoder: Path, runtime: type[Backend] = OrtBackend,
             ) -> tuple[tuple[torch.Tensor, ...], list[list[str]]]:
-        """Encoder outputs and greedy captions (words) of the held-back images with ``encoder`` on ``runtime``
+        """Encoder outputs and captions (words, ``self.options``' decoding) of the held-back images
+        with ``encoder`` on ``runtime``
         (a backend opened from an encoder and the fp32 decoder step: ``OrtBackend``, ``OpenVinoBackend``)."""
         with runtime(encoder, self.decoder, self.bundle.config, self.bundle.vocab) as backend:
             enc = backend.encode(self.images)
@@ -285,7 +290,8 @@ def _dequantized_names(model: onnx.ModelProto) -> dict[str, str]:
 def search_int8_encoder(bundle_dir: str | Path, calib_images: str | Path | Sequence[str | Path],
                         method: str = "mse", target: float = DEFAULT_TARGET, limit: int | None = 256,
                         out: str | Path | None = None, max_excluded: int = MAX_EXCLUDED,
-                        console: Console | None = None, captions: str | Path | None = None) -> Int8Search:
+                        console: Console | None = None, captions: str | Path | None = None,
+                        beam: int = 1) -> Int8Search:
     """Quantise the bundle's encoder, excluding sensitive groups until it is faithful on the held-back images.
 
     Parameters
@@ -297,6 +303,7 @@ def search_int8_encoder(bundle_dir: str | Path, calib_images: str | Path | Seque
     limit : use at most this many images (sorted by path), held-back ones included.
     out : output path; ``encoder.int8.onnx`` in the bundle by default.
     captions : the calibration images' captions file (see ``calibration_references``).
+    beam : the beam the bundle will be decoded with (1: greedy); the held-back images are captioned with it.
 
     The search stops once faithful, or after ``max_excluded`` groups; it then keeps the first
     faithful quantisation, else the one whose worse task metric came closest (``Int8Search.reached``).
@@ -310,7 +317,7 @@ def search_int8_encoder(bundle_dir: str | Path, calib_images: str | Path | Seque
     console = console or make_console()
     start = time.perf_counter()
     bundle = load_bundle(bundle_dir)
-    reader, held, source = split_calibration(bundle, calib_images, limit, captions, target)
+    reader, held, source = split_calibration(bundle, calib_images, limit, captions, target, beam)
     reduce_range = reduced_range()
     out = Path(out) if out else bundle.dir / graph_file(ENCODER, "int8")
     with tempfile.TemporaryDirectory() as tmp:
@@ -331,7 +338,8 @@ def search_int8_encoder(bundle_dir: str | Path, calib_images: str | Path | Seque
             verdicts.append(verdict)
             steps.append(SearchStep(excluded[-1] if excluded else None, verdict["faithful"],
                                     verdict["bleu4"]["ratio"], verdict["cider_d"]["ratio"], verdict["agreement"], rel))
-            console.print(f"int8 ({method}) {'all quantised' if not excluded else 'fp32: ' + ', '.join(excluded)}: "
+            decoding = "greedy" if beam == 1 else f"beam {beam}"
+            console.print(f"int8 ({method}, {decoding}) {'all quantised' if not excluded else 'fp32: ' + ', '.join(excluded)}: "
                           f"{verdict_line(verdict)} on {verdict['images']} held-back images against {source}; "
                           f"features rel L2 vs the fp32 graph {rel:.3f}", highlight=False, soft_wrap=True)
             if verdict["faithful"]:
@@ -347,7 +355,8 @@ def search_int8_encoder(bundle_dir: str | Path, calib_images: str | Path | Seque
             excluded = excluded[:best]
             quantize_prepared(prepared, out, reader, method, [n for g in excluded for n in groups[g]], ranges,
                               reduce_range)
-    return Int8Search(out, method, target, len(reader.files), len(held.captions), source, verdicts[best], reduce_range,
+    return Int8Search(out, method, target, len(reader.files), len(held.captions), source, beam, verdicts[best],
+                      reduce_range,
                       excluded, [n for g in excluded for n in groups[g]], head, steps,
                       round(time.perf_counter() - start, 2))
 

@@ -13,7 +13,7 @@ from benchmarks.configs import CONFIGS
 from benchmarks.prepare import Int8Options, Recipe, reference_model
 from benchmarks.report import verdict
 from sat_export.cli.common import console
-from tests.conftest import bench_row, fake_cpu, has_openvino
+from tests.conftest import bench_row, fake_cpu, fake_verdict, has_openvino
 from training.shapes import make_shapes
 
 
@@ -151,3 +151,49 @@ def test_a_row_this_cpu_only_emulates_is_marked_timed_once_and_not_judged(tmp_pa
     assert rows["torch-bf16"]["agreement_images"] == 4
     assert rows["torch-bf16"]["batches"]["2"]["encoder_share_of_gemm"] is None  # an emulation has no ceiling
     assert len(rows["torch-fp32"]["batches"]["2"]["runs_ms"]) == 3 and rows["torch-fp32"]["accuracy"]["faithful"]
+
+
+def test_the_int8_verdict_names_a_faithful_int8_row_or_says_why_none_is():
+    from benchmarks.report import int8_verdict, verdict_lines
+
+    def int8_row(key, runtime, ratio, faithful):
+        row = bench_row(key, runtime, 200, 0.9, faithful)
+        row.update(precision="int8", status="ok")
+        row["accuracy"].update(ratio_required=0.99, bleu4={"ratio": ratio}, cider_d={"ratio": ratio + 0.005})
+        return row
+
+    rows = [{**bench_row("torch-fp32", "torch", 1000, 1.0, True), "precision": "fp32"},
+            int8_row("ort-int8", "onnxruntime", 0.98, False), int8_row("ov-int8", "openvino", 0.97, False)]
+    info = {"int8_search": {"beam": 1, "verdict": fake_verdict(1.0, 0.99), "excluded_groups": ["backbone.7.2"]},
+            "openvino_int8": {"beam": 3, "verdict": fake_verdict(0.985, 0.99)}}
+    none = int8_verdict(rows, info, beam=3)
+    assert none["faithful"] == [] and set(none["why_not"]) == {"ort-int8", "ov-int8"}
+    assert none["why_not"]["ort-int8"] == (
+        "BLEU-4 98.0% and CIDEr-D 98.5% of eager's with beam 3 (needs 99% each); its int8 encoder was judged with "
+        "greedy on 6 held-back calibration images: faithful, 1 groups in fp32 (rebuild it judged with beam 3: "
+        "sat-export build --int8-beam 3)")
+    assert none["why_not"]["ov-int8"].endswith("judged with beam 3 on 6 held-back calibration images: not faithful "
+                                               "(98.5%)")
+    line = verdict_lines({**verdict(rows, 32), "int8": none})[-1]
+    assert line.startswith("no faithful int8 row with beam 3: ort-int8: BLEU-4 98.0%")
+    rows[1] = int8_row("ort-int8", "onnxruntime", 1.0, True)
+    some = int8_verdict(rows, info, beam=3)
+    assert some == {"beam": 3, "faithful": ["ort-int8"], "why_not": {}}
+    assert verdict_lines({**verdict(rows, 32), "int8": some})[-1] == "int8 with beam 3: faithful: ort-int8"
+
+
+def test_bench_with_beam_judges_int8_with_beam_captions_and_says_whether_a_faithful_int8_row_exists(
+        tmp_path, tiny_ckpt, shapes, copy_instead_of_export):
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, ["--quick", "--ckpt", str(tiny_ckpt), "--images", str(shapes), "--calib-method",
+                                      "minmax", "--beam", "3", "--configs", "ort-int8", "--cache",
+                                      str(tmp_path / "cache"), "--json", str(out), "--plot", str(tmp_path / "b.png")])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    assert doc["options"]["beam"] == 3 and doc["model"]["int8_search"]["beam"] == 3
+    int8 = doc["summary"]["int8"]
+    row = next(r for r in doc["rows"] if r["key"] == "ort-int8")
+    assert int8["faithful"] == (["ort-int8"] if row["accuracy"]["faithful"] else [])
+    said = ("int8 with beam 3: faithful: ort-int8" if int8["faithful"]
+            else "no faithful int8 row with beam 3: ort-int8: ")
+    assert said in " ".join(result.output.split())

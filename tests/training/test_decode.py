@@ -4,6 +4,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.overrides import TorchFunctionMode
 
 from tests.conftest import tiny_model
 from training.decode import beam_search, decode, greedy_search
@@ -238,9 +239,118 @@ def test_finished_rows_are_compacted_out_of_the_active_batch(beam):
         sizes.append(tokens.numel())
         return lm(tokens, h, c, f, p)
 
-    caps = decode(step, lm.enc(16), SPECIALS, DecodeOptions(beam=beam, max_len=8))
+    enc = lm.enc(16)
+    before = [x.clone() for x in enc]
+    caps = decode(step, enc, SPECIALS, DecodeOptions(beam=beam, max_len=8))
+    assert all(torch.equal(x, y) for x, y in zip(enc, before))  # rows are moved in the loop's own copies
     lengths = sorted(len(c.tokens) for c in caps)
     assert sizes[0] == 16 * beam
     assert sizes == sorted(sizes, reverse=True) and sizes[-1] < sizes[0], sizes
     if beam == 1:  # row count at step t is the number of captions longer than t-1 words
         assert sizes == [sum(n >= t for n in lengths) for t in range(len(sizes))]
+
+
+def _reference_beam_search(step, enc, k, max_len, length_penalty):
+    """Reference: one image at a time, each beam its own batch-1 ``step`` call, hypotheses as Python lists; the
+    candidate and stopping rules of ``beam_search`` in the same float32 arithmetic. ``(tokens, score, alphas,
+    finished)`` per image."""
+    out = []
+    for img in range(enc[0].size(0)):
+        f, p, h, c = (x[img : img + 1] for x in enc)
+        beams = [(np.float32(0.0), [], [], h, c, 1)]  # raw score, words, alphas, state, last word
+        best = (-np.inf, None)  # normed score, (tokens, raw, alphas, finished)
+        for t in range(max_len):
+            cands = []
+            for b, (raw, words, alphas, h_b, c_b, tok) in enumerate(beams):
+                lp, alpha, h_next, c_next = step(torch.tensor([tok]), h_b, c_b, f, p)
+                cands += [(np.float32(raw + np.float32(lp[0, w].item())), b, w, alpha[0].numpy(), h_next, c_next)
+                          for w in range(lp.size(1))]
+            top = sorted(cands, key=lambda cand: -cand[0])[: 2 * k]  # stable: ties keep (beam, word) order
+            for raw, b, w, *_ in top[:k]:
+                normed = float(np.float32(raw / np.float32((t + 1) ** length_penalty)))
+                if w == 2 and normed > best[0]:
+                    best = (normed, (beams[b][1], raw, beams[b][2], True))
+            beams = [(raw, beams[b][1] + [w], beams[b][2] + [a], h_n, c_n, w)
+                     for raw, b, w, a, h_n, c_n in top if w != 2][:k]
+            live = max(beams, key=lambda beam: beam[0])
+            live_normed = float(np.float32(live[0] / np.float32(max_len ** length_penalty)))
+            if t == max_len - 1:
+                if live_normed > best[0]:
+                    best = (live_normed, (live[1], live[0], live[2], False))
+            elif live_normed <= best[0]:
+                break
+        tokens, raw, alphas, finished = best[1]
+        out.append((tokens, float(raw), np.array(alphas, dtype=np.float32).reshape(len(tokens), 4), finished))
+    return out
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 10_000), vocab=st.integers(7, 12), beam=st.integers(1, 3), max_len=st.integers(1, 9),
+       n_img=st.integers(1, 9), length_penalty=st.sampled_from([0.0, 0.7, 1.0]))
+def test_compare_beam_search_vs_reference_beam_search_on_random_step_functions(seed, vocab, beam, max_len, n_img,
+                                                                               length_penalty):
+    lm = ToyLM(vocab=vocab, seed=seed, n_pix=4)  # the reference's alphas are (n, 4)
+    got = beam_search(lm, lm.enc(n_img), SPECIALS, DecodeOptions(beam=beam, max_len=max_len,
+                                                                 length_penalty=length_penalty))
+    for cap, (tokens, raw, alphas, finished) in zip(got, _reference_beam_search(lm, lm.enc(n_img), beam, max_len,
+                                                                                length_penalty)):
+        assert (cap.tokens, cap.finished) == (tokens, finished)
+        np.testing.assert_array_equal(cap.alphas, alphas)
+        length = len(tokens) + finished
+        assert cap.score == pytest.approx(raw / length ** length_penalty, abs=1e-6)
+
+
+def test_beam_search_reads_the_device_from_the_host_once_per_step():
+    from tests.training.host_reads import HostReads
+
+    lm = ToyLM(vocab=6, seed=3)
+    reads = HostReads()
+
+    def step(*inputs):
+        reads.mark("step")
+        return lm(*inputs)
+
+    with torch.inference_mode(), reads:
+        beam_search(step, lm.enc(12), SPECIALS, DecodeOptions(beam=3, max_len=8))
+    per_step = reads.per_mark("step")
+    assert len(per_step) > 2 and per_step[:-1] == [1] * (len(per_step) - 1), per_step  # the last: the captions' copy
+
+
+class _Threads(TorchFunctionMode):
+    """Records the torch thread count at each torch call: ``inside`` the step, or in the loop around it."""
+
+    def __init__(self):
+        super().__init__()
+        self.inside, self.step, self.loop = False, set(), set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        (self.step if self.inside else self.loop).add(torch.get_num_threads())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_the_step_runs_on_the_callers_threads_and_the_loop_between_steps_on_one(beam):
+    lm, threads, calls = ToyLM(vocab=6, seed=5), torch.get_num_threads(), _Threads()
+
+    def step(*inputs):
+        calls.inside = True
+        try:
+            return lm(*inputs)
+        finally:
+            calls.inside = False
+
+    def failing(*inputs):
+        raise RuntimeError("boom")
+
+    try:
+        torch.set_num_threads(2)
+        enc = lm.enc(4)
+        with calls:
+            decode(step, enc, SPECIALS, DecodeOptions(beam=beam, max_len=5))
+        assert calls.step == {2} and calls.loop == {1}
+        assert torch.get_num_threads() == 2  # restored after
+        with pytest.raises(RuntimeError, match="boom"):
+            decode(failing, lm.enc(4), SPECIALS, DecodeOptions(beam=beam))
+        assert torch.get_num_threads() == 2  # and after a failing step
+    finally:
+        torch.set_num_threads(threads)

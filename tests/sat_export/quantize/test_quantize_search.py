@@ -11,6 +11,7 @@ from engines.ort import OrtBackend
 from sat_export.bundle.format import load_bundle
 from sat_export.quantize.search import node_groups, search_int8_encoder, split_held_back
 from tests.conftest import fake_verdict
+from training.options import DecodeOptions
 from training.shapes import make_shapes
 
 
@@ -80,3 +81,25 @@ def test_without_a_captions_file_fp32_captions_are_the_references(tmp_path, tiny
     assert verdict_fp32["faithful"] and verdict_fp32["agreement"] == 1.0 and rel == 0.0
     result = search_int8_encoder(bundle, images, "minmax", target=0.01, max_excluded=0)
     assert result.references.startswith("the fp32 captions")
+
+
+def test_the_search_judges_the_int8_encoder_on_captions_decoded_with_the_beam_it_will_run_with(tmp_path, tiny_bundle,
+                                                                                              shapes, monkeypatch):
+    from training.decode import decode
+
+    bundle = shutil.copytree(tiny_bundle, tmp_path / "b")
+    b = load_bundle(bundle)
+    files = sorted(shapes.glob("*.jpg"))[:4]
+    held = qs.HeldBack(b, files, beam=3)
+    with OrtBackend(*b.graph_paths(), b.config, b.vocab) as ort:
+        enc = ort.encode(held.images)
+        beam3 = [b.vocab.decode(c.tokens) for c in decode(ort.step, enc, b.vocab.special_ids(),
+                                                          DecodeOptions(beam=3, max_len=20))]
+    assert held.captions == beam3 and held.options.beam == 3
+    beams = []
+    real_decode = qs.decode
+    monkeypatch.setattr(qs, "decode", lambda step, enc, ids, options: beams.append(options.beam) or
+                        real_decode(step, enc, ids, options))
+    result = search_int8_encoder(bundle, shapes, "minmax", target=0.01, max_excluded=0, beam=3)
+    assert set(beams) == {3} and len(beams) >= 2  # the fp32 references and every int8 candidate
+    assert result.beam == 3 and result.to_dict()["beam"] == 3
