@@ -38,6 +38,11 @@ def default_workers() -> int:
     return max(2, usable_cores() // 2)
 
 
+def default_threads(workers: int) -> int:
+    """Inference threads beside ``workers`` reader threads: the cores they leave, at least 1."""
+    return max(1, usable_cores() - workers)
+
+
 @dataclass(frozen=True)
 class InferOptions:
     """How to caption: batch size, decoding, reader threads, limits and what to write besides rows."""

@@ -73,6 +73,8 @@ def main(
                                      "default they are decoded at the reduced size the model's preprocessing allows)."),
     strict: bool = typer.Option(False, help="Exit 1 when any file could not be captioned."),
     overwrite: bool = typer.Option(False, help="Start over instead of resuming --out."),
+    report: str = typer.Option(None, help="Where the run's stage report goes (JSON: where the time went).",
+                               show_default="OUT.report.json, or OUT/_report.json for per-shard results"),
     ray: bool = typer.Option(False, "--ray", help="Caption on a Ray cluster (extra: ray); only this process writes."),
     ray_address: str = typer.Option(None, help="Cluster to join: auto or HOST:PORT (default: $RAY_ADDRESS or local)."),
     ray_actors: int = typer.Option(RAY_DEFAULTS.actors, min=1, help="Captioning actors, each loading the model once."),
@@ -97,6 +99,7 @@ def main(
     from sat_export.pipeline.ray_infer import run_ray, run_shards_ray
     from sat_export.pipeline.shard_results import is_results_out, plan_shards, run_shards
     from sat_export.pipeline.shards import is_shard_input
+    from sat_export.pipeline.stages import report_lines, report_path, save_report
 
     sources = SourceOptions(image_column, parse_storage_options(storage_options), retry_for, connect_timeout,
                             read_timeout, max_sample_bytes)
@@ -132,6 +135,11 @@ def main(
     console.print(printable(f"{out}: captioned {summary.captioned}, errors {summary.errors}, already done "
                             f"{summary.skipped} in {summary.seconds:.1f} s ({summary.images_per_s:.1f} images/s), "
                             f"at {settings['precision']}{on_nodes}"), highlight=False, markup=False, soft_wrap=True)
+    if summary.report is not None:
+        for line in report_lines(summary.report):
+            console.print(printable(line), highlight=False, markup=False, soft_wrap=True)
+        save_report({"out": out, "settings": settings, **summary.record()}, report or report_path(out, sharded),
+                    sources)
     errors = summary.errors + work.done_errors
     if strict and errors:
         raise SatError(f"{errors} file(s) could not be captioned (--strict): see the rows with \"error\" in {out}")

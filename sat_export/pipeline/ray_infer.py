@@ -36,6 +36,7 @@ from sat_export.pipeline.infer import (Loaded, Plan, Summary, appending, caption
 from sat_export.pipeline.inputs import InputItem
 from sat_export.pipeline.shard_results import ShardPlan, publish, shard_batches
 from sat_export.pipeline.shards import Shard
+from sat_export.pipeline.stages import ActorClock, ActorReports, StageTimes
 from sat_export.registry import model_config, open_backend, resolve_model
 from training.config import ModelConfig, PreprocessConfig
 from training.errors import SatError, first_line
@@ -94,18 +95,23 @@ class Captioner:
         import ray
 
         self.backend = open_for_readers(model, backend, workers=0, threads=threads, precision=precision)
-        self.decode, self.keep_alphas = decode, keep_alphas
+        self.decode, self.keep_alphas, self.threads = decode, keep_alphas, threads
         self.node = ray.get_runtime_context().get_node_id()
+        self.times = StageTimes()
+        self.clock = ActorClock(self.times, ray.get_runtime_context().get_actor_id())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.clock.start()
         loaded = [Loaded(InputItem(Path(path), key), None if error else pixels, error or None, error_kind=kind)
                   for path, key, pixels, error, kind in zip(batch["path"], batch["key"], batch["pixels"],
                                                             batch["error"], batch["error_kind"])]
-        pairs = caption_rows(self.backend, loaded, self.decode)
+        pairs = caption_rows(self.backend, loaded, self.decode, self.times)
+        report = json.dumps(self.clock.report(0, self.threads))  # on the batch's first row only
         return {"row": np.array([json.dumps(row, ensure_ascii=False) for row, _ in pairs], dtype=object),
                 "alphas": np.array([alphas.astype(np.float16).tobytes() if alphas is not None and self.keep_alphas
                                     else b"" for _, alphas in pairs], dtype=object),
-                "node": np.array([self.node] * len(pairs), dtype=object)}
+                "node": np.array([self.node] * len(pairs), dtype=object),
+                "report": np.array([report] + [""] * (len(pairs) - 1), dtype=object)}
 
 
 def run_ray(model: str | Path | None, plan: Plan, options: InferOptions = InferOptions(),
@@ -136,6 +142,7 @@ def run_ray(model: str | Path | None, plan: Plan, options: InferOptions = InferO
     if not plan.todo:
         return summary
     start = time.perf_counter()
+    actors = ActorReports()
     try:
         with joined(ray, ray_options):
             rows = _caption_dataset(ray, plan, model, backend, config, options, ray_options, threads, precision)
@@ -144,10 +151,12 @@ def run_ray(model: str | Path | None, plan: Plan, options: InferOptions = InferO
                     written = _finish_rows(batch, config.grid, options.alphas_dir, plan.out.parent)
                     append(written)
                     summary.nodes.update(batch["node"])
+                    actors.update(json.loads(report) for report in batch["report"] if report)
                     if on_rows is not None:
                         on_rows(len(written))
     finally:
         summary.seconds = time.perf_counter() - start
+        summary.report = actors.merged()
     return summary
 
 
@@ -239,16 +248,20 @@ class ShardCaptioner:
 
         self.backend = open_backend(model, backend, threads=threads, precision=precision)
         self.pool = ThreadPoolExecutor(options.workers, thread_name_prefix="sat-reader")
-        self.options, self.sources, self.keep_alphas = options, sources, keep_alphas
+        self.options, self.sources, self.keep_alphas, self.threads = options, sources, keep_alphas, threads
         self.node = ray.get_runtime_context().get_node_id()
+        self.times = StageTimes()
+        self.clock = ActorClock(self.times, ray.get_runtime_context().get_actor_id())
 
-    def caption(self, shard: Shard) -> tuple[Shard, list[list[tuple[dict, np.ndarray | None]]], str]:
+    def caption(self, shard: Shard) -> tuple[Shard, list[list[tuple[dict, np.ndarray | None]]], str, dict]:
         """The shard, its batches of ``(row, alphas)`` pairs (alphas float16 as results keep them, or None
-        unless kept), and this actor's node."""
+        unless kept), this actor's node and its stage report so far."""
+        self.clock.start()
         batches = [[(row, alphas.astype(np.float16) if alphas is not None and self.keep_alphas else None)
                     for row, alphas in pairs]
-                   for pairs in shard_batches(self.backend, self.pool, shard, self.options, self.sources)]
-        return shard, batches, self.node
+                   for pairs in shard_batches(self.backend, self.pool, shard, self.options, self.sources,
+                                              times=self.times)]
+        return shard, batches, self.node, self.clock.report(self.options.workers, self.threads)
 
 
 def run_shards_ray(model: str | Path | None, plan: ShardPlan, options: InferOptions = InferOptions(),
@@ -263,6 +276,7 @@ def run_shards_ray(model: str | Path | None, plan: ShardPlan, options: InferOpti
     driver_config(model, backend)
     summary = Summary(skipped=plan.done)
     start = time.perf_counter()
+    actors = ActorReports()
     try:
         with joined(ray, ray_options):
             actor = ray.remote(ShardCaptioner).options(num_cpus=ray_options.cpus_per_actor,
@@ -271,9 +285,11 @@ def run_shards_ray(model: str | Path | None, plan: ShardPlan, options: InferOpti
                     threads or max(1, int(ray_options.cpus_per_actor)), options, plan.sources, precision,
                     plan.alphas)
             pool = ActorPool([actor.remote(*args) for _ in range(ray_options.actors)])
-            for shard, done, node in pool.map_unordered(lambda a, shard: a.caption.remote(shard), plan.todo):
+            for shard, done, node, report in pool.map_unordered(lambda a, shard: a.caption.remote(shard), plan.todo):
                 publish(plan, shard, done, summary, on_rows)
                 summary.nodes.add(node)
+                actors.update([report])
     finally:
         summary.seconds = time.perf_counter() - start
+        summary.report = actors.merged()
     return summary
