@@ -117,15 +117,15 @@ class Loaded:
 
 def open_for_readers(model: str | Path | None, backend: str = "auto", workers: int | None = None,
                      threads: int | None = None, precision: str = "fp32") -> Backend:
-    """``registry.open_backend`` with its inference threads set to the cores the ``workers`` readers leave
-    (at least 1; ``workers`` None: ``default_workers()``, the pipeline's own default).
-
-    Torch's and ONNX Runtime's thread pools spin-wait, so on oversubscribed cores they lose an
-    order of magnitude: on 2 cores with 2 reader threads, 1 inference thread gave 518 images/s
-    and 2 gave 59 (ONNX Runtime, tiny model; torch eager: 475 vs 65).
-    """
+    """``registry.open_backend`` with its inference threads set to ``threads``, else the cores the ``workers``
+    readers leave (``options.default_threads``; ``workers`` None: ``default_workers()``, the pipeline's own)."""
     readers = default_workers() if workers is None else workers
     return open_backend(model, backend, threads=threads or default_threads(readers), precision=precision)
+
+
+def inference_threads(backend: Backend) -> int:
+    """The encoder's threads: the backend's own count (onnxruntime, OpenVINO), else torch's."""
+    return getattr(backend, "threads", None) or torch.get_num_threads()
 
 
 def run_settings(model: str | Path | None, decode: DecodeOptions, full_decode: bool = False,
@@ -207,7 +207,7 @@ def run(backend: Backend, plan: Plan, options: InferOptions = InferOptions(),
         pool.shutdown(wait=True, cancel_futures=True)
         summary.seconds = time.perf_counter() - start
         summary.retries = plan.retrying.retries if plan.retrying is not None else 0
-        summary.report = stage_report(times, summary.seconds, options.workers, torch.get_num_threads())
+        summary.report = stage_report(times, summary.seconds, options.workers, inference_threads(backend))
     return summary
 
 

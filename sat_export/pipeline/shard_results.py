@@ -26,13 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from engines.base import Backend
 from sat_export.errors import OutputError
 from sat_export.faults import Retrying
 from sat_export.options import InferOptions, SourceOptions
-from sat_export.pipeline.infer import Plan, Summary, caption_stream
+from sat_export.pipeline.infer import Plan, Summary, caption_stream, inference_threads
 from sat_export.pipeline.outputs import OutputLock, refuse_other_settings
 from sat_export.pipeline.shards import Shard, new_retrying, samples, shard_inputs
 from sat_export.pipeline.stages import StageTimes, stage_report
@@ -231,5 +230,5 @@ def run_shards(backend: Backend, plan: ShardPlan, options: InferOptions = InferO
         pool.shutdown(wait=True, cancel_futures=True)
         summary.seconds = time.perf_counter() - start
         summary.retries = plan.retrying.retries if plan.retrying is not None else 0
-        summary.report = stage_report(times, summary.seconds, options.workers, torch.get_num_threads())
+        summary.report = stage_report(times, summary.seconds, options.workers, inference_threads(backend))
     return summary
