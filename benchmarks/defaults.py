@@ -114,7 +114,8 @@ def head_to_head(model, kind: str, source: Path, scratch: Path, pair: tuple, rou
         for j in (0, 1) if i % 2 == 0 else (1, 0):
             batch, workers, threads = pair[j]
             with open_for_readers(model, "auto", threads=threads) as opened:
-                rates[j].append(caption(opened, kind, source, scratch / f"{i}-{j}", InferOptions(batch, workers=workers))[0])
+                options = InferOptions(batch, workers=workers)
+                rates[j].append(caption(opened, kind, source, scratch / f"{i}-{j}", options)[0])
     return [round(statistics.median(r), 2) for r in rates]
 
 
@@ -155,8 +156,9 @@ def main(
     batch_sizes: str = typer.Option("8,32", help="Grid: batch sizes."),
     workers: str = typer.Option("1,2,3", help="Grid: reader threads."),
     threads: str = typer.Option("1,2", help="Grid: inference threads."),
-    prepare: bool = typer.Option(False, help="Prepare the reference model if it is not cached (about 20 min on 2 "
-                                 "cores); without it an uncached reference is replaced by a stand-in of its architecture."),
+    prepare: bool = typer.Option(False, help="Prepare the reference model if it is not cached (20-40 min on 2 "
+                                 "cores); without it an uncached reference is replaced by a stand-in of its "
+                                 "architecture."),
     json_path: Path = typer.Option(Path("defaults-bench.json"), "--json", help="Where to write the measurements."),
 ):
     """The default settings' images/s vs the best of a grid, per model and input; the stage report's overhead."""
@@ -197,8 +199,9 @@ def print_table(doc: dict) -> None:
                  "timed/untimed"):
         table.add_column(name, justify="left" if name in ("case", "default", "best") else "right")
     for key, case in doc["cases"].items():
-        table.add_row(f"{key} ({case['images']})", _setting(case["default"]["setting"]), f"{case['head_to_head'][0]:.1f}",
-                      _setting(case["best"]["setting"]), f"{case['head_to_head'][1]:.1f}",
+        table.add_row(f"{key} ({case['images']})", _setting(case["default"]["setting"]),
+                      f"{case['head_to_head'][0]:.1f}", _setting(case["best"]["setting"]),
+                      f"{case['head_to_head'][1]:.1f}",
                       f"{case['default_share_of_best']:.2f}", str(case["default_bottleneck"]),
                       " ".join(f"{x:.3f}" for x in case["timed_over_untimed"]))
     console.print(table)

@@ -370,7 +370,8 @@ def caption_rows(backend: Backend, batch: list[Loaded], options: DecodeOptions,
     if good:
         with backend.running():  # on CUDA, the decode loop's own ops on the backend's stream
             with times.timed("encode"):
-                images = torch.from_numpy(np.stack([entry.pixels for entry in good])).to(backend.device)  # (n_img, 3, H, W)
+                pixels = np.stack([entry.pixels for entry in good])  # (n_img, 3, H, W)
+                images = torch.from_numpy(pixels).to(backend.device)
                 encoded = backend.encode(images)
             with times.timed("decode_loop"):
                 captions = iter(decode(backend.step, encoded, backend.vocab.special_ids(), options))

@@ -192,7 +192,8 @@ def stage_report(times: StageTimes, wall: float, workers: int, threads: int | No
     stages["decode_image"] = {"thread": "readers", "threads": workers, "seconds": times.seconds["decode_image"],
                               "busy": share(times.seconds["decode_image"], workers)}
     for stage in MODEL_STAGES + ("write",):
-        stages[stage] = {"thread": "model", "threads": 1, "seconds": times.seconds[stage], "busy": share(times.seconds[stage], 1)}
+        stages[stage] = {"thread": "model", "threads": 1, "seconds": times.seconds[stage],
+                         "busy": share(times.seconds[stage], 1)}
     readers_busy = share(pool_read + times.seconds["decode_image"], workers)
     waited = share(times.input - source - (times.fill or 0.0), 1)
     model_busy = share(times.seconds["encode"] + times.seconds["decode_loop"], 1)

@@ -15,7 +15,8 @@ def test_defaults_bench_compares_the_default_with_the_grid_and_times_the_report(
     assert set(doc["cases"]) == {"demo/folder", "demo/shards"} and doc["machine"]["isa"]
     for case in doc["cases"].values():
         assert case["images"] == 8 and len(case["grid"]) == 2 and min(g["images_per_s"] for g in case["grid"]) > 0
-        assert case["best"]["setting"] in [{k: g[k] for k in ("batch_size", "workers", "threads")} for g in case["grid"]]
+        names = ("batch_size", "workers", "threads")
+        assert case["best"]["setting"] in [{k: g[k] for k in names} for g in case["grid"]]
         assert len(case["head_to_head"]) == 2 and min(case["head_to_head"]) > 0
         assert case["default_share_of_best"] == round(case["head_to_head"][0] / case["head_to_head"][1], 3)
         assert len(case["timed_over_untimed"]) == 1 and case["timed_over_untimed"][0] > 0

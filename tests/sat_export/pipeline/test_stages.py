@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from sat_export.options import InferOptions
@@ -37,7 +35,8 @@ def test_a_jsonl_run_prints_its_report_and_writes_it_beside_the_output_or_where_
     record = json.loads((tmp_path / "c.jsonl.report.json").read_text())
     assert record["captioned"] == 12 and record["stages"]["workers"] >= 1
     assert_shares(record["stages"])
-    assert record["stages"]["stages"]["decode_image"]["seconds"] > 0 and record["stages"]["stages"]["encode"]["seconds"] > 0
+    stages = record["stages"]["stages"]
+    assert stages["decode_image"]["seconds"] > 0 and stages["encode"]["seconds"] > 0
     assert "bottleneck: " in output and "busy: read " in output
     assert len(read_rows(out)) == 12  # the report is not a row
     infer(tmp_path / "in", "--out", tmp_path / "d.jsonl", "--model", tiny_ckpt, "--backend", "torch",
@@ -67,7 +66,8 @@ def test_slow_readers_are_named_the_bottleneck(tmp_path, tiny_ckpt):
     for i in range(12):
         Image.fromarray(rng.integers(0, 256, (1600, 1600, 3), dtype=np.uint8)).save(tmp_path / "big" / f"{i}.png",
                                                                                compress_level=1)
-    with open_for_readers(tiny_ckpt, "torch", workers=1) as engine, plan([tmp_path / "big"], tmp_path / "c.jsonl") as work:
+    with open_for_readers(tiny_ckpt, "torch", workers=1) as engine, \
+            plan([tmp_path / "big"], tmp_path / "c.jsonl") as work:
         report = run(engine, work, InferOptions(batch_size=2, workers=1)).report
     assert_shares(report)
     assert report["bottleneck"] == "readers", report
