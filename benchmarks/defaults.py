@@ -18,6 +18,7 @@ import itertools
 import json
 import statistics
 import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -71,20 +72,23 @@ def caption(opened, kind: str, source: Path, out: Path, options: InferOptions, t
 
 
 def measure_case(model, kind: str, source: Path, scratch: Path, grid: dict, rounds: int) -> dict:
-    """The default and every grid setting of one case, interleaved over ``rounds``; best images/s of each.
+    """The default and every grid setting of one case, interleaved over ``rounds``; best images/s of each; then
+    the default and the grid's best head to head.
 
-    A setting is (batch size, readers, inference threads); the default's threads are ``None``: those
-    ``open_for_readers`` chooses (``options.default_threads``)."""
-    default = (InferOptions().batch_size, default_workers(), None)
-    settings = sorted(itertools.product(grid["batch_sizes"], grid["workers"], grid["threads"])) + [default]
+    A setting is (batch size, readers, inference threads); the default's threads are those ``open_for_readers``
+    chooses (``options.default_threads``). Each backend is opened once per round and warmed up by one untimed
+    run before its settings are timed (a fresh session's first batches allocate)."""
+    default = (InferOptions().batch_size, default_workers(), default_threads(default_workers()))
+    settings = sorted(set(itertools.product(grid["batch_sizes"], grid["workers"], grid["threads"])) | {default})
     best: dict[tuple, float] = dict.fromkeys(settings, 0.0)
     overhead: list[float] = []
     report = None
     runs = itertools.count()
     for round_ in range(rounds):
-        for threads in sorted({t or 0 for _, _, t in settings}, reverse=round_ % 2 == 1):
-            with open_for_readers(model, "auto", threads=threads or None) as opened:
-                for setting in (s for s in settings if (s[2] or 0) == threads):
+        for threads in sorted({t for _, _, t in settings}, reverse=round_ % 2 == 1):
+            with open_for_readers(model, "auto", threads=threads) as opened:
+                caption(opened, kind, source, scratch / f"run{next(runs)}", InferOptions(default[0]), timed=False)
+                for setting in (s for s in settings if s[2] == threads):
                     options = InferOptions(setting[0], workers=setting[1])
                     rate, rep = caption(opened, kind, source, scratch / f"run{next(runs)}", options)
                     best[setting] = max(best[setting], rate)
@@ -94,28 +98,32 @@ def measure_case(model, kind: str, source: Path, scratch: Path, grid: dict, roun
                         overhead.append(rate / untimed)
         console.print(f"  round {round_ + 1}/{rounds}: default {best[default]:.1f} images/s, best of the grid "
                       f"{max(r for s, r in best.items() if s != default):.1f}", highlight=False)
-    top = max((s for s in settings if s != default), key=best.get)
+    top = max((s for s in settings if s != default), key=best.get)  # the best hand-tuned setting
     head = head_to_head(model, kind, source, scratch / "head", (default, top), rounds)
-    return {"default": {"setting": _named(default[:2] + (default_threads(default_workers()),)),
-                        "images_per_s": best[default]},
+    return {"default": {"setting": _named(default), "images_per_s": best[default]},
             "best": {"setting": _named(top), "images_per_s": best[top]},
             "head_to_head": head, "default_share_of_best": round(head[0] / head[1], 3),
-            "grid": [{**_named(s), "images_per_s": round(r, 2)} for s, r in best.items() if s != default],
+            "grid": [{**_named(s), "images_per_s": round(r, 2)} for s, r in best.items()],
             "timed_over_untimed": [round(x, 3) for x in overhead],
             "default_bottleneck": report["bottleneck"] if report else None,
             "default_advice": report["advice"] if report else None}
 
 
 def head_to_head(model, kind: str, source: Path, scratch: Path, pair: tuple, rounds: int) -> list[float]:
-    """Median images/s of the default and the grid's best, run alternately ``2 * rounds`` times each: the best of
-    many noisy grid runs is biased upwards, a head-to-head is not."""
+    """Median images/s of the default and the grid's best, run alternately ``2 * rounds`` times each on backends
+    opened and warmed up once: the best of many noisy grid runs is biased upwards, a head-to-head is not."""
     rates: list[list[float]] = [[], []]
-    for i in range(2 * rounds):
-        for j in (0, 1) if i % 2 == 0 else (1, 0):
-            batch, workers, threads = pair[j]
-            with open_for_readers(model, "auto", threads=threads) as opened:
+    with ExitStack() as stack:
+        opened = {}
+        for batch, _, threads in pair:
+            if threads not in opened:
+                opened[threads] = stack.enter_context(open_for_readers(model, "auto", threads=threads))
+                caption(opened[threads], kind, source, scratch / f"warm{threads}", InferOptions(batch), timed=False)
+        for i in range(2 * rounds):
+            for j in (0, 1) if i % 2 == 0 else (1, 0):
+                batch, workers, threads = pair[j]
                 options = InferOptions(batch, workers=workers)
-                rates[j].append(caption(opened, kind, source, scratch / f"{i}-{j}", options)[0])
+                rates[j].append(caption(opened[threads], kind, source, scratch / f"{i}-{j}", options)[0])
     return [round(statistics.median(r), 2) for r in rates]
 
 

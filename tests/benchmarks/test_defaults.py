@@ -14,7 +14,8 @@ def test_defaults_bench_compares_the_default_with_the_grid_and_times_the_report(
     doc = json.loads(out.read_text())
     assert set(doc["cases"]) == {"demo/folder", "demo/shards"} and doc["machine"]["isa"]
     for case in doc["cases"].values():
-        assert case["images"] == 8 and len(case["grid"]) == 2 and min(g["images_per_s"] for g in case["grid"]) > 0
+        assert case["images"] == 8 and len(case["grid"]) == 3 and min(g["images_per_s"] for g in case["grid"]) > 0
+        assert case["best"]["setting"] != case["default"]["setting"]  # the best of the others
         names = ("batch_size", "workers", "threads")
         assert case["best"]["setting"] in [{k: g[k] for k in names} for g in case["grid"]]
         assert len(case["head_to_head"]) == 2 and min(case["head_to_head"]) > 0
