@@ -1,15 +1,16 @@
-"""``python -m benchmarks.defaults``: sat-infer's default settings vs the best of a hand-tuned grid, and the stage
-report's overhead.
+"""``python -m benchmarks.defaults``: sat-infer's default settings vs the best hand-tuned setting of a grid, and
+the stage report's overhead.
 
 Per case (model x input: the demo model, decode-bound, and the prepared ResNet-101 reference model, encoder-bound
-(``benchmarks.prepare``); a folder of JPEGs and the same images in tar shards), the real pipeline
-(``infer.run`` / ``shard_results.run_shards``) runs the defaults (``InferOptions()`` and ``open_for_readers``'s
-threads) and every setting of the grid (batch size x reader threads x inference threads), interleaved, best of
-``--rounds``. It prints the default's images/s as a share of the grid's best, the bottleneck the default run's
+(``benchmarks.prepare``; a stand-in of its architecture where it is not cached); a folder of 1024x768 JPEGs and
+the same images in tar shards), the real pipeline (``infer.run`` / ``shard_results.run_shards``) runs the default
+(``InferOptions()`` and ``open_for_readers``'s threads) and every setting of the grid (batch size x reader threads
+x inference threads), interleaved, best of ``--rounds``; then the default and the best other setting alternately,
+``2 x rounds`` times each (medians). It prints the default's share of the best, the bottleneck the default run's
 stage report names, and the report's overhead: the default run with and without stage timers
-(``StageTimes(enabled=False)``), interleaved, as a ratio.
+(``StageTimes(enabled=False)``), one after the other, as a ratio.
 
-Example:  python -m benchmarks.defaults --images 48 --rounds 2 --json defaults.json
+Example:  python -m benchmarks.defaults --rounds 2 --json defaults.json
 """
 from __future__ import annotations
 
@@ -133,14 +134,17 @@ def _named(setting: tuple) -> dict:
 
 def model_of(name: str, scratch: Path, prepare: bool) -> tuple[Path | None, str]:
     """The model of a case and what it is: None for the demo model; for ``resnet101`` the prepared reference
-    model's bench bundle where it is cached (or ``prepare``), else a stand-in of its architecture (ResNet-101,
-    ``small`` preset, seeded random weights: the same cost per image, captions as long as ``max_len``)."""
+    model's checkpoint where it is cached (``prepare``: prepared first, with the bench's bundle), else a stand-in
+    of its architecture (ResNet-101, ``small`` preset, seeded random weights: the same cost per image, captions as
+    long as ``max_len``)."""
     if name == "demo":
         return None, "demo model"
     recipe = Recipe()
     root = default_cache() / f"reference-{recipe.key()}-{'bf16' if cpu_info().native_bf16 else 'fp32'}"
-    if prepare or (root / PREPARED).is_file():
-        return reference_model(recipe, Int8Options(), default_cache(), console).bundle, "prepared reference model"
+    if prepare:
+        reference_model(recipe, Int8Options(), default_cache(), console)
+    if (root / PREPARED).is_file():  # its checkpoint: sat-infer builds its fp32 bundle, not the bench's int8 ones
+        return root / "model.pth", "prepared reference model"
     bundle = default_cache() / "defaults-resnet101-stand-in"
     if (bundle / "manifest.json").is_file():
         return bundle, STAND_IN
