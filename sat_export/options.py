@@ -43,9 +43,7 @@ def default_threads(workers: int) -> int:
 
     Torch's and ONNX Runtime's thread pools meet at a barrier many times a caption, so one descheduled thread
     stalls them all: measured on 2 cores shared with other jobs (``python -m benchmarks.defaults``,
-    docs/benchmarks.md), 2 inference threads beside 2 readers cut the demo model from 150-270 to 28-114
-    images/s, and ResNet-101 gained nothing from them; giving the encoder alone 2 threads (the decoder step
-    1) halved both models' images/s.
+    docs/benchmarks.md), 2 inference threads cut the demo model from 139-264 to 35-100 images/s, and ResNet-101 gained nothing from them; the default reached 0.93-1.12 of the grid's best.
     """
     return max(1, usable_cores() - workers)
 
