@@ -210,6 +210,9 @@ def bottleneck(report: dict) -> tuple[str, str]:
     """The stage that held the run back and one sentence on what to change."""
     stages, readers, model = report["stages"], report["readers"], report["model"]
     r, m, w = _pct(readers["busy"]), _pct(model["busy"]), _pct(model["waited_for_images"])
+    if model["first_batch_s"] > report["wall_s"] / 2:
+        return "too short", (f"the first batch took {model['first_batch_s']:.2f} s of {report['wall_s']:.2f} s: "
+                             "the run was mostly the pipeline filling up, too short to name a bottleneck")
     if model["waited_for_images"] >= WAITED and not report["workers"]:
         return "readers", (f"the actor waited {w} for images: Ray's read tasks are the limit: leave them more "
                            "CPUs (fewer --ray-actors or --ray-cpus-per-actor)")

@@ -103,3 +103,16 @@ def test_report_of_an_empty_run_has_zero_shares():
     report = stage_report(StageTimes(), 0.0, 2, 1)
     assert_shares(report)
     assert all(stage["busy"] == 0.0 for stage in report["stages"].values())
+
+
+def test_a_run_that_was_mostly_its_first_batch_is_too_short_to_judge(tmp_path, tiny_ckpt):
+    """Three large PNGs in one batch: the run is the wait for them, then one fast batch."""
+    (tmp_path / "in").mkdir()
+    for i in range(3):
+        pixels = np.random.default_rng(i).integers(0, 256, (1600, 1600, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "in" / f"{i}.png", compress_level=1)
+    with open_for_readers(tiny_ckpt, "torch", workers=1) as engine, \
+            plan([tmp_path / "in"], tmp_path / "c.jsonl") as work:
+        report = run(engine, work, InferOptions(batch_size=8, workers=1)).report
+    assert_shares(report)
+    assert report["bottleneck"] == "too short" and report["model"]["first_batch_s"] > report["wall_s"] / 2, report
