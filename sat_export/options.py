@@ -38,6 +38,16 @@ def default_workers() -> int:
     return max(2, usable_cores() // 2)
 
 
+def default_threads(workers: int) -> int:
+    """Inference threads beside ``workers`` reader threads: the cores they leave, at least 1.
+
+    Torch's and ONNX Runtime's thread pools meet at a barrier many times a caption, so one descheduled thread
+    stalls them all: measured on 2 cores shared with other jobs (``python -m benchmarks.defaults``,
+    docs/benchmarks.md), 2 inference threads cut the demo model from 139-264 to 35-100 images/s, and ResNet-101 gained nothing from them; the default reached 0.93-1.12 of the grid's best.
+    """
+    return max(1, usable_cores() - workers)
+
+
 @dataclass(frozen=True)
 class InferOptions:
     """How to caption: batch size, decoding, reader threads, limits and what to write besides rows."""

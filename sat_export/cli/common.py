@@ -10,7 +10,6 @@ import os
 import tempfile
 import traceback
 
-import click
 import typer
 from rich.markup import escape
 
@@ -28,6 +27,11 @@ def new_app(**options) -> typer.Typer:
     markup off: a ``[trt]`` or ``[default: ...]`` in a help text would otherwise vanish as a style tag)."""
     return typer.Typer(add_completion=False, rich_markup_mode=None, **options)
 
+# typer's exits and usage errors (``typer.BadParameter``...): their click is vendored inside typer since 0.2x,
+# the click package before, so the usage errors' base class is found from typer itself
+PASS_THROUGH = (typer.Exit, typer.Abort,
+                next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"))
+
 
 def user_errors(fn):
     """Decorate a typer command: every error ends it in one line, ``error: <message>`` (escaped), exit code 1.
@@ -44,7 +48,7 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except SatError as err:
             _fail(str(err))
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        except PASS_THROUGH:
             raise
         except Exception as err:  # noqa: BLE001 - the one place an unexpected error becomes a line, not a traceback
             if os.environ.get(DEBUG_ENV) == "1":

@@ -76,6 +76,8 @@ def main(
     retry_errors: bool = typer.Option(False, help="Caption again the files whose error rows are of kind io (could "
                                       "not be read: network, permission, missing); per-shard results holding such "
                                       "rows are redone whole. input errors (bad bytes) are never retried."),
+    report: str = typer.Option(None, help="Where the run's stage report goes (JSON: where the time went).",
+                               show_default="OUT.report.json, or OUT/_report.json for per-shard results"),
     ray: bool = typer.Option(False, "--ray", help="Caption on a Ray cluster (extra: ray); only this process writes."),
     ray_address: str = typer.Option(None, help="Cluster to join: auto or HOST:PORT (default: $RAY_ADDRESS or local)."),
     ray_actors: int = typer.Option(RAY_DEFAULTS.actors, min=1, help="Captioning actors, each loading the model once."),
@@ -104,6 +106,7 @@ def main(
     from sat_export.pipeline.ray_infer import run_ray, run_shards_ray
     from sat_export.pipeline.shard_results import is_results_out, plan_shards, run_shards
     from sat_export.pipeline.shards import is_shard_input
+    from sat_export.pipeline.stages import report_lines, report_path, save_report
 
     sources = SourceOptions(image_column, parse_storage_options(storage_options), retry_for, connect_timeout,
                             read_timeout, max_sample_bytes)
@@ -137,6 +140,11 @@ def main(
         else:
             summary = Summary(skipped=work.done, retries=work.retrying.retries if work.retrying else 0)
     console.print(printable(summary.line(out, settings["precision"])), highlight=False, markup=False, soft_wrap=True)
+    if summary.report is not None:
+        for line in report_lines(summary.report):
+            console.print(printable(line), highlight=False, markup=False, soft_wrap=True)
+        save_report({"out": out, "settings": settings, **summary.record()}, report or report_path(out, sharded),
+                    sources)
     if summary.failure():
         raise SatError(summary.failure())
     errors = summary.errors + work.done_errors

@@ -30,11 +30,12 @@ from PIL import Image
 from engines.base import Backend
 from sat_export.errors import OutputError
 from sat_export.faults import INPUT, IO, Retrying, StorageUnavailable, error_kind
-from sat_export.options import InferOptions, SourceOptions, default_workers
+from sat_export.options import InferOptions, SourceOptions, default_threads, default_workers
 from sat_export.pipeline.inputs import InputItem, discover
 from sat_export.pipeline.outputs import (OutputLock, check_output_paths, resume_output, row_line, whole_rows,
                                          write_atomically)
 from sat_export.pipeline.shards import new_retrying, shard_inputs, stream
+from sat_export.pipeline.stages import StageTimes, TimedFile, stage_report
 from sat_export.registry import model_sha256, open_backend
 from sat_export.reports.gallery import THUMB, overlay_folder, write_gallery, write_overlays
 from sat_export.results.paths import sidecar_path
@@ -42,7 +43,6 @@ from training.config import PreprocessConfig
 from training.decode import Caption, decode
 from training.errors import ImageDecodeError, first_line
 from training.images import DEFAULT_MAX_PIXELS, load_rgb, preprocess
-from training.machine import usable_cores
 from training.options import DecodeOptions
 
 
@@ -90,6 +90,7 @@ class Summary:
     io_errors: int = 0
     input_errors: int = 0
     failed_shards: list[str] = field(default_factory=list)  # shards that got no result (the run exits 1)
+    report: dict | None = None  # where the time went (``stages.stage_report``)
 
     @property
     def images_per_s(self) -> float:
@@ -109,6 +110,13 @@ class Summary:
             return None
         shown = ", ".join(self.failed_shards[:10]) + (" ..." if len(self.failed_shards) > 10 else "")
         return f"{len(self.failed_shards)} shard(s) got no result: {shown}; rerun the same command to redo them"
+
+    def record(self) -> dict:
+        """The counts, the rate and the stage report, for the run's report file."""
+        return {"captioned": self.captioned, "errors": self.errors, "skipped": self.skipped,
+                "seconds": round(self.seconds, 3), "images_per_s": round(self.images_per_s, 2),
+                "retries": self.retries, "io_errors": self.io_errors,
+                "input_errors": self.input_errors, "failed_shards": self.failed_shards, "nodes": sorted(self.nodes), "stages": self.report}
 
     def add(self, rows: list[dict]) -> None:
         """Count rows just written."""
@@ -132,15 +140,15 @@ class Loaded:
 
 def open_for_readers(model: str | Path | None, backend: str = "auto", workers: int | None = None,
                      threads: int | None = None, precision: str = "fp32") -> Backend:
-    """``registry.open_backend`` with its inference threads set to the cores the ``workers`` readers leave
-    (at least 1; ``workers`` None: ``default_workers()``, the pipeline's own default).
-
-    Torch's and ONNX Runtime's thread pools spin-wait, so on oversubscribed cores they lose an
-    order of magnitude: on 2 cores with 2 reader threads, 1 inference thread gave 518 images/s
-    and 2 gave 59 (ONNX Runtime, tiny model; torch eager: 475 vs 65).
-    """
+    """``registry.open_backend`` with its inference threads set to ``threads``, else the cores the ``workers``
+    readers leave (``options.default_threads``; ``workers`` None: ``default_workers()``, the pipeline's own)."""
     readers = default_workers() if workers is None else workers
-    return open_backend(model, backend, threads=threads or max(1, usable_cores() - readers), precision=precision)
+    return open_backend(model, backend, threads=threads or default_threads(readers), precision=precision)
+
+
+def inference_threads(backend: Backend) -> int:
+    """The encoder's threads: the backend's own count (onnxruntime, OpenVINO), else torch's."""
+    return getattr(backend, "threads", None) or torch.get_num_threads()
 
 
 def run_settings(model: str | Path | None, decode: DecodeOptions, full_decode: bool = False,
@@ -200,24 +208,22 @@ def plan(paths: Iterable[str | Path], out: str | Path, overwrite: bool = False, 
 
 
 def run(backend: Backend, plan: Plan, options: InferOptions = InferOptions(),
-        on_rows: Callable[[int], None] | None = None) -> Summary:
+        on_rows: Callable[[int], None] | None = None, times: StageTimes | None = None) -> Summary:
     """Caption ``plan.todo`` with ``backend``, appending one row per item to ``plan.out``.
 
     ``on_rows(n)`` is called after each batch's ``n`` rows are on disk (progress bars).
     Unreadable or undecodable files become error rows; backend failures propagate.
+    ``summary.report`` says where the time went (``times``: the stage timer, a new one by default).
     """
     summary = Summary(skipped=plan.done)
+    times = times or StageTimes()
     start = time.perf_counter()
     pool = ThreadPoolExecutor(options.workers, thread_name_prefix="sat-reader")
     try:
         with appending(plan, summary) as append:
-            thumb = THUMB if options.overlays_dir is not None else None
-            reader = partial(read_item, cfg=backend.config.preprocess, max_pixels=options.max_pixels, thumbnail=thumb,
-                             full_decode=options.full_decode)
-            loaded = prefetch(pool, reader, plan.todo, options.prefetch, options.read_ahead_bytes)
-            for batch in batches(loaded, options.batch_size):
-                rows = caption_batch(backend, batch, options, plan.out.parent)
-                append(rows)
+            for rows in caption_stream(backend, pool, plan.todo, options, plan.out.parent, times):
+                with times.timed("write"):
+                    append(rows)
                 if on_rows is not None:
                     on_rows(len(rows))
             if options.overlays_dir is not None:
@@ -226,7 +232,23 @@ def run(backend: Backend, plan: Plan, options: InferOptions = InferOptions(),
         pool.shutdown(wait=True, cancel_futures=True)
         summary.seconds = time.perf_counter() - start
         summary.retries = plan.retrying.retries if plan.retrying is not None else 0
+        summary.report = stage_report(times, summary.seconds, options.workers, inference_threads(backend))
     return summary
+
+
+def caption_stream(backend: Backend, pool: Executor, items: Iterable[InputItem], options: InferOptions,
+                   out_dir: Path | None, times: StageTimes) -> Iterator[list]:
+    """``items`` read by ``pool`` (bounded read-ahead), per batch: with ``out_dir``, ``caption_batch``'s rows
+    (side files written there); else ``caption_rows``'s ``(row, alphas)`` pairs. Stages timed in ``times``."""
+    thumb = THUMB if options.overlays_dir is not None else None
+    reader = partial(read_item, cfg=backend.config.preprocess, max_pixels=options.max_pixels, thumbnail=thumb,
+                     full_decode=options.full_decode, times=times)
+    loaded = prefetch(pool, reader, times.source_items(items), options.prefetch, options.read_ahead_bytes)
+    for batch in times.inputs(batches(loaded, options.batch_size)):
+        if out_dir is None:
+            yield caption_rows(backend, batch, options.decode, times)
+        else:
+            yield caption_batch(backend, batch, options, out_dir, times)
 
 
 @contextmanager
@@ -251,17 +273,24 @@ def appending(plan: Plan, summary: Summary) -> Iterator[Callable[[list[dict]], N
 
 
 def read_item(item: InputItem, cfg: PreprocessConfig, max_pixels: int = DEFAULT_MAX_PIXELS,
-              thumbnail: int | None = None, full_decode: bool = False) -> Loaded:
+              thumbnail: int | None = None, full_decode: bool = False, times: StageTimes | None = None) -> Loaded:
     """Read, decode (at reduced size where ``cfg`` allows, unless ``full_decode``) and preprocess one
     item; every way a file can be bad becomes ``Loaded.error``. The result keeps no encoded bytes (``data``).
 
-    With ``thumbnail``, the decoded image is also kept, shrunk to at most that many pixels a side.
+    With ``thumbnail``, the decoded image is also kept, shrunk to at most that many pixels a side. With
+    ``times``, opening and reading the file counts as ``read``, the rest as ``decode_image``.
     """
     kept = replace(item, data=None) if item.data is not None else item
     if item.error is not None:
         return Loaded(kept, None, item.error, error_kind=item.error_kind)
+    times = times or StageTimes(enabled=False)
+    start = time.perf_counter()
+    f = None
     try:
-        with _open_image(item) as f:  # opened here so a permission error reads as one; Pillow reads lazily
+        f = _open_image(item)  # opened here so a permission error reads as one; Pillow reads lazily
+        if times.enabled:
+            f = TimedFile(f, time.perf_counter() - start)
+        with f:
             image = load_rgb(f, max_pixels, None if full_decode else cfg.draft_short_side)
         pixels = preprocess(image, cfg)
         if thumbnail is None:
@@ -276,6 +305,10 @@ def read_item(item: InputItem, cfg: PreprocessConfig, max_pixels: int = DEFAULT_
         return Loaded(kept, None, f"cannot read file: {err}", error_kind=IO)
     except Exception as err:  # noqa: BLE001 - a decoder plugin bug on one file must not stop the run
         return Loaded(kept, None, f"cannot decode image: {type(err).__name__}: {first_line(err)}", error_kind=INPUT)
+    finally:
+        read = f.seconds if isinstance(f, TimedFile) else 0.0
+        times.add("read", read)
+        times.add("decode_image", time.perf_counter() - start - read)
 
 
 def _open_image(item: InputItem) -> BinaryIO:
@@ -328,33 +361,45 @@ def batches(loaded: Iterable[Loaded], batch_size: int) -> Iterator[list[Loaded]]
         yield batch
 
 
-def caption_batch(backend: Backend, batch: list[Loaded], options: InferOptions, out_dir: Path) -> list[dict]:
-    """``caption_rows``, with each image's alphas file and overlays written before its row is returned."""
+def caption_batch(backend: Backend, batch: list[Loaded], options: InferOptions, out_dir: Path,
+                  times: StageTimes | None = None) -> list[dict]:
+    """``caption_rows``, with each image's alphas file and overlays written (timed as ``write``) before its row
+    is returned."""
+    times = times or StageTimes(enabled=False)
     rows = []
-    for entry, (row, alphas) in zip(batch, caption_rows(backend, batch, options.decode)):
-        if alphas is not None and options.alphas_dir is not None:
-            save_alphas(row, alphas, options.alphas_dir, out_dir)
-        if alphas is not None and options.overlays_dir is not None:
-            write_overlays(overlay_folder(row["image"], options.overlays_dir), entry.thumbnail, alphas,
-                           [backend.vocab.itos[t] for t in row["tokens"]], backend.config.preprocess)
-        rows.append(row)
+    pairs = caption_rows(backend, batch, options.decode, times)
+    with times.timed("write"):
+        for entry, (row, alphas) in zip(batch, pairs):
+            if alphas is not None and options.alphas_dir is not None:
+                save_alphas(row, alphas, options.alphas_dir, out_dir)
+            if alphas is not None and options.overlays_dir is not None:
+                write_overlays(overlay_folder(row["image"], options.overlays_dir), entry.thumbnail, alphas,
+                               [backend.vocab.itos[t] for t in row["tokens"]], backend.config.preprocess)
+            rows.append(row)
     return rows
 
 
-def caption_rows(backend: Backend, batch: list[Loaded], options: DecodeOptions) -> list[tuple[dict, np.ndarray | None]]:
-    """Encode and decode the batch's images: per entry, in order, its row and its alphas.
+def caption_rows(backend: Backend, batch: list[Loaded], options: DecodeOptions,
+                 times: StageTimes | None = None) -> list[tuple[dict, np.ndarray | None]]:
+    """Encode and decode the batch's images (timed as ``encode`` and ``decode_loop`` in ``times``): per entry,
+    in order, its row and its alphas.
 
     Returns
     -------
     list of (row, alphas)
         ``alphas`` is ``(T, grid, grid)`` float32 for the row's T tokens, or None for an error row.
     """
+    times = times or StageTimes(enabled=False)
     good = [entry for entry in batch if entry.pixels is not None]
     captions: Iterator[Caption] = iter(())
     if good:
         with backend.running():  # on CUDA, the decode loop's own ops on the backend's stream
-            images = torch.from_numpy(np.stack([entry.pixels for entry in good])).to(backend.device)  # (n_img, 3, H, W)
-            captions = iter(decode(backend.step, backend.encode(images), backend.vocab.special_ids(), options))
+            with times.timed("encode"):
+                pixels = np.stack([entry.pixels for entry in good])  # (n_img, 3, H, W)
+                images = torch.from_numpy(pixels).to(backend.device)
+                encoded = backend.encode(images)
+            with times.timed("decode_loop"):
+                captions = iter(decode(backend.step, encoded, backend.vocab.special_ids(), options))
     grid = backend.config.grid
     out: list[tuple[dict, np.ndarray | None]] = []
     for entry in batch:

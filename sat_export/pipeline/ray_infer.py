@@ -47,6 +47,7 @@ from sat_export.pipeline.infer import (Loaded, Plan, Summary, appending, caption
 from sat_export.pipeline.inputs import InputItem
 from sat_export.pipeline.shard_results import ShardPlan, publish, shard_batches
 from sat_export.pipeline.shards import Shard, new_retrying
+from sat_export.pipeline.stages import ActorClock, ActorReports, StageTimes
 from sat_export.registry import model_config, open_backend, resolve_model
 from training.config import ModelConfig, PreprocessConfig
 from training.errors import SatError, first_line
@@ -107,18 +108,23 @@ class Captioner:
         import ray
 
         self.backend = open_for_readers(model, backend, workers=0, threads=threads, precision=precision)
-        self.decode, self.keep_alphas = decode, keep_alphas
+        self.decode, self.keep_alphas, self.threads = decode, keep_alphas, threads
         self.node = ray.get_runtime_context().get_node_id()
+        self.times = StageTimes()
+        self.clock = ActorClock(self.times, ray.get_runtime_context().get_actor_id())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.clock.start()
         loaded = [Loaded(InputItem(Path(path), key), None if error else pixels, error or None, error_kind=kind)
                   for path, key, pixels, error, kind in zip(batch["path"], batch["key"], batch["pixels"],
                                                             batch["error"], batch["error_kind"])]
-        pairs = caption_rows(self.backend, loaded, self.decode)
+        pairs = caption_rows(self.backend, loaded, self.decode, self.times)
+        report = json.dumps(self.clock.report(0, self.threads))  # on the batch's first row only
         return {"row": np.array([json.dumps(row, ensure_ascii=False) for row, _ in pairs], dtype=object),
                 "alphas": np.array([alphas.astype(np.float16).tobytes() if alphas is not None and self.keep_alphas
                                     else b"" for _, alphas in pairs], dtype=object),
-                "node": np.array([self.node] * len(pairs), dtype=object)}
+                "node": np.array([self.node] * len(pairs), dtype=object),
+                "report": np.array([report] + [""] * (len(pairs) - 1), dtype=object)}
 
 
 def run_ray(model: str | Path | None, plan: Plan, options: InferOptions = InferOptions(),
@@ -150,6 +156,7 @@ def run_ray(model: str | Path | None, plan: Plan, options: InferOptions = InferO
     if not plan.todo:
         return summary
     start = time.perf_counter()
+    reports = ActorReports()
     try:
         with joined(ray, ray_options):
             rows = _caption_dataset(ray, plan, model, backend, config, options, ray_options, threads, precision)
@@ -158,10 +165,12 @@ def run_ray(model: str | Path | None, plan: Plan, options: InferOptions = InferO
                     written = _finish_rows(batch, config.grid, options.alphas_dir, plan.out.parent)
                     append(written)
                     summary.nodes.update(batch["node"])
+                    reports.update(json.loads(report) for report in batch["report"] if report)
                     if on_rows is not None:
                         on_rows(len(written))
     finally:
         summary.seconds = time.perf_counter() - start
+        summary.report = reports.merged()
     return summary
 
 
@@ -305,17 +314,21 @@ class ShardCaptioner:
 
         self.backend = open_backend(model, backend, threads=threads, precision=precision)
         self.pool = ThreadPoolExecutor(options.workers, thread_name_prefix="sat-reader")
-        self.options, self.sources, self.keep_alphas = options, sources, keep_alphas
+        self.options, self.sources, self.keep_alphas, self.threads = options, sources, keep_alphas, threads
         self.node = ray.get_runtime_context().get_node_id()
+        self.times = StageTimes()
+        self.clock = ActorClock(self.times, ray.get_runtime_context().get_actor_id())
 
-    def caption(self, shard: Shard) -> tuple[list[list[tuple[dict, np.ndarray | None]]], str, int]:
+    def caption(self, shard: Shard) -> tuple[list[list[tuple[dict, np.ndarray | None]]], str, int, dict]:
         """The shard's batches of ``(row, alphas)`` pairs (alphas float16 as results keep them, or None
-        unless kept), this actor's node, and how many times its store was retried."""
+        unless kept), this actor's node, how many times its store was retried and its stage report so far."""
+        self.clock.start()
         retrying = new_retrying(self.sources)
         batches = [[(row, alphas.astype(np.float16) if alphas is not None and self.keep_alphas else None)
                     for row, alphas in pairs]
-                   for pairs in shard_batches(self.backend, self.pool, shard, self.options, self.sources, retrying)]
-        return batches, self.node, retrying.retries
+                   for pairs in shard_batches(self.backend, self.pool, shard, self.options, self.sources, retrying,
+                                              times=self.times)]
+        return batches, self.node, retrying.retries, self.clock.report(self.options.workers, self.threads)
 
 
 def run_shards_ray(model: str | Path | None, plan: ShardPlan, options: InferOptions = InferOptions(),
@@ -334,6 +347,7 @@ def run_shards_ray(model: str | Path | None, plan: ShardPlan, options: InferOpti
     driver_config(model, backend)
     summary = Summary(skipped=plan.done)
     start = time.perf_counter()
+    reports = ActorReports()
     try:
         with joined(ray, ray_options, readers=False):
             actor = ray.remote(ShardCaptioner).options(num_cpus=ray_options.cpus_per_actor,
@@ -344,13 +358,14 @@ def run_shards_ray(model: str | Path | None, plan: ShardPlan, options: InferOpti
                     threads or max(1, int(ray_options.cpus_per_actor)), options, plan.sources, precision,
                     plan.alphas)
             actors = [actor.remote(*args) for _ in range(ray_options.actors)]
-            _caption_shards(ray, actors, plan, summary, on_rows)
+            _caption_shards(ray, actors, plan, summary, reports, on_rows)
     finally:
         summary.seconds = time.perf_counter() - start
+        summary.report = reports.merged()
     return summary
 
 
-def _caption_shards(ray, actors: list, plan: ShardPlan, summary: Summary,
+def _caption_shards(ray, actors: list, plan: ShardPlan, summary: Summary, reports: ActorReports,
                     on_rows: Callable[[int], None] | None) -> None:
     """Keep each actor captioning one shard of ``plan.todo`` at a time; publish each shard as its try finishes;
     a shard whose tries all failed is named in ``summary.failed_shards`` and the others go on."""
@@ -363,7 +378,7 @@ def _caption_shards(ray, actors: list, plan: ShardPlan, summary: Summary,
         shard, actor = running.pop(ref)
         free.append(actor)
         try:
-            batches, node, retries = ray.get(ref)
+            batches, node, retries, report = ray.get(ref)
         except Exception as err:  # noqa: BLE001 - a lost actor past its tries, or the shard's own error
             cause = unwrap(err)
             if isinstance(cause, SatError):
@@ -374,3 +389,4 @@ def _caption_shards(ray, actors: list, plan: ShardPlan, summary: Summary,
         publish(plan, shard, batches, summary, on_rows)
         summary.nodes.add(node)
         summary.retries += retries
+        reports.update([report])

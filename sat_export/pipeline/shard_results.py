@@ -31,7 +31,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +40,10 @@ from engines.base import Backend
 from sat_export.errors import OutputError
 from sat_export.faults import Retrying
 from sat_export.options import InferOptions, SourceOptions
-from sat_export.pipeline.infer import Plan, Summary, batches, caption_rows, prefetch, read_item
+from sat_export.pipeline.infer import Plan, Summary, caption_stream, inference_threads
 from sat_export.pipeline.outputs import OutputLock, fresh_temp, refuse_other_settings
 from sat_export.pipeline.shards import Shard, new_retrying, samples, shard_inputs
+from sat_export.pipeline.stages import StageTimes, stage_report
 from sat_export.pipeline.stores import filesystem, is_url, protocols
 from sat_export.results.parquet import OUT_HINT, columns_of, read_info, result_name, result_schema
 
@@ -254,19 +254,19 @@ class ResultWriter:
 
 
 def shard_batches(backend: Backend, pool: Executor, shard: Shard, options: InferOptions,
-                  sources: SourceOptions = SourceOptions(),
-                  retrying: Retrying | None = None) -> Iterator[list[tuple[dict, np.ndarray | None]]]:
-    """Caption one shard: its samples read by ``pool`` (bounded read-ahead), per batch ``caption_rows``'s pairs."""
-    reader = partial(read_item, cfg=backend.config.preprocess, max_pixels=options.max_pixels,
-                     full_decode=options.full_decode)
+                  sources: SourceOptions = SourceOptions(), retrying: Retrying | None = None,
+                  times: StageTimes | None = None) -> Iterator[list[tuple[dict, np.ndarray | None]]]:
+    """Caption one shard: its samples read by ``pool`` (bounded read-ahead), per batch ``caption_rows``'s pairs;
+    stages timed in ``times``."""
     items = samples(shard, sources, retrying)
-    for batch in batches(prefetch(pool, reader, items, options.prefetch, options.read_ahead_bytes), options.batch_size):
-        yield caption_rows(backend, batch, options.decode)
+    return caption_stream(backend, pool, items, options, None, times or StageTimes(enabled=False))
 
 
 def publish(plan: ShardPlan, shard: Shard, batches_of_pairs: Iterable[list[tuple[dict, np.ndarray | None]]],
-            summary: Summary, on_rows: Callable[[int], None] | None = None) -> None:
-    """Write a shard's rows into its result and publish it once they are all in; a failure leaves no result."""
+            summary: Summary, on_rows: Callable[[int], None] | None = None, times: StageTimes | None = None) -> None:
+    """Write a shard's rows into its result and publish it once they are all in (timed as ``write`` in
+    ``times``); a failure leaves no result."""
+    times = times or StageTimes(enabled=False)
     path = plan.result_path(shard)
     record = {"settings": plan.settings, "source": source_record(shard), "alphas": plan.alphas}
     try:
@@ -274,11 +274,13 @@ def publish(plan: ShardPlan, shard: Shard, batches_of_pairs: Iterable[list[tuple
                               plan.retrying or new_retrying(plan.sources), plan.dest)
         try:
             for pairs in batches_of_pairs:
-                writer.add(pairs)
+                with times.timed("write"):
+                    writer.add(pairs)
                 summary.add([row for row, _ in pairs])
                 if on_rows is not None:
                     on_rows(len(pairs))
-            writer.publish()
+            with times.timed("write"):
+                writer.publish()
         except BaseException:
             writer.discard()
             raise
@@ -288,17 +290,20 @@ def publish(plan: ShardPlan, shard: Shard, batches_of_pairs: Iterable[list[tuple
 
 
 def run_shards(backend: Backend, plan: ShardPlan, options: InferOptions = InferOptions(),
-               on_rows: Callable[[int], None] | None = None) -> Summary:
-    """Caption ``plan.todo``'s shards with ``backend``, publishing each one's result when it is done."""
+               on_rows: Callable[[int], None] | None = None, times: StageTimes | None = None) -> Summary:
+    """Caption ``plan.todo``'s shards with ``backend``, publishing each one's result when it is done;
+    ``summary.report`` says where the time went (``times``: the stage timer, a new one by default)."""
     summary = Summary(skipped=plan.done)
+    times = times or StageTimes()
     start = time.perf_counter()
     pool = ThreadPoolExecutor(options.workers, thread_name_prefix="sat-reader")
     try:
         for shard in plan.todo:
-            publish(plan, shard, shard_batches(backend, pool, shard, options, plan.sources, plan.retrying), summary,
-                    on_rows)
+            publish(plan, shard, shard_batches(backend, pool, shard, options, plan.sources, plan.retrying, times),
+                    summary, on_rows, times)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         summary.seconds = time.perf_counter() - start
         summary.retries = plan.retrying.retries if plan.retrying is not None else 0
+        summary.report = stage_report(times, summary.seconds, options.workers, inference_threads(backend))
     return summary

@@ -16,9 +16,11 @@ app = new_app()
 
 @app.command()
 @user_errors
-def main(exit_code: int = typer.Option(None)):
+def main(exit_code: int = typer.Option(None), bad: bool = typer.Option(False)):
     if exit_code is not None:
         raise typer.Exit(exit_code)
+    if bad:
+        raise typer.BadParameter("--bad is never right")
     socket.create_connection(("127.0.0.1", free_port()), timeout=5)  # nothing listens: refused
 
 
@@ -38,3 +40,10 @@ def test_debug_shows_the_traceback_and_typer_exits_pass_through(monkeypatch):
     result = CliRunner().invoke(app, [])
     assert isinstance(result.exception, ConnectionRefusedError)
     assert CliRunner().invoke(app, ["--exit-code", "3"]).exit_code == 3
+
+
+def test_typer_exits_and_usage_errors_pass_through(monkeypatch):
+    monkeypatch.delenv("SAT_EXPORT_DEBUG", raising=False)
+    assert CliRunner().invoke(app, ["--exit-code", "3"]).exit_code == 3
+    result = CliRunner().invoke(app, ["--bad"])
+    assert result.exit_code == 2 and "Invalid value: --bad is never right" in result.output, result.output

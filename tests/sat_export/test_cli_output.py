@@ -26,4 +26,5 @@ def test_the_first_run_piped_to_a_file_prints_the_parity_report_one_line_per_out
     assert done.returncode == 0 and sorted(read_rows(tmp_path / "c.jsonl")) == names, lines
     parity = [line for line in lines if line.startswith(("✓", "✗"))]
     assert len(parity) >= 9 and all("max |diff|" in line or "captions" in line for line in parity), lines
-    assert all(line.startswith(("✓", "✗", "~", "building ", "exported ", str(tmp_path))) for line in lines), lines
+    assert all(line.startswith(("✓", "✗", "~", "building ", "exported ", str(tmp_path), "busy: ", "bottleneck: "))
+               for line in lines), lines  # the last two: the stage report

@@ -21,6 +21,16 @@ from tests.sat_export.pipeline.test_infer import (assert_one_captioned_row_per_i
 from training.errors import SatError
 
 
+def assert_actor_reports(report: dict, workers: int) -> None:
+    """One stage report per actor (one actor here), its shares in [0, 1], the model's stages timed."""
+    from tests.sat_export.pipeline.test_stages import assert_shares
+
+    assert len(report["actors"]) == 1 and report["bottleneck"]
+    actor = report["actors"][0]
+    assert_shares(actor)
+    assert actor["workers"] == workers and actor["stages"]["encode"]["seconds"] > 0
+
+
 @pytest.fixture(scope="module")
 def ray_address():
     """A local Ray with 2 CPUs for the module; the address other drivers join it by."""
@@ -54,6 +64,7 @@ def test_compare_ray_vs_single_process_rows_and_alphas_with_bad_files(ray_addres
     on_ray = run_ray(tiny_ckpt, plan([small_folder], tmp_path / "ray" / "c.jsonl"), options, backend="torch",
                      on_rows=on_rows.append)
     assert (on_ray.captioned, on_ray.errors) == (one.captioned, one.errors) == (8, 4) and sum(on_rows) == 12
+    assert_actor_reports(on_ray.report, workers=0)
     expected, got = read_rows(tmp_path / "one" / "c.jsonl"), read_rows(tmp_path / "ray" / "c.jsonl")
     assert got == expected  # alphas paths are relative to each output's folder, so they are equal too
     for row in expected.values():
@@ -129,6 +140,7 @@ def test_compare_ray_vs_single_process_per_shard_results_with_a_damaged_shard(ra
     with plan_shards([tmp_path / "wds"], f"{tmp_path}/ray/", alphas=True) as work:
         summary = run_shards_ray(tiny_ckpt, work, options, backend="torch")
     assert (summary.captioned, summary.errors) == (8, 1) and len(summary.nodes) == 1
+    assert_actor_reports(summary.report, workers=options.workers)
     one, on_ray = list(read_results(f"{tmp_path}/one/")), list(read_results(f"{tmp_path}/ray/"))
     assert [r["image"] for r in one] == [r["image"] for r in on_ray] and one[-1]["image"] == "00002.tar"
     for a, b in zip(one, on_ray):

@@ -28,7 +28,7 @@ def test_compare_per_shard_parquet_results_vs_jsonl_rows_and_alphas_files(tmp_pa
     expected = read_rows(tmp_path / "c.jsonl")
     out = f"{tmp_path}/results/"
     assert "captioned 8, errors 0, already done 0" in infer(tmp_path / "wds", "--out", out, "--alphas", out, *common)
-    assert sorted(os.listdir(out)) == ["00000.parquet", "00001.parquet"]  # one file per shard, nothing else
+    assert sorted(os.listdir(out)) == ["00000.parquet", "00001.parquet", "_report.json"]  # one file per shard, the run's report
     rows = list(read_results(out))
     assert [row["image"] for row in rows] == keys
     for row in rows:
@@ -77,7 +77,7 @@ def test_kill_9_mid_shard_leaves_no_result_for_it_and_the_rerun_redoes_it_whole(
     assert "already done 80 " in shown or "already done 160 " in shown, shown  # whole shards only
     rows = list(read_results(f"{out}/"))
     assert sorted(row["image"] for row in rows) == sorted(keys)
-    assert sorted(os.listdir(out)) == ["00000.parquet", "00001.parquet", "00002.parquet"]  # no temporary left
+    assert sorted(os.listdir(out)) == ["00000.parquet", "00001.parquet", "00002.parquet", "_report.json"]  # no temporary
 
 
 def test_per_shard_results_need_shard_inputs_and_keep_alphas_inside(tmp_path):
