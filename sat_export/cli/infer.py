@@ -14,7 +14,7 @@ from sat_export.cli.common import console, new_app, user_errors
 from sat_export.errors import UsageError
 from sat_export.options import BACKEND_NAMES, InferOptions, RayOptions, SourceOptions
 from sat_export.text import printable
-from training.errors import SatError, clip
+from training.errors import SatError
 from training.options import DecodeOptions
 
 app = new_app()
