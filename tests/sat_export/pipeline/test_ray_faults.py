@@ -31,9 +31,9 @@ def die_on_poison() -> None:
     """Ray's worker setup hook for this module's job: a worker reading a sample or file named ``POISON`` dies at
     once (``os._exit``), as one killed by a crashing native decoder or the kernel's OOM killer would. The code
     under test is unchanged: the hook wraps its readers (a shard's, a folder's) in the worker processes only."""
-    from sat_export.pipeline import ray_infer, shard_results
+    from sat_export.pipeline import infer, ray_infer
 
-    for module in (shard_results, ray_infer):
+    for module in (infer, ray_infer):  # a shard's samples are read by infer.caption_stream
         module.read_item = poisoned(module.read_item)
 
 

@@ -58,7 +58,8 @@ def test_compare_shards_read_from_s3_vs_from_disk_and_results_written_back(aws_e
     assert "captioned 8, errors 0, already done 0" in infer(f"s3://{BUCKET}/wds/", "--out", out, "--alphas", out,
                                                             *common)
     assert sorted(aws_env.ls(f"{BUCKET}/results/")) == [f"{BUCKET}/results/00000.parquet",
-                                                        f"{BUCKET}/results/00001.parquet"]
+                                                        f"{BUCKET}/results/00001.parquet",
+                                                        f"{BUCKET}/results/_report.json"]  # the run's stage report
     rows = list(read_results(out))
     disk = read_rows(tmp_path / "disk.jsonl")
     assert [row["image"] for row in rows] == keys
