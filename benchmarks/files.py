@@ -35,7 +35,8 @@ from rich.table import Table
 
 from benchmarks.bench import collect_environment
 from sat_export.cli.common import console, new_app, user_errors
-from sat_export.pipeline.infer import open_for_readers, plan, prefetch, read_item, run
+from sat_export.pipeline.infer import open_for_readers, plan, run
+from sat_export.pipeline.reading import prefetch, read_item
 from sat_export.options import InferOptions, default_workers
 from sat_export.pipeline.inputs import discover
 from sat_export.reports.evaluate import read_predictions

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from sat_export.pipeline.infer import Loaded, caption_rows
+from sat_export.pipeline.infer import caption_rows
+from sat_export.pipeline.reading import Loaded
 from sat_export.pipeline.inputs import InputItem
 from tests.training.host_reads import HostReads
 from training.decode import greedy_search

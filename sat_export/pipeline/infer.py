@@ -10,39 +10,33 @@ until it is closed, so two runs never append to one file.
 """
 from __future__ import annotations
 
-import io
 import os
-import stat
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 import torch
-from PIL import Image
 
 from engines.base import Backend
 from sat_export.errors import OutputError
-from sat_export.faults import INPUT, IO, Retrying, StorageUnavailable, error_kind
+from sat_export.faults import INPUT, IO, Retrying
 from sat_export.options import InferOptions, SourceOptions, default_threads, default_workers
 from sat_export.pipeline.inputs import InputItem, discover
+from sat_export.pipeline.reading import Loaded, batches, prefetch, read_item
 from sat_export.pipeline.outputs import (OutputLock, check_output_paths, resume_output, row_line, whole_rows,
                                          write_atomically)
 from sat_export.pipeline.shards import new_retrying, shard_inputs, stream
-from sat_export.pipeline.stages import StageTimes, TimedFile, stage_report
+from sat_export.pipeline.stages import StageTimes, stage_report
 from sat_export.registry import model_sha256, open_backend
 from sat_export.reports.gallery import THUMB, overlay_folder, write_gallery, write_overlays
 from sat_export.results.paths import sidecar_path
-from training.config import PreprocessConfig
 from training.decode import Caption, decode
-from training.errors import ImageDecodeError, first_line
-from training.images import DEFAULT_MAX_PIXELS, load_rgb, preprocess
 from training.options import DecodeOptions
 
 
@@ -125,17 +119,6 @@ class Summary:
         self.io_errors += kinds.count(IO)
         self.input_errors += kinds.count(INPUT)
         self.captioned += len(rows) - len(kinds)
-
-
-@dataclass
-class Loaded:
-    """One item after the reader: its model input, or why there is none."""
-
-    item: InputItem
-    pixels: np.ndarray | None  # (3, crop, crop) float32
-    error: str | None
-    thumbnail: Image.Image | None = None  # kept for overlays only
-    error_kind: str = IO  # of ``error`` (``sat_export.faults``)
 
 
 def open_for_readers(model: str | Path | None, backend: str = "auto", workers: int | None = None,
@@ -270,95 +253,6 @@ def appending(plan: Plan, summary: Summary) -> Iterator[Callable[[list[dict]], N
         kept = whole_rows(plan.out)  # what is on disk: a batch may have been written in part
         raise OutputError(f"{err.filename or plan.out}: cannot write ({err.strerror or err}); {plan.out} keeps "
                           f"its {kept} whole rows: make room and rerun the same command to resume") from None
-
-
-def read_item(item: InputItem, cfg: PreprocessConfig, max_pixels: int = DEFAULT_MAX_PIXELS,
-              thumbnail: int | None = None, full_decode: bool = False, times: StageTimes | None = None) -> Loaded:
-    """Read, decode (at reduced size where ``cfg`` allows, unless ``full_decode``) and preprocess one
-    item; every way a file can be bad becomes ``Loaded.error``. The result keeps no encoded bytes (``data``).
-
-    With ``thumbnail``, the decoded image is also kept, shrunk to at most that many pixels a side. With
-    ``times``, opening and reading the file counts as ``read``, the rest as ``decode_image``.
-    """
-    kept = replace(item, data=None) if item.data is not None else item
-    if item.error is not None:
-        return Loaded(kept, None, item.error, error_kind=item.error_kind)
-    times = times or StageTimes(enabled=False)
-    start = time.perf_counter()
-    f = None
-    try:
-        f = _open_image(item)  # opened here so a permission error reads as one; Pillow reads lazily
-        if times.enabled:
-            f = TimedFile(f, time.perf_counter() - start)
-        with f:
-            image = load_rgb(f, max_pixels, None if full_decode else cfg.draft_short_side)
-        pixels = preprocess(image, cfg)
-        if thumbnail is None:
-            return Loaded(kept, pixels, None)
-        image.thumbnail((thumbnail, thumbnail))
-        return Loaded(kept, pixels, None, image)
-    except ImageDecodeError as err:
-        return Loaded(kept, None, str(err), error_kind=INPUT)
-    except OSError as err:
-        return Loaded(kept, None, f"cannot read file: {err.strerror or err}", error_kind=error_kind(err))
-    except StorageUnavailable as err:  # a remote image's host failed past the budget: this row, not the run
-        return Loaded(kept, None, f"cannot read file: {err}", error_kind=IO)
-    except Exception as err:  # noqa: BLE001 - a decoder plugin bug on one file must not stop the run
-        return Loaded(kept, None, f"cannot decode image: {type(err).__name__}: {first_line(err)}", error_kind=INPUT)
-    finally:
-        read = f.seconds if isinstance(f, TimedFile) else 0.0
-        times.add("read", read)
-        times.add("decode_image", time.perf_counter() - start - read)
-
-
-def _open_image(item: InputItem) -> BinaryIO:
-    """The item's encoded image as a binary file: its bytes from a shard, its object, or its regular file."""
-    if item.data is not None:
-        if not item.data:
-            raise ImageDecodeError("empty image (0 bytes)")
-        return io.BytesIO(item.data)
-    if item.opener is not None:
-        return item.opener()
-    info = item.path.stat()
-    if stat.S_ISDIR(info.st_mode):
-        raise ImageDecodeError("is a directory, not an image file")
-    if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block or never end
-        raise ImageDecodeError("not a regular file")
-    if info.st_size == 0:
-        raise ImageDecodeError("empty file (0 bytes)")
-    return item.path.open("rb")
-
-
-def prefetch(pool: Executor, fn: Callable, items: Iterable, depth: int, max_bytes: int | None = None) -> Iterator:
-    """``map(fn, items)`` on ``pool``, in order, with at most ``depth`` calls submitted ahead and, with
-    ``max_bytes``, at most that many encoded bytes (``InputItem.data``) among them; one always goes ahead."""
-    pending: deque = deque()
-    held = 0
-    for item in items:
-        size = len(getattr(item, "data", None) or b"")
-        while pending and (len(pending) >= depth or max_bytes is not None and held + size > max_bytes):
-            future, done_size = pending.popleft()
-            held -= done_size
-            yield future.result()
-        pending.append((pool.submit(fn, item), size))
-        held += size
-    while pending:
-        yield pending.popleft()[0].result()
-
-
-def batches(loaded: Iterable[Loaded], batch_size: int) -> Iterator[list[Loaded]]:
-    """Consecutive runs of items holding ``batch_size`` decodable images (plus the bad ones between), or
-    ``batch_size`` bad ones: error rows are written as they come, not held until good images fill a batch."""
-    batch: list[Loaded] = []
-    n_good = 0
-    for entry in loaded:
-        batch.append(entry)
-        n_good += entry.pixels is not None
-        if n_good == batch_size or len(batch) - n_good == batch_size:
-            yield batch
-            batch, n_good = [], 0
-    if batch:
-        yield batch
 
 
 def caption_batch(backend: Backend, batch: list[Loaded], options: InferOptions, out_dir: Path,

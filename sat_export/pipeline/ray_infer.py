@@ -2,7 +2,7 @@
 
 The driver plans as the single-machine path does (``infer.plan``: inputs, resume) and turns
 the files still to caption into a Ray Dataset. Decoding and preprocessing run as CPU tasks
-(``read_batch``, ``infer.read_item`` on each file); captioning runs in a pool of actors
+(``read_batch``, ``reading.read_item`` on each file); captioning runs in a pool of actors
 (``Captioner``), each opening the model once. Finished rows stream back to the driver, which
 alone writes: each batch's alphas files first, then its rows, appended, flushed and fsynced,
 so a killed driver leaves whole rows and a rerun resumes. Rows arrive in completion order.
@@ -42,9 +42,9 @@ from engines.errors import BackendUnavailable
 from sat_export.bundle.format import Bundle
 from sat_export.faults import unwrap
 from sat_export.options import InferOptions, RayOptions, SourceOptions
-from sat_export.pipeline.infer import (Loaded, Plan, Summary, appending, caption_rows, open_for_readers, read_item,
-                                       save_alphas)
+from sat_export.pipeline.infer import Plan, Summary, appending, caption_rows, open_for_readers, save_alphas
 from sat_export.pipeline.inputs import InputItem
+from sat_export.pipeline.reading import Loaded, read_item
 from sat_export.pipeline.shard_results import ShardPlan, publish, shard_batches
 from sat_export.pipeline.shards import Shard, new_retrying
 from sat_export.pipeline.stages import ActorClock, ActorReports, StageTimes

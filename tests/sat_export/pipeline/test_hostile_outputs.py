@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from sat_export.cli.infer import app
 from sat_export.errors import OutputError
-from sat_export.pipeline.infer import read_item
+from sat_export.pipeline.reading import read_item
 from sat_export.pipeline.inputs import InputItem
 from sat_export.pipeline.outputs import ROW_START, OutputLock, lock_path, resume_output, row_line, run_record_path
 from sat_export.reports.gallery import overlay_name

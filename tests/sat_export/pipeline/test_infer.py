@@ -23,7 +23,8 @@ from typer.testing import CliRunner
 from engines.torch_eager import TorchBackend
 from sat_export.cli.infer import app
 from sat_export.errors import OutputError
-from sat_export.pipeline.infer import Loaded, batches, plan, prefetch, read_item, run, run_settings
+from sat_export.pipeline.infer import plan, run, run_settings
+from sat_export.pipeline.reading import Loaded, batches, prefetch, read_item
 from sat_export.options import InferOptions
 from sat_export.pipeline.inputs import InputItem
 from sat_export.pipeline.outputs import lock_path, run_record_path

@@ -33,7 +33,7 @@ def die_on_poison() -> None:
     under test is unchanged: the hook wraps its readers (a shard's, a folder's) in the worker processes only."""
     from sat_export.pipeline import infer, ray_infer
 
-    for module in (infer, ray_infer):  # a shard's samples are read by infer.caption_stream
+    for module in (infer, ray_infer):  # where reading.read_item is called: a shard's and a folder's readers
         module.read_item = poisoned(module.read_item)
 
 
