@@ -21,6 +21,7 @@ import torch
 
 from training.config import ModelConfig
 from training.errors import CheckpointError, clip
+from training.files import write_atomically
 from training.model import ShowAttendTell
 from training.vocab import Vocab
 
@@ -59,10 +60,7 @@ def save_checkpoint(path: str | Path, model: ShowAttendTell, vocab: Vocab, train
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "train": train or {},
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
-    return path
+    return write_atomically(path, lambda f: torch.save(payload, f))
 
 
 def read_payload(path: str | Path) -> dict:

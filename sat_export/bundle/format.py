@@ -36,6 +36,7 @@ from sat_export.bundle.schema import Manifest, in_folder
 from sat_export.errors import BundleError
 from training.config import ModelConfig, first_error
 from training.errors import clip
+from training.files import write_atomically
 from training.vocab import Vocab
 
 MANIFEST_FILE = "manifest.json"
@@ -213,10 +214,7 @@ def write_manifest(bundle_dir: str | Path, manifest: dict) -> Path:
                          for name in sealed_files(bundle_dir, manifest)}
     manifest[DIGEST_KEY] = _digest(manifest)
     path = bundle_dir / MANIFEST_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(_render(manifest))
-    tmp.replace(path)
-    return path
+    return write_atomically(path, lambda f: f.write(_render(manifest)))
 
 
 def read_manifest(bundle_dir: str | Path) -> dict:

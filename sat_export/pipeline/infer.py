@@ -28,15 +28,15 @@ from sat_export.errors import OutputError
 from sat_export.faults import INPUT, IO, Retrying
 from sat_export.options import InferOptions, SourceOptions, default_threads, default_workers
 from sat_export.pipeline.inputs import InputItem, discover
+from sat_export.pipeline.outputs import OutputLock, check_output_paths, resume_output, row_line, whole_rows
 from sat_export.pipeline.reading import Loaded, batches, prefetch, read_item
-from sat_export.pipeline.outputs import (OutputLock, check_output_paths, resume_output, row_line, whole_rows,
-                                         write_atomically)
 from sat_export.pipeline.shards import new_retrying, shard_inputs, stream
 from sat_export.pipeline.stages import StageTimes, stage_report
 from sat_export.registry import model_sha256, open_backend
 from sat_export.reports.gallery import THUMB, overlay_folder, write_gallery, write_overlays
 from sat_export.results.paths import sidecar_path
 from training.decode import Caption, decode
+from training.files import write_atomically
 from training.options import DecodeOptions
 
 

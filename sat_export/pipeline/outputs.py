@@ -17,17 +17,15 @@ import fcntl
 import json
 import os
 import stat
-import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
 
 from sat_export.errors import OutputError
 from sat_export.faults import IO
+from training.files import write_atomically
 
 ROW_START = b'{"image": '  # every row is rendered with its key first
-UMASK = os.umask(0o022)  # read (set back at once) when this module is imported: new files' permissions
-os.umask(UMASK)
 
 
 def row_line(row: dict) -> bytes:
@@ -72,29 +70,6 @@ def _check_creatable(path: Path) -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise OutputError(f"{path}: cannot be created: {parent} is a file, not a folder")
-
-
-def fresh_temp(folder: str | Path, prefix: str = ".sat-infer-") -> tuple[BinaryIO, str]:
-    """A new hidden temporary file in ``folder``, open for writing, and its path: a fresh random name created with
-    ``O_EXCL`` (``tempfile.mkstemp``), so a link or FIFO planted at a temporary file's place is never followed."""
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=".tmp")
-    os.fchmod(fd, 0o666 & ~UMASK)  # as open() would create it (mkstemp makes it 0600)
-    return os.fdopen(fd, "wb"), tmp
-
-
-def write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> Path:
-    """``write(file)`` into a ``fresh_temp`` beside ``path``, then rename it to ``path`` (a link there is replaced,
-    not followed); a failure leaves no temporary file."""
-    f, tmp = fresh_temp(path.parent)
-    try:
-        with f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def lock_path(out: Path) -> Path:

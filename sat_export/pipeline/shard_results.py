@@ -42,11 +42,12 @@ from sat_export.errors import OutputError
 from sat_export.faults import Retrying
 from sat_export.options import InferOptions, SourceOptions
 from sat_export.pipeline.infer import Plan, Summary, caption_stream, inference_threads
-from sat_export.pipeline.outputs import OutputLock, fresh_temp, refuse_other_settings
+from sat_export.pipeline.outputs import OutputLock, refuse_other_settings
 from sat_export.pipeline.shards import Shard, new_retrying, samples, shard_inputs
 from sat_export.pipeline.stages import StageTimes, stage_report
 from sat_export.pipeline.stores import filesystem, is_url, protocols
 from sat_export.results.parquet import OUT_HINT, columns_of, read_info, result_name, result_schema
+from training.files import fresh_temp
 
 ROW_GROUP = 4096  # rows buffered before they are written to the temporary file
 
