@@ -143,8 +143,10 @@ def main(
     if summary.report is not None:
         for line in report_lines(summary.report):
             console.print(printable(line), highlight=False, markup=False, soft_wrap=True)
-        save_report({"out": out, "settings": settings, **summary.record()}, report or report_path(out, sharded),
-                    sources)
+        warning = save_report({"out": out, "settings": settings, **summary.record()},
+                              report or report_path(out, sharded), sources)
+        if warning:
+            console.print(printable(f"warning: {warning}"), highlight=False, markup=False, soft_wrap=True)
     if summary.failure():
         raise SatError(summary.failure())
     errors = summary.errors + work.done_errors

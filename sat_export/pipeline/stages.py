@@ -20,10 +20,14 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
+from functools import partial
+from pathlib import Path
 
-from sat_export.errors import OutputError
+from sat_export.faults import RetryPolicy, Retrying
 from sat_export.options import SourceOptions
-from sat_export.pipeline.stores import filesystem
+from sat_export.pipeline.stores import filesystem, is_url
+from training.errors import SatError, first_line
+from training.files import write_atomically
 from training.machine import cpu_info
 
 READER_STAGES = ("read", "decode_image")
@@ -265,11 +269,18 @@ def report_path(out: str, sharded: bool) -> str:
     return posixpath.join(out.rstrip("/"), "_report.json") if sharded else f"{out}.report.json"
 
 
-def save_report(record: dict, path: str, sources: SourceOptions = SourceOptions()) -> None:
-    """Write ``record`` with the machine's CPU as JSON to ``path`` (a file or URL), or one ``OutputError``."""
+def save_report(record: dict, path: str, sources: SourceOptions = SourceOptions()) -> str | None:
+    """Write ``record`` with the machine's CPU as JSON to ``path``: a local file written whole
+    (``training.files.write_atomically``: a link at its place is replaced, not followed), or one upload to a URL,
+    retried as the run's other store calls. The report is not a result: a failure is returned as a warning line
+    (None when written) and never fails the run."""
+    data = (json.dumps({**record, "cpu": cpu_info().describe()}, indent=1) + "\n").encode()
     try:
-        fs, dest = filesystem(path, sources)
-        with fs.open(dest, "w") as f:
-            json.dump({**record, "cpu": cpu_info().describe()}, f, indent=1)
-    except OSError as err:
-        raise OutputError(f"{path}: cannot write the run's report ({err.strerror or err})") from None
+        if is_url(path):
+            fs, dest = filesystem(path, sources)
+            Retrying(RetryPolicy(retry_for=sources.retry_for)).call(partial(fs.pipe_file, dest, data), path)
+        else:
+            write_atomically(Path(path), lambda f: f.write(data))
+    except (OSError, SatError) as err:
+        return f"{path}: the run's report was not written ({getattr(err, 'strerror', None) or first_line(err)})"
+    return None

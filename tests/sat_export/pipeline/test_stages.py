@@ -116,3 +116,18 @@ def test_a_run_that_was_mostly_its_first_batch_is_too_short_to_judge(tmp_path, t
         report = run(engine, work, InferOptions(batch_size=8, workers=1)).report
     assert_shares(report)
     assert report["bottleneck"] == "too short" and report["model"]["first_batch_s"] > report["wall_s"] / 2, report
+
+
+def test_the_report_never_follows_a_link_and_one_that_cannot_be_written_is_a_warning_not_a_failure(tmp_path,
+                                                                                                 tiny_ckpt):
+    write_images(tmp_path / "in", 4)
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    (tmp_path / "c.jsonl.report.json").symlink_to(victim)
+    infer(tmp_path / "in", "--out", tmp_path / "c.jsonl", "--model", tiny_ckpt, "--backend", "torch")
+    assert victim.read_text() == "keep me"
+    assert json.loads((tmp_path / "c.jsonl.report.json").read_text())["captioned"] == 4  # a file of its own now
+    output = infer(tmp_path / "in", "--out", tmp_path / "d.jsonl", "--model", tiny_ckpt, "--backend", "torch",
+                   "--report", tmp_path / "no-such-folder" / "r.json")  # exit 0 is asserted by infer
+    assert "warning: " in output and "the run's report was not written" in output
+    assert len(read_rows(tmp_path / "d.jsonl")) == 4
