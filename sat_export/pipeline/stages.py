@@ -228,8 +228,9 @@ def bottleneck(report: dict) -> tuple[str, str]:
                          f"(other processes, or --threads {report['threads']} plus --workers {report['workers']} "
                          "over the cores): lower --threads")
     if stages["read"]["thread"] == "model" and stages["read"]["busy"] >= WAITED:
-        return "read", (f"reading the shards took {_pct(stages['read']['busy'])} of the model's thread: the "
-                        "store is the limit (read from a closer or faster store)")
+        return "read", (f"reading the shards took {_pct(stages['read']['busy'])} of the model's thread (a "
+                        "shard's samples are read on it): the store or disk the shards are on is the limit "
+                        "(read from a closer or faster one)")
     if stages["write"]["busy"] >= WAITED and stages["write"]["busy"] >= model["busy"] / 2:
         return "write", (f"writing took {_pct(stages['write']['busy'])}: a faster disk, or leave out "
                          "--alphas/--overlays")
