@@ -172,7 +172,7 @@ def main(
     pixels = load_images(model.images[:batch], loaded.config.preprocess)[0]
     pixels = pixels[torch.arange(batch) % pixels.size(0)].contiguous()
     row = config_by_key(config)
-    backend = open_config(row, model.ckpt, model.bundle, trt_profile((batch,), beam))
+    backend = open_config(row, model.ckpt, model.bundle, trt_profile((batch,)))
     environment = collect_environment()
     doc = {"tool": "benchmarks.beam", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "command": " ".join(["python -m benchmarks.beam", *sys.argv[1:]]), **environment,

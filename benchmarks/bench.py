@@ -188,7 +188,7 @@ def _open(row: Row, model: BenchModel, options: BenchOptions) -> None:
         row.status = "skipped: --quick (its setup takes minutes)"
         return
     before, start = rss_mb(), time.perf_counter()
-    profile = trt_profile(options.batch_sizes, options.beam)
+    profile = trt_profile(options.batch_sizes)
     row.backend = _guard(row, "opening", lambda: open_config(row.config, model.ckpt, model.bundle, profile))
     if row.backend is not None:
         row.setup_s, row.load_rss_mb = time.perf_counter() - start, rss_mb() - before

@@ -119,7 +119,8 @@ def open_config(config: BenchConfig, ckpt: Path, bundle: Path, profile: tuple[in
     return open_backend(bundle, config.runtime, config.device, precision=config.precision)
 
 
-def trt_profile(batch_sizes: tuple[int, ...], beam: int) -> tuple[int, int, int]:
-    """The TensorRT batch profile a run needs: its largest batch of images, times ``beam`` rows at most (beam
-    search steps every beam of every image at once), so no call is split and no shape is out of range."""
-    return 1, max(batch_sizes), max(batch_sizes) * beam
+def trt_profile(batch_sizes: tuple[int, ...]) -> tuple[int, int, int]:
+    """The TensorRT batch profile a run needs: up to its largest batch of images, so no call is split. An image's
+    beams are the decoder step's own axis (``engines.trt_build.BEAM_PROFILE``, up to beam 8): a TensorRT row of a
+    larger beam fails with the engine's shape error, the other rows go on."""
+    return 1, max(batch_sizes), max(batch_sizes)

@@ -39,7 +39,8 @@ from training.errors import SatError
 from training.machine import cpu_info
 
 CACHE_VERSION = 2  # bump when preparation changes the reference model it produces (2: 500 test images)
-BUNDLE_VERSION = 5  # bump when the bench bundle's build changes (5: fp16 graphs; TensorRT engines built by their row)
+# Bump when the bench bundle's build changes (5: fp16 graphs, TensorRT engines built by their row; 6: bundle format 2).
+BUNDLE_VERSION = 6
 PREPARED = "prepared.json"
 BUILT = "bench-built.json"  # written beside the manifest once the bench bundle is complete
 

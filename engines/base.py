@@ -38,7 +38,8 @@ class Backend(ABC):
 
     @abstractmethod
     def step(self, tokens: Tensor, h: Tensor, c: Tensor, features: Tensor, features_proj: Tensor) -> StepOutputs:
-        """One decoder step for every row -> ``logprobs, alpha, h_next, c_next``."""
+        """One decoder step for the ``k`` rows (beams) of every image: ``tokens (n_img, k)``, ``h, c (n_img, k, dec_dim)``,
+        ``features``, ``features_proj`` one per image -> ``logprobs, alpha, h_next, c_next``, each ``(n_img, k, ...)``."""
 
     def own_stream(self) -> None:
         """On CUDA: pin ``device`` to its index (``cuda`` -> ``cuda:N``, the current device) and give the backend

@@ -9,11 +9,16 @@ graph          inputs                                      outputs
 encoder        images f32 (batch, 3, height, width)        features (batch, n_pix, enc_dim),
                                                            features_proj (batch, n_pix, att_dim),
                                                            h0, c0 (batch, dec_dim)
-decoder_step   tokens i64 (batch,), h, c (batch, dec_dim),  logprobs (batch, vocab), alpha (batch, n_pix),
-               features, features_proj                     h_next, c_next (batch, dec_dim)
+decoder_step   tokens i64 (batch, beams),                  logprobs (batch, beams, vocab),
+               h, c (batch, beams, dec_dim),               alpha (batch, beams, n_pix),
+               features (batch, n_pix, enc_dim),           h_next, c_next (batch, beams, dec_dim)
+               features_proj (batch, n_pix, att_dim)
 =============  ==========================================  ==========================================
 
-Only ``batch`` is dynamic; every other axis is fixed by the model config (see ``ModelConfig.dims``).
+``batch`` (images) and ``beams`` (decoder rows per image: 1 for greedy, k for beam search) are dynamic; every
+other axis is fixed by the model config (see ``ModelConfig.dims``). The step reads each image's features once for
+all its beams, so a beam search never copies the features per beam (bundle version 2; version 1 took one image's
+features per row).
 """
 from __future__ import annotations
 
@@ -22,6 +27,8 @@ from dataclasses import dataclass
 from engines.errors import ShapeError
 
 BATCH = "batch"
+BEAMS = "beams"
+DYNAMIC = (BATCH, BEAMS)
 DEFAULT_OPSET = 18  # of both graphs (``sat-export build --opset``)
 
 
@@ -33,12 +40,14 @@ class TensorSpec:
     dtype: str
     axes: tuple[str | int, ...]
 
-    def shape(self, dims: dict[str, int], batch: int | None = None) -> tuple[int | str, ...]:
-        """Concrete shape; the batch axis stays symbolic (``"batch"``) unless ``batch`` is given."""
-        return tuple(
-            (batch if batch is not None else a) if a == BATCH else (dims[a] if isinstance(a, str) else a)
-            for a in self.axes
-        )
+    def shape(self, dims: dict[str, int], sizes: dict[str, int] | None = None) -> tuple[int | str, ...]:
+        """Concrete shape; a dynamic axis (``"batch"``, ``"beams"``) stays symbolic unless ``sizes`` gives it."""
+        sizes = sizes or {}
+        return tuple(sizes.get(a, a) if a in DYNAMIC else (dims[a] if isinstance(a, str) else a) for a in self.axes)
+
+    def sizes(self, shape: tuple[int, ...]) -> dict[str, int]:
+        """The dynamic axes' sizes in a tensor of this spec of ``shape``."""
+        return {a: int(n) for a, n in zip(self.axes, shape) if a in DYNAMIC}
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,10 @@ class GraphSpec:
     def output_names(self) -> list[str]:
         return [t.name for t in self.outputs]
 
+    def input_sizes(self, inputs) -> dict[str, int]:
+        """The dynamic axes' sizes in ``inputs`` (tensors in the contract's order), to shape the outputs by."""
+        return {axis: n for t, x in zip(self.inputs, inputs) for axis, n in t.sizes(tuple(x.shape)).items()}
+
     def check_inputs(self, arrays: dict, dims: dict[str, int]) -> None:
         """Raise ``ShapeError`` naming the tensor if names, dtypes or shapes break the contract."""
         check_tensors(self.name, "input", self.inputs, arrays, dims)
@@ -71,21 +84,21 @@ def check_tensors(graph: str, kind: str, specs, arrays: dict, dims: dict[str, in
     expected = [s.name for s in specs]
     if sorted(arrays) != sorted(expected):
         raise ShapeError(f"{graph}: {kind} names {sorted(arrays)} != contract {sorted(expected)}")
-    batch = None
+    sizes: dict[str, int] = {}  # each dynamic axis takes the size it first has
     for spec in specs:
         arr = arrays[spec.name]
         dtype = str(arr.dtype).removeprefix("torch.")
         if dtype != spec.dtype:
             raise ShapeError(f"{graph}: {kind} '{spec.name}' has dtype {dtype}, contract says {spec.dtype}")
-        batch = arr.shape[0] if batch is None else batch
-        want = spec.shape(dims, batch)
+        sizes = {**spec.sizes(tuple(arr.shape)[:len(spec.axes)]), **sizes}
+        want = spec.shape(dims, sizes)
         if tuple(arr.shape) != want:
             raise ShapeError(f"{graph}: {kind} '{spec.name}' has shape {tuple(arr.shape)}, contract says {want}")
 
 
 def check_graph_io(path, spec: GraphSpec, found: dict[str, list[tuple[str, str, tuple]]], dims: dict[str, int]) -> None:
-    """A graph's inputs and outputs (``found``: ``"input"``/``"output"`` -> ``(name, dtype, shape)``, ``BATCH``
-    for a dynamic axis) are the contract's names, dtypes and sizes for this config, the batch symbolic:
+    """A graph's inputs and outputs (``found``: ``"input"``/``"output"`` -> ``(name, dtype, shape)``, a string for a
+    symbolic axis) are the contract's names, dtypes and sizes for this config, the dynamic axes symbolic:
     ``ShapeError`` naming file and tensor. The one comparison for an ONNX file as written
     (``sat_export.export.onnx.check_graph_io``) and as a runtime loaded it (so a graph that does not fit its
     config, say a hand-edited manifest, is refused before any image is read)."""
@@ -96,10 +109,14 @@ def check_graph_io(path, spec: GraphSpec, found: dict[str, list[tuple[str, str, 
         for (name, dtype, shape), want in zip(found[kind], wanted):
             if dtype != want.dtype:
                 raise ShapeError(f"{path}: {kind} '{name}' has dtype {dtype}, the contract says {want.dtype}")
-            if tuple(shape) != want.shape(dims):
-                baked = any(w == BATCH and s != BATCH for s, w in zip(shape, want.shape(dims)))
+            wanted_shape = want.shape(dims)
+            if len(shape) != len(wanted_shape) or any((w in DYNAMIC) != isinstance(s, str) or
+                                                      (w not in DYNAMIC and s != w)
+                                                      for s, w in zip(shape, wanted_shape)):
+                baked = [w for s, w in zip(shape, wanted_shape) if w in DYNAMIC and not isinstance(s, str)]
+                note = f" ({' and '.join(baked)} must be symbolic axes)" if baked else ""
                 raise ShapeError(f"{path}: {kind} '{name}' has shape {list(shape)}, the model config says "
-                                 f"{list(want.shape(dims))}" + (" (batch must be a symbolic axis)" if baked else ""))
+                                 f"{list(wanted_shape)}{note}")
 
 
 def _f32(name: str, *axes) -> TensorSpec:
@@ -122,17 +139,17 @@ DECODER_STEP = GraphSpec(
     name="decoder_step",
     file="decoder_step.onnx",
     inputs=(
-        TensorSpec("tokens", "int64", (BATCH,)),
-        _f32("h", BATCH, "dec_dim"),
-        _f32("c", BATCH, "dec_dim"),
+        TensorSpec("tokens", "int64", (BATCH, BEAMS)),
+        _f32("h", BATCH, BEAMS, "dec_dim"),
+        _f32("c", BATCH, BEAMS, "dec_dim"),
         _f32("features", BATCH, "n_pix", "enc_dim"),
         _f32("features_proj", BATCH, "n_pix", "att_dim"),
     ),
     outputs=(
-        _f32("logprobs", BATCH, "vocab"),
-        _f32("alpha", BATCH, "n_pix"),
-        _f32("h_next", BATCH, "dec_dim"),
-        _f32("c_next", BATCH, "dec_dim"),
+        _f32("logprobs", BATCH, BEAMS, "vocab"),
+        _f32("alpha", BATCH, BEAMS, "n_pix"),
+        _f32("h_next", BATCH, BEAMS, "dec_dim"),
+        _f32("c_next", BATCH, BEAMS, "dec_dim"),
     ),
 )
 

@@ -65,7 +65,7 @@ class OpenVinoBackend(Backend):
         with refused(self.encoder_path, "OpenVINO cannot read this encoder"):
             self._model = self._core.read_model(str(self.encoder_path))
         found = {kind: [(t.get_any_name(), str(t.get_element_type().to_dtype()),
-                         tuple(BATCH if d.is_dynamic else d.get_length() for d in t.get_partial_shape()))
+                         tuple(str(d) if d.is_dynamic else d.get_length() for d in t.get_partial_shape()))
                         for t in tensors] for kind, tensors in (("input", self._model.inputs),
                                                                 ("output", self._model.outputs))}
         check_graph_io(self.encoder_path, ENCODER, found, config.dims())
@@ -91,7 +91,7 @@ class OpenVinoBackend(Backend):
         ENCODER.check_inputs({ENCODER.input_names[0]: images}, dims)
         n = images.size(0)
         requests = self._requests("LATENCY" if n == 1 else "THROUGHPUT")[:max(1, n)]
-        outputs = tuple(torch.empty(spec.shape(dims, n)) for spec in ENCODER.outputs)
+        outputs = tuple(torch.empty(spec.shape(dims, {BATCH: n})) for spec in ENCODER.outputs)
         parts = zip(requests, images.tensor_split(len(requests)), *(o.tensor_split(len(requests)) for o in outputs))
         started = []
         try:

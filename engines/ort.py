@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from engines.base import GraphBackend
-from engines.contract import BATCH, DECODER_STEP, ENCODER, GraphSpec, check_graph_io
+from engines.contract import DECODER_STEP, ENCODER, GraphSpec, check_graph_io
 from engines.errors import BackendUnavailable, refused
 from training.config import ModelConfig
 from training.machine import usable_cores
@@ -120,7 +120,7 @@ class OrtBackend(GraphBackend):
 
     def _check_io(self, session, spec: GraphSpec, path: Path) -> None:
         found = {kind: [(t.name, _ORT_DTYPES.get(t.type, t.type),
-                         tuple(BATCH if d is None or isinstance(d, str) else d for d in t.shape)) for t in tensors]
+                         tuple(d if isinstance(d, int) else str(d) for d in t.shape)) for t in tensors]
                  for kind, tensors in (("input", session.get_inputs()), ("output", session.get_outputs()))}
         check_graph_io(path, spec, found, self._dims)
 
@@ -144,8 +144,8 @@ class OrtBackend(GraphBackend):
         binding = session.io_binding()
         with self.on_stream():
             inputs = [x.to(self.device, _TORCH_DTYPES[t.dtype]).contiguous() for t, x in zip(spec.inputs, inputs)]
-            batch = inputs[0].size(0)
-            outputs = [torch.empty(t.shape(self._dims, batch), dtype=_TORCH_DTYPES[t.dtype], device=self.device)
+            sizes = spec.input_sizes(inputs)
+            outputs = [torch.empty(t.shape(self._dims, sizes), dtype=_TORCH_DTYPES[t.dtype], device=self.device)
                        for t in spec.outputs]
             for t, x in zip(spec.inputs, inputs):
                 binding.bind_input(t.name, kind, index, _NP_DTYPES[t.dtype], tuple(x.shape), x.data_ptr())

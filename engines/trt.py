@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from engines.base import GraphBackend
-from engines.contract import DECODER_STEP, ENCODER, GraphSpec
+from engines.contract import BEAMS, DECODER_STEP, ENCODER, GraphSpec
 from engines.errors import BackendUnavailable, EngineError, ShapeError, refused
 from engines.ort import GPU_TRT_INSTALL
 from training.config import ModelConfig
@@ -78,6 +78,8 @@ class _Engine:
         ranges = [self.engine.get_tensor_profile_shape(t.name, 0) for t in spec.inputs]  # [min, opt, max] each
         self.min_batch, self.max_batch = max(r[0][0] for r in ranges), min(r[2][0] for r in ranges)
         self.opt_batch = ranges[0][1][0]
+        beams = [r[2][t.axes.index(BEAMS)] for t, r in zip(spec.inputs, ranges) if BEAMS in t.axes]
+        self.max_beams = min(beams) if beams else None
         self.shapes: dict[str, tuple[int, ...]] = {}
 
     def __call__(self, inputs: tuple[Tensor, ...], stream: int) -> tuple[Tensor, ...]:
@@ -89,7 +91,7 @@ class _Engine:
         return tuple(torch.cat(outs) for outs in zip(*parts))
 
     def _run(self, inputs: tuple[Tensor, ...], stream: int) -> tuple[Tensor, ...]:
-        batch = inputs[0].size(0)
+        sizes = self.spec.input_sizes(inputs)
         keep = []  # inputs converted here must outlive the asynchronous launch
         for t, x in zip(self.spec.inputs, inputs):
             x = aligned(x.to(device=self.device, dtype=self.dtypes[t.name]).contiguous())
@@ -98,13 +100,14 @@ class _Engine:
             if self.shapes.get(t.name) != shape:  # set shapes only when they change
                 self.shapes.pop(t.name, None)
                 if not self.context.set_input_shape(t.name, shape):
+                    beams = f", beams 1..{self.max_beams}" if self.max_beams else ""
                     raise ShapeError(f"{self.plan}: input '{t.name}' of shape {shape} is outside the engine's "
-                                     f"profile (batch {self.min_batch}..{self.max_batch})")
+                                     f"profile (batch {self.min_batch}..{self.max_batch}{beams})")
                 self.shapes[t.name] = shape
             self._bind(t.name, x)
         outputs = []
         for t in self.spec.outputs:
-            want, got = t.shape(self.dims, batch), tuple(self.context.get_tensor_shape(t.name))
+            want, got = t.shape(self.dims, sizes), tuple(self.context.get_tensor_shape(t.name))
             if got != want:
                 raise ShapeError(f"{self.plan}: output '{t.name}' has shape {got}, the contract says {want}")
             out = empty_aligned(want, self.dtypes[t.name], self.device)

@@ -2,7 +2,7 @@
 
 Written against the TensorRT 10/11 Python API: ``trt.Builder``, an explicit-batch network (the
 only kind since TensorRT 10), ``OnnxParser``, one optimisation profile over the batch axis of every
-input (min/opt/max), a timing cache carried across builds, ``build_serialized_network``. fp16:
+input (min/opt/max) and the decoder step's beams axis (``BEAM_PROFILE``), a timing cache carried across builds, ``build_serialized_network``. fp16:
 from TensorRT 10.12 networks are strongly typed (``BuilderFlag.FP16`` is deprecated there and gone in
 11), so their fp16 engines are parsed from fp16 ONNX graphs; older TensorRT 10 parses fp32 graphs and
 takes ``BuilderFlag.FP16``. Every call that reports failure by its return value is checked.
@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engines.contract import GraphSpec
+from engines.contract import BATCH, BEAMS, GraphSpec
 from engines.errors import EngineError
 
 DEFAULT_PROFILE = (1, 16, 64)
+BEAM_PROFILE = (1, 1, 8)  # decoder rows per image: greedy (the default decoding) up to beam 8
 STRONGLY_TYPED_FROM = (10, 12)  # TensorRT deprecates BuilderFlag.FP16 for strongly typed networks from here
 NEW_CACHE_NOTE = "the timing cache was made on another GPU or TensorRT version: building with a new one"
 
@@ -58,7 +59,8 @@ def build_plan(trt, onnx_path: Path, spec: GraphSpec, dims: dict[str, int], prof
         config.clear_flag(trt.BuilderFlag.TF32)
     opt_profile = builder.create_optimization_profile()
     for t in spec.inputs:
-        opt_profile.set_shape(t.name, *(t.shape(dims, batch) for batch in profile))
+        opt_profile.set_shape(t.name, *(t.shape(dims, {BATCH: batch, BEAMS: beams})
+                                        for batch, beams in zip(profile, BEAM_PROFILE)))
     if config.add_optimization_profile(opt_profile) < 0:
         raise EngineError(f"{onnx_path}: TensorRT refused the batch profile {profile} (see its log above)")
     serialized = builder.build_serialized_network(network, config)

@@ -47,10 +47,10 @@ def test_greedy_host_reads_per_step_are_what_gpu_md_says():
     def step(tokens, h, c, features, features_proj):  # image i says <end> at step ends[i]
         reads.mark("step")
         image = features[:, 0, 0].long()  # (n_act,): each row's image, carried in its features
-        logprobs = torch.full((tokens.size(0), 6), -5.0)
-        logprobs[:, 4] = -1.0
-        logprobs[:, end] = torch.where(ends[image] == len(reads.per_mark("step")) - 1, 0.0, -9.0)
-        return logprobs, torch.full((tokens.size(0), n_pix), 0.5), h, c
+        logprobs = torch.full((tokens.size(0), 1, 6), -5.0)  # (n_act, 1 beam, vocab)
+        logprobs[:, :, 4] = -1.0
+        logprobs[:, 0, end] = torch.where(ends[image] == len(reads.per_mark("step")) - 1, 0.0, -9.0)
+        return logprobs, torch.full((tokens.size(0), 1, n_pix), 0.5), h, c
 
     features = torch.arange(4.0).view(4, 1, 1).expand(4, n_pix, 1).contiguous()
     enc = (features, torch.zeros(4, n_pix, 1), torch.zeros(4, 3), torch.zeros(4, 3))

@@ -2,9 +2,10 @@
 
 The loop owns everything stateful (finished rows, beams, lengths); a backend only maps
 ``(tokens, h, c, features, features_proj) -> (logprobs, alpha, h_next, c_next)`` (the
-decoder_step graph contract). Tensors are torch tensors on the backend's device, so the same
-loop drives CPU runtimes (zero-copy to numpy) and CUDA ones (no host round trip per step).
-Rows whose caption ended are dropped from the active batch, so late steps get cheaper.
+decoder_step graph contract: ``k`` rows per image, 1 for greedy, the image's features once).
+Tensors are torch tensors on the backend's device, so the same loop drives CPU runtimes (zero-copy
+to numpy) and CUDA ones (no host round trip per step). Images whose caption ended are dropped from
+the active batch, so late steps get cheaper.
 """
 from __future__ import annotations
 
@@ -73,6 +74,7 @@ def greedy_search(step: StepFn, enc: EncoderOutputs, special_ids: dict[str, int]
                   options: DecodeOptions) -> list[Caption]:
     """Batched greedy decoding with compaction of finished rows."""
     features, proj, h, c = enc
+    h, c = h.unsqueeze(1), c.unsqueeze(1)  # (n_img, 1, dec_dim): one row per image
     n_img, n_pix, device = features.size(0), features.size(1), features.device
     start, end = special_ids["start"], special_ids["end"]
     out_tokens = torch.full((n_img, options.max_len), end, dtype=torch.long, device=device)
@@ -80,14 +82,14 @@ def greedy_search(step: StepFn, enc: EncoderOutputs, special_ids: dict[str, int]
     scores = torch.zeros(n_img, device=device)
     lengths = torch.full((n_img,), options.max_len, dtype=torch.long, device=device)
     active = torch.arange(n_img, device=device)  # original row of each active row
-    tokens = torch.full((n_img,), start, dtype=torch.long, device=device)
+    tokens = torch.full((n_img, 1), start, dtype=torch.long, device=device)
     for t in range(options.max_len):
-        logprobs, alpha, h, c = step(tokens, h, c, features, proj)  # (n_act, vocab), (n_act, n_pix)
-        best_lp, tokens = logprobs.max(dim=1)  # (n_act,), (n_act,)
-        scores[active] += best_lp.float()
-        out_tokens[active, t] = tokens
-        out_alphas[active, t] = alpha.float()
-        ended = tokens == end  # (n_act,)
+        logprobs, alpha, h, c = step(tokens, h, c, features, proj)  # (n_act, 1, vocab), (n_act, 1, n_pix)
+        best_lp, tokens = logprobs.max(dim=2)  # (n_act, 1), (n_act, 1)
+        scores[active] += best_lp[:, 0].float()
+        out_tokens[active, t] = tokens[:, 0]
+        out_alphas[active, t] = alpha[:, 0].float()
+        ended = tokens[:, 0] == end  # (n_act,)
         if bool(ended.any()):
             lengths[active[ended]] = t
             keep = ~ended
@@ -122,27 +124,26 @@ def beam_search(step: StepFn, enc: EncoderOutputs, special_ids: dict[str, int],
 
     The history is kept as back-pointers (``_History``: each step's words, their beams' parents and
     attention, written once) and followed once at the end; a hypothesis is its image's best as an
-    ``(end step, beam)`` pair. Stopped images leave the active batch at once, by moving the rows of images
-    still searching from its tail into their places (``_compact``): each image's per-beam features are
-    copied once (``repeat_interleave``) and moved at most once. The host reads the device once a step:
-    how many images still search, and how many of them must move.
+    ``(end step, beam)`` pair. The step reads each image's features once for its k beams (the graph
+    contract), so they are never copied per beam. Stopped images leave the active batch at once, by moving
+    the images still searching from its tail into their places (``_compact``): each moves at most once. The
+    host reads the device once a step: how many images still search, and how many of them must move.
     """
     features, proj, h, c = enc
     n_img, n_pix, device = features.size(0), features.size(1), features.device
     k, end, p = options.beam, special_ids["end"], options.length_penalty
-    # The k beams of an image are consecutive rows: row = image * k + beam.
-    features, proj, h, c = (x.repeat_interleave(k, dim=0) for x in (features, proj, h, c))
+    h, c = (x.unsqueeze(1).repeat(1, k, 1) for x in (h, c))  # (n_img, k, dec_dim): beam b of image i at [i, b]
     images = torch.arange(n_img, device=device)  # original index of each active image
     beam_scores = torch.full((n_img, k), float("-inf"), device=device)
     beam_scores[:, 0] = 0.0  # one live beam at the start, so the k beams do not duplicate
-    tokens = torch.full((n_img * k,), special_ids["start"], dtype=torch.long, device=device)
+    tokens = torch.full((n_img, k), special_ids["start"], dtype=torch.long, device=device)
     history = _History(options.max_len, n_img, k, n_pix, end, device)
     live_norm = float(options.max_len) ** p  # the longest any live beam can end up
 
     for t in range(options.max_len):
-        logprobs, alpha, h, c = step(tokens, h, c, features, proj)  # (n_act*k, vocab), (n_act*k, n_pix)
-        n_act, vocab = images.numel(), logprobs.size(1)
-        cand = (beam_scores.unsqueeze(2) + logprobs.float().view(n_act, k, vocab)).view(n_act, k * vocab)
+        logprobs, alpha, h, c = step(tokens, h, c, features, proj)  # (n_act, k, vocab), (n_act, k, n_pix)
+        n_act, vocab = images.numel(), logprobs.size(2)
+        cand = (beam_scores.unsqueeze(2) + logprobs.float()).view(n_act, k * vocab)
         top_scores, top_idx = cand.topk(min(2 * k, k * vocab), dim=1)  # (n_act, 2k)
         src_beam, word = top_idx // vocab, top_idx % vocab  # (n_act, 2k)
         is_end = (word == end) & torch.isfinite(top_scores)
@@ -155,9 +156,9 @@ def beam_search(step: StepFn, enc: EncoderOutputs, special_ids: dict[str, int],
         sel = torch.sort(is_end.long() * top_idx.size(1) + rank, dim=1).indices[:, :k]  # (n_act, k)
         beam_scores = torch.where(is_end.gather(1, sel), float("-inf"), top_scores.gather(1, sel))
         src, word = src_beam.gather(1, sel), word.gather(1, sel)  # (n_act, k)
-        history.record(t, images, word, src, alpha.float().view(n_act, k, n_pix))
-        rows = (torch.arange(n_act, device=device).unsqueeze(1) * k + src).view(-1)  # (n_act*k,)
-        h, c, tokens = h[rows], c[rows], word.view(-1)
+        history.record(t, images, word, src, alpha.float())
+        parents = src.unsqueeze(2).expand_as(h)  # (n_act, k, dec_dim)
+        h, c, tokens = h.gather(1, parents), c.gather(1, parents), word
 
         live_best, live_beam = beam_scores.max(dim=1)  # (n_act,)
         if t == options.max_len - 1:  # the live beams are (unfinished) candidates too
@@ -171,14 +172,14 @@ def beam_search(step: StepFn, enc: EncoderOutputs, special_ids: dict[str, int],
             break
         if n_left < n_act:
             holes, movers = _compact(front & ~searching, ~front & searching, n_move)
-            for x in (images, beam_scores):
+            borrowed = features is enc[0]  # the caller's: gathered once into the loop's own, then moved in place
+            if borrowed:
+                order = torch.arange(n_left, device=device).index_put_((holes,), movers)  # (n_left,)
+                features, proj = features[order], proj[order]
+            for x in (images, beam_scores, h, c, tokens) + (() if borrowed else (features, proj)):
                 x[holes] = x[movers]
-            rows_from, rows_to = (((r * k).unsqueeze(1) + torch.arange(k, device=device)).view(-1)
-                                  for r in (movers, holes))  # (n_move*k,)
-            for x in (h, c, tokens, features, proj):
-                x[rows_to] = x[rows_from]
-            images, beam_scores = images[:n_left], beam_scores[:n_left]
-            h, c, tokens, features, proj = (x[:n_left * k] for x in (h, c, tokens, features, proj))
+            images, beam_scores, h, c, tokens, features, proj = (
+                x[:n_left] for x in (images, beam_scores, h, c, tokens, features, proj))
     return _captions(*history.best(), options)
 
 

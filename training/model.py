@@ -37,9 +37,12 @@ class Attention(nn.Module):
         self.act = torch.tanh if kind == "tanh" else F.relu
 
     def forward(self, features: Tensor, features_proj: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
-        e = self.full_att(self.act(features_proj + self.dec_att(h).unsqueeze(1))).squeeze(2)  # (n_img, n_pix)
-        alpha = torch.softmax(at_least_fp32(e), dim=1)  # (n_img, n_pix), float32 at half precision
-        context = torch.bmm(as_dtype(alpha, features.dtype).unsqueeze(1), features).squeeze(1)  # (n_img, enc_dim)
+        """``features (n_img, n_pix, enc_dim)``, ``features_proj (n_img, n_pix, att_dim)`` and the ``k`` rows of each
+        image ``h (n_img, k, dec_dim)`` -> ``context (n_img, k, enc_dim)``, ``alpha (n_img, k, n_pix)``: an image's
+        features are read once for all its rows (beams), its context one ``(k, n_pix) x (n_pix, enc_dim)`` product."""
+        e = self.full_att(self.act(features_proj.unsqueeze(1) + self.dec_att(h).unsqueeze(2))).squeeze(3)
+        alpha = torch.softmax(at_least_fp32(e), dim=2)  # (n_img, k, n_pix), float32 at half precision
+        context = torch.bmm(as_dtype(alpha, features.dtype), features)  # (n_img, k, enc_dim)
         return context, alpha
 
 
@@ -84,18 +87,24 @@ class ShowAttendTell(nn.Module):
     def step(
         self, tokens: Tensor, h: Tensor, c: Tensor, features: Tensor, features_proj: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The decoder_step graph: one word for every row -> ``logprobs, alpha, h_next, c_next``.
+        """The decoder_step graph: one word for each of the ``k`` rows (beams) of every image -> ``logprobs, alpha,
+        h_next, c_next``, each ``(n_img, k, ...)``; ``tokens (n_img, k)``, ``h, c (n_img, k, dec_dim)``, ``features``
+        and ``features_proj`` one per image (``engines.contract``).
 
         In a half-precision model (the fp16 graphs' source) the attention softmax, the log-softmax and the LSTM cell
         state stay float32, as the outputs are; ``h`` and ``c`` may be of any float dtype."""
-        emb = self.embedding(tokens)  # (n_img, emb_dim)
+        n_img, k = tokens.shape
+        rows = (n_img * k, -1)  # the LSTM and the output layer see every row alike
+        emb = self.embedding(tokens.reshape(-1))  # (rows, emb_dim)
         h = as_dtype(h, self.fc.weight.dtype)
-        context, alpha = self.attention(features, features_proj, h)  # (n_img, enc_dim), (n_img, n_pix)
+        context, alpha = self.attention(features, features_proj, h)  # (n_img, k, enc_dim), (n_img, k, n_pix)
+        h, context = h.reshape(rows), context.reshape(rows)
         if self.f_beta is not None:
-            context = torch.sigmoid(self.f_beta(h)) * context  # gate beta: (n_img, enc_dim)
-        h_next, c_next = self.cell(torch.cat([emb, context], dim=1), h, c)  # (n_img, dec_dim) each, float32
-        logits = self.fc(self.dropout(as_dtype(h_next, self.fc.weight.dtype)))  # (n_img, vocab)
-        return torch.log_softmax(at_least_fp32(logits), dim=1), alpha, h_next, c_next
+            context = torch.sigmoid(self.f_beta(h)) * context  # gate beta: (rows, enc_dim)
+        h_next, c_next = self.cell(torch.cat([emb, context], dim=1), h, c.reshape(rows))  # (rows, dec_dim), float32
+        logits = self.fc(self.dropout(as_dtype(h_next, self.fc.weight.dtype)))  # (rows, vocab)
+        logprobs = torch.log_softmax(at_least_fp32(logits), dim=1)
+        return tuple(x.view(n_img, k, -1) for x in (logprobs, alpha, h_next, c_next))
 
     def cell(self, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
         """``self.lstm``: ``nn.LSTMCell`` itself at float32 or float64; in a half-precision model its gates (i, f, g, o)
@@ -115,12 +124,13 @@ class ShowAttendTell(nn.Module):
         Returns ``logprobs (n_img, T, vocab)`` predicting ``captions[:, 1:]`` and ``alphas (n_img, T, n_pix)``.
         """
         features, features_proj, h, c = self.init_state(features)
+        h, c = h.unsqueeze(1), c.unsqueeze(1)  # one row (beam) per image
         logprobs, alphas = [], []
         for t in range(captions.size(1) - 1):
-            lp, alpha, h, c = self.step(captions[:, t], h, c, features, features_proj)
+            lp, alpha, h, c = self.step(captions[:, t:t + 1], h, c, features, features_proj)
             logprobs.append(lp)
             alphas.append(alpha)
-        return torch.stack(logprobs, 1), torch.stack(alphas, 1)
+        return torch.cat(logprobs, 1), torch.cat(alphas, 1)
 
     def forward(self, images: Tensor, captions: Tensor) -> tuple[Tensor, Tensor]:
         """Teacher-forced training forward from images; see ``decode_teacher_forced``."""

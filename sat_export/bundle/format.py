@@ -41,7 +41,7 @@ from training.vocab import Vocab
 
 MANIFEST_FILE = "manifest.json"
 BUNDLE_FORMAT = "sat-bundle"
-BUNDLE_VERSION = 1
+BUNDLE_VERSION = 2  # 2: the decoder step takes k rows (beams) per image and reads each image's features once
 TIMING_CACHE = "timing.cache"  # TensorRT's, reused across builds
 DIGEST_KEY = "manifest_sha256"
 
@@ -244,6 +244,10 @@ def _read_manifest(bundle_dir: Path) -> tuple[dict, Manifest]:
     version = manifest.get("version")
     if isinstance(version, int) and not isinstance(version, bool) and version > BUNDLE_VERSION:
         raise BundleError(f"{path}: bundle version {version} is newer than this tool reads ({BUNDLE_VERSION})")
+    if isinstance(version, int) and not isinstance(version, bool) and version < BUNDLE_VERSION:
+        raise BundleError(f"{path}: bundle version {version}, made by an older sat-export whose decoder step takes one "
+                          f"image's features per row; this tool reads version {BUNDLE_VERSION}: build the bundle "
+                          "again with `sat-export build --ckpt CKPT` (sat-infer rebuilds its cached ones itself)")
     if manifest.get(DIGEST_KEY) != _digest(manifest) or _render(manifest) != raw:
         raise BundleError(f"{path}: manifest was modified after it was written (its sha256 or layout does not match)")
     try:

@@ -1,8 +1,9 @@
 """ONNX export of the two graphs of the contract: the model's own ``encode`` and ``step``.
 
 Each graph is a thin wrapper module that calls the model's method (nothing is re-implemented),
-traced with ``torch.onnx.export(dynamo=True)`` from an example batch of 2 with a dynamic
-``batch`` axis on every input (a batch-1 example would bake a static batch). Weights are stored
+traced with ``torch.onnx.export(dynamo=True)`` from an example of 2 images (3 beams each, for the step) with
+the contract's dynamic axes (``batch``, ``beams``) symbolic on every input (an axis of size 1 in the example would
+be baked in). Weights are stored
 inside the ``.onnx`` files. ``fp16`` graphs come from a half-precision copy of the model; their
 inputs and outputs stay float32 (cast at the graph boundary), so every runtime feeds them alike, and
 the model's ``step`` keeps the attention softmax, the log-softmax and the LSTM cell state in float32
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from engines.base import Backend, EncoderOutputs
-from engines.contract import BATCH, DECODER_STEP, DEFAULT_OPSET, ENCODER, GraphSpec
+from engines.contract import DECODER_STEP, DEFAULT_OPSET, DYNAMIC, ENCODER, GraphSpec
 from engines.contract import check_graph_io as contract_io
 from engines.errors import ShapeError
 from sat_export.bundle.format import graph_file
@@ -33,6 +34,7 @@ from training.model import ShowAttendTell
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
 EXAMPLE_BATCH = 2
+EXAMPLE_BEAMS = 3  # not the batch: two example axes of one size could be taken for one axis
 
 
 class EncoderGraph(nn.Module):
@@ -65,28 +67,30 @@ def random_images(model: ShowAttendTell | Backend, n_img: int, seed: int = 0) ->
 
 
 def step_inputs(model: ShowAttendTell | Backend, images: Tensor, seed: int = 0,
-                encoded: EncoderOutputs | None = None) -> dict[str, Tensor]:
-    """Inputs of ``decoder_step`` for ``images``: the encoder's outputs (``encoded``, else ``model.encode``) and
-    random tokens."""
+                encoded: EncoderOutputs | None = None, beams: int = EXAMPLE_BEAMS) -> dict[str, Tensor]:
+    """Inputs of ``decoder_step`` for ``images`` with ``beams`` rows each: the encoder's outputs (``encoded``, else
+    ``model.encode``), the state of each beam apart (``h0``, ``c0`` plus noise) and random tokens."""
     if encoded is None:
         with torch.no_grad():
             encoded = model.encode(images)
     features, features_proj, h, c = encoded
     gen = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, model.config.vocab_size, (images.size(0),), generator=gen)
+    tokens = torch.randint(0, model.config.vocab_size, (images.size(0), beams), generator=gen)
+    h, c = (x.unsqueeze(1) + 0.1 * torch.randn(x.size(0), beams, x.size(1), generator=gen).to(x) for x in (h, c))
     return {"tokens": tokens, "h": h, "c": c, "features": features, "features_proj": features_proj}
 
 
 def export_graph(module: nn.Module, spec: GraphSpec, example: dict[str, Tensor], path: Path,
                  dims: dict[str, int], opset: int = DEFAULT_OPSET) -> Path:
-    """Trace ``module`` on ``example`` (batch >= 2) into ``path`` and check it against ``spec``."""
+    """Trace ``module`` on ``example`` (each dynamic axis >= 2) into ``path`` and check it against ``spec``."""
     args = tuple(example[name] for name in spec.input_names)
-    if args[0].shape[0] < 2:
-        raise ValueError(f"{spec.name}: export needs an example batch of at least 2 (batch 1 bakes a static batch)")
-    batch = torch.export.Dim(BATCH, min=1)
-    dynamic = tuple({i: batch for i, axis in enumerate(t.axes) if axis == BATCH} for t in spec.inputs)
+    if any(x.shape[i] < 2 for t, x in zip(spec.inputs, args) for i, axis in enumerate(t.axes) if axis in DYNAMIC):
+        raise ValueError(f"{spec.name}: export needs example sizes of at least 2 on {', '.join(DYNAMIC)} "
+                         "(a size of 1 bakes a static axis)")
+    dims_of = {axis: torch.export.Dim(axis, min=1) for axis in DYNAMIC}
+    dynamic = tuple({i: dims_of[axis] for i, axis in enumerate(t.axes) if axis in DYNAMIC} for t in spec.inputs)
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*axis name.*will not be used")  # all batch axes are one Dim
+        warnings.filterwarnings("ignore", message=".*axis name.*will not be used")  # each axis is one Dim
         torch.onnx.export(module.eval(), args, str(path), dynamo=True, verbose=False, external_data=False,
                           input_names=spec.input_names, output_names=spec.output_names,
                           dynamic_shapes=dynamic, opset_version=opset)
@@ -115,7 +119,7 @@ def export_onnx(model: ShowAttendTell, out_dir: str | Path, precision: str = "fp
 
 def check_graph_io(path: Path, spec: GraphSpec, dims: dict[str, int]) -> None:
     """``onnx.checker`` passes and the graph's inputs/outputs are the contract's (names, dtypes, shapes,
-    a symbolic batch: ``engines.contract.check_graph_io``, as the runtimes check theirs).
+    symbolic dynamic axes: ``engines.contract.check_graph_io``, as the runtimes check theirs).
 
     Raises ``BundleError`` naming the file and the first tensor that differs.
     """
@@ -126,7 +130,7 @@ def check_graph_io(path: Path, spec: GraphSpec, dims: dict[str, int]) -> None:
             OSError, ValueError) as err:  # protobuf's DecodeError is a ValueError
         raise BundleError(f"{path}: not a valid ONNX model ({first_line(err, 160)})") from None
     found = {kind: [(t.name, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.type.tensor_type.elem_type)).name,
-                     tuple(BATCH if d.dim_param else d.dim_value for d in t.type.tensor_type.shape.dim))
+                     tuple(d.dim_param or d.dim_value for d in t.type.tensor_type.shape.dim))
                     for t in tensors] for kind, tensors in (("input", graph.input), ("output", graph.output))}
     try:
         contract_io(path, spec, found, dims)

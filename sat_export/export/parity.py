@@ -271,8 +271,8 @@ def smoke(backend: Backend, images: Tensor, files: dict[str, Path]) -> None:
         with torch.inference_mode():
             enc = backend.encode(images)
             ENCODER.check_outputs(dict(zip(ENCODER.output_names, enc)), dims)
-            tokens = torch.full((images.size(0),), backend.vocab.start, dtype=torch.long)
-            out = backend.step(tokens, enc[2], enc[3], enc[0], enc[1])
+            tokens = torch.full((images.size(0), 1), backend.vocab.start, dtype=torch.long)
+            out = backend.step(tokens, enc[2].unsqueeze(1), enc[3].unsqueeze(1), enc[0], enc[1])
             DECODER_STEP.check_outputs(dict(zip(DECODER_STEP.output_names, out)), dims)
     except ShapeError as err:
         raise BundleError(f"{files[ENCODER.name].parent}: smoke inference: {err}") from None

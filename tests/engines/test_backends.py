@@ -7,7 +7,9 @@ import torch
 from engines.errors import BackendUnavailable
 from engines.torch_eager import TorchBackend, fp32_math
 from sat_export.registry import open_backend
-from tests.conftest import tiny_model
+from sat_export.bundle.format import load_bundle
+from sat_export.errors import BundleError
+from tests.conftest import manifest_of, reseal, tiny_model
 from training.decode import decode
 from training.errors import SatError
 from training.options import DecodeOptions
@@ -93,6 +95,12 @@ def test_auto_on_a_checkpoint_builds_the_bundle_once_and_matches_torch(tiny_ckpt
     (built[0] / "decoder_step.onnx").write_bytes(b"damaged")  # a damaged cache entry is rebuilt
     with open_backend(tiny_ckpt, "auto", "cpu") as again:
         assert again.encode(images)[0].shape == ref[0].shape
+    manifest = manifest_of(built[0])
+    reseal(built[0], {**manifest, "version": 1})  # a bundle cached by an older sat-export: rebuilt too
+    with pytest.raises(BundleError, match="bundle version 1, made by an older sat-export.*sat-export build --ckpt"):
+        load_bundle(built[0])
+    open_backend(tiny_ckpt, "auto", "cpu").close()
+    assert manifest_of(built[0])["version"] == 2
 
 
 def test_tensorrt_backend_is_refused_in_one_line_without_tensorrt_or_cuda(tiny_bundle):

@@ -34,15 +34,15 @@ def test_outputs_are_the_torch_tensors_bound_before_the_run(tiny_bundle):
 
     session.io_binding = recording_binding
     dims = bundle.config.dims()
-    n = 3
-    inputs = (torch.zeros(n, dtype=torch.long), torch.randn(n, dims["dec_dim"]), torch.randn(n, dims["dec_dim"]),
+    n, k = 3, 2
+    inputs = (torch.zeros(n, k, dtype=torch.long), torch.randn(n, k, dims["dec_dim"]), torch.randn(n, k, dims["dec_dim"]),
               torch.randn(n, dims["n_pix"], dims["enc_dim"]), torch.randn(n, dims["n_pix"], dims["att_dim"]))
     outputs = backend.step(*inputs)
     assert [(name, kind, index, tuple(shape)) for name, kind, index, _, shape, _ in bound] == [
-        ("logprobs", "cpu", 0, (n, dims["vocab"])), ("alpha", "cpu", 0, (n, dims["n_pix"])),
-        ("h_next", "cpu", 0, (n, dims["dec_dim"])), ("c_next", "cpu", 0, (n, dims["dec_dim"]))]
+        ("logprobs", "cpu", 0, (n, k, dims["vocab"])), ("alpha", "cpu", 0, (n, k, dims["n_pix"])),
+        ("h_next", "cpu", 0, (n, k, dims["dec_dim"])), ("c_next", "cpu", 0, (n, k, dims["dec_dim"]))]
     assert [o.data_ptr() for o in outputs] == [args[-1] for args in bound]
-    assert torch.allclose(outputs[0].exp().sum(1), torch.ones(n), atol=1e-5)  # written by the run: log-softmax
+    assert torch.allclose(outputs[0].exp().sum(2), torch.ones(n, k), atol=1e-5)  # written by the run: log-softmax
 
 
 class _Session(onnxruntime.InferenceSession):

@@ -45,7 +45,7 @@ def test_engines_are_deserialised_and_run_on_the_backends_device_and_own_stream(
 def test_work_beyond_the_profile_runs_in_runs_of_its_maximum_with_the_same_captions(monkeypatch, plans, vocab):
     backend, trt, model = _backend(monkeypatch, plans, vocab, profile=(1, 2, 4))
     trt_standin.on_host(backend)
-    images, options = torch.randn(5, 3, 64, 64), DecodeOptions(beam=3, max_len=6)  # 15 rows, profile max 4
+    images, options = torch.randn(5, 3, 64, 64), DecodeOptions(beam=3, max_len=6)  # 5 images, profile max 4
     enc = backend.encode(images)
     ref_enc = model.encode(images)
     for got, ref in zip(enc, ref_enc):
@@ -57,19 +57,19 @@ def test_work_beyond_the_profile_runs_in_runs_of_its_maximum_with_the_same_capti
     assert all(torch.allclose(torch.from_numpy(a.alphas), torch.from_numpy(b.alphas), atol=1e-6)
                for a, b in zip(caps, ref))
     batches = [b for e in trt.engines for ctx in e.contexts for _, b in ctx.launches]
-    assert max(batches) == 4 and 15 not in batches
+    assert max(batches) == 4 and 5 not in batches
 
 
 def test_runs_of_a_split_batch_are_bound_at_256_byte_aligned_addresses(monkeypatch, plans, vocab):
-    """``--trt-profile 1,8,20``: 13 images at beam 2 are 26 rows, run as 20 + 6; the second run's int64 tokens
-    start 160 bytes into the batch's, and TensorRT takes 256-byte aligned addresses only (the stand-in refuses
-    others, as setTensorAddress's precondition says)."""
-    backend, trt, model = _backend(monkeypatch, plans, vocab, profile=(1, 8, 20))
+    """``--trt-profile 1,4,8``: 13 images at beam 2 run as 8 + 5 images; the second run's int64 tokens (2 a
+    image) start 128 bytes into the batch's, and TensorRT takes 256-byte aligned addresses only (the stand-in
+    refuses others, as setTensorAddress's precondition says)."""
+    backend, trt, model = _backend(monkeypatch, plans, vocab, profile=(1, 4, 8))
     trt_standin.on_host(backend)
     enc, options = model.encode(torch.randn(13, 3, 64, 64)), DecodeOptions(beam=2, max_len=4)
     caps = decode(backend.step, enc, vocab.special_ids(), options)
     assert [c.tokens for c in caps] == [c.tokens for c in decode(model.step, enc, vocab.special_ids(), options)]
-    assert [b for _, b in trt.engines[1].contexts[0].launches[:2]] == [20, 6]
+    assert [b for _, b in trt.engines[1].contexts[0].launches[:2]] == [8, 5]
 
 
 def test_only_a_misaligned_input_is_copied():
@@ -123,6 +123,22 @@ def test_a_timing_cache_tensorrt_cannot_read_is_replaced_with_a_note(tmp_path, s
     None for the old cache, or raise; Polygraphy's loader guards both."""
     trt, (plan, cache, note) = _build(tmp_path, "10.13.0", cache=trt_standin.STALE_CACHE, stale_cache=stale_cache)
     assert plan == b"encoder:1,2,4" and trt.builds[0][2] == b"" and cache == b"+timings" and note == NEW_CACHE_NOTE
+
+
+def test_the_decoder_steps_profile_spans_the_batch_and_greedy_to_beam_8(tmp_path, monkeypatch, plans, vocab):
+    trt = trt_standin.tensorrt("10.9.0")
+    dims = tiny_model().config.dims()
+    build_plan(trt, tmp_path / "decoder_step.onnx", DECODER_STEP, dims, (1, 2, 4))
+    shapes = trt.builds[0][4]
+    assert shapes["tokens"] == ((1, 1), (2, 1), (4, 8))
+    assert shapes["h"] == ((1, 1, dims["dec_dim"]), (2, 1, dims["dec_dim"]), (4, 8, dims["dec_dim"]))
+    assert shapes["features"] == tuple((b, dims["n_pix"], dims["enc_dim"]) for b in (1, 2, 4))
+    backend = trt_standin.on_host(_backend(monkeypatch, plans, vocab)[0])
+    enc = backend.encode(torch.randn(2, 3, 64, 64))
+    with pytest.raises(ShapeError, match=r"'tokens' of shape \(2, 9\) is outside the engine's profile \(batch 1..4, "
+                                         r"beams 1..8\)"):
+        backend.step(torch.zeros(2, 9, dtype=torch.long), *(x.unsqueeze(1).expand(2, 9, -1) for x in enc[2:]),
+                     *enc[:2])
 
 
 def test_no_timing_cache_after_a_build_is_no_error(tmp_path):

@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from engines.contract import DECODER_STEP, ENCODER
+from engines.contract import BATCH, BEAMS, DECODER_STEP, ENCODER
+from engines.trt_build import BEAM_PROFILE
 
 FOREIGN_CACHE = b"timing cache from another GPU"
 STALE_CACHE = b"timing cache from another TensorRT version"
@@ -43,8 +44,10 @@ class _Context:
         self.engine, self.shapes, self.addresses, self.launches = engine, {}, {}, []
 
     def set_input_shape(self, name, shape):
-        lo, hi = self.engine.profile[0], self.engine.profile[2]
-        if name not in self.engine.spec.input_names or not lo <= shape[0] <= hi:
+        if name not in self.engine.spec.input_names:
+            return False
+        low, _, high = self.engine.get_tensor_profile_shape(name, 0)
+        if len(shape) != len(low) or not all(lo <= n <= hi for lo, n, hi in zip(low, shape, high)):
             return False
         self.shapes[name] = tuple(shape)
         return True
@@ -59,8 +62,8 @@ class _Context:
         spec = self.engine.spec
         if set(self.shapes) != set(spec.input_names):
             return (-1,)
-        batch = self.shapes[spec.input_names[0]][0]
-        return next(t for t in spec.outputs if t.name == name).shape(self.engine.dims, batch)
+        sizes = spec.input_sizes([torch.empty(self.shapes[n], device="meta") for n in spec.input_names])
+        return next(t for t in spec.outputs if t.name == name).shape(self.engine.dims, sizes)
 
     def execute_async_v3(self, stream_handle):
         if self.engine.fail_launch or set(self.shapes) != set(self.engine.spec.input_names) \
@@ -99,7 +102,7 @@ class _Engine:
 
     def get_tensor_profile_shape(self, name, profile_index):
         spec = next(t for t in self.spec.inputs if t.name == name)
-        return [spec.shape(self.dims, b) for b in self.profile]
+        return [spec.shape(self.dims, {BATCH: b, BEAMS: k}) for b, k in zip(self.profile, BEAM_PROFILE)]
 
     def create_execution_context(self):
         self.contexts.append(_Context(self))
@@ -116,7 +119,7 @@ def tensorrt(version: str, model=None, dims=None, profile=(1, 2, 4), fail_launch
     trt.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)  # as an installed module has one
     trt.__version__ = version
     trt.engines = []  # every engine deserialised, for the test to look at
-    trt.builds = []  # (network flags, builder flags set, timing cache given, profile) per build
+    trt.builds = []  # (network flags, builder flags set, timing cache given, profile, shapes by input) per build
 
     class Logger:
         WARNING = 2
@@ -172,7 +175,7 @@ def tensorrt(version: str, model=None, dims=None, profile=(1, 2, 4), fail_launch
             self.flags.discard(flag)
 
         def add_optimization_profile(self, profile):
-            self.profile = profile.batches
+            self.profile, self.shapes = profile.batches, profile.shapes
             return 0
 
     class Builder:
@@ -186,12 +189,16 @@ def tensorrt(version: str, model=None, dims=None, profile=(1, 2, 4), fail_launch
             return _Config()
 
         def create_optimization_profile(self):
-            profile = types.SimpleNamespace(batches=None)
-            profile.set_shape = lambda name, *shapes: setattr(profile, "batches", tuple(s[0] for s in shapes))
+            profile = types.SimpleNamespace(batches=None, shapes={})
+
+            def set_shape(name, *shapes):  # min, opt, max
+                profile.batches, profile.shapes[name] = tuple(s[0] for s in shapes), shapes
+            profile.set_shape = set_shape
             return profile
 
         def build_serialized_network(self, network, config):
-            trt.builds.append((network.flags, set(config.flags), config.cache and config.cache.data, config.profile))
+            trt.builds.append((network.flags, set(config.flags), config.cache and config.cache.data, config.profile,
+                               config.shapes))
             if fail_build:
                 return None
             return f"{network.graph}:{','.join(map(str, config.profile))}".encode()

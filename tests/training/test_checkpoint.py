@@ -18,8 +18,8 @@ def test_round_trip_gives_bit_identical_outputs(tiny_ckpt):
         for a, b in zip(model.encode(images), reference.encode(images)):
             assert torch.equal(a, b)
         f, p, h, c = model.encode(images)
-        for a, b in zip(model.step(torch.tensor([1, 4, 5]), h, c, f, p),
-                        reference.step(torch.tensor([1, 4, 5]), h, c, f, p)):
+        tokens, h, c = torch.tensor([[1], [4], [5]]), h.unsqueeze(1), c.unsqueeze(1)
+        for a, b in zip(model.step(tokens, h, c, f, p), reference.step(tokens, h, c, f, p)):
             assert torch.equal(a, b)
     assert ck.config == reference.config
     assert ck.train == {"epoch": 0}

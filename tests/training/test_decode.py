@@ -26,7 +26,7 @@ def _one_by_one_greedy(model, enc, max_len):
         f, p, h, c = (x[i : i + 1] for x in enc)
         tok, words, alphas, score = torch.tensor([1]), [], [], 0.0
         for _ in range(max_len):
-            lp, alpha, h, c = model.step(tok, h, c, f, p)
+            lp, alpha, h, c = (x[:, 0] for x in model.step(tok.view(1, 1), h.unsqueeze(1), c.unsqueeze(1), f, p))
             score += lp.max().item()
             tok = lp.argmax(1)
             if tok.item() == 2:
@@ -51,6 +51,17 @@ def test_batched_greedy_equals_one_image_at_a_time(seed):
         assert cap.finished == (len(words) < 12)
 
 
+def per_image(row_step):
+    """The contract's step (``k`` rows per image, the image's features once) from ``row_step``, a step function over
+    independent rows."""
+    def step(tokens, h, c, features, proj):
+        n, k = tokens.shape
+        out = row_step(tokens.reshape(-1), h.flatten(0, 1), c.flatten(0, 1), *(x.repeat_interleave(k, 0)
+                                                                                for x in (features, proj)))
+        return tuple(x.view(n, k, *x.shape[1:]) for x in out)
+    return step
+
+
 class ToyLM:
     """A step function over a tiny vocabulary whose log-probs depend on the whole prefix.
 
@@ -63,7 +74,10 @@ class ToyLM:
         self.table = torch.log_softmax(torch.randn(997, vocab, generator=gen) * 2.0, dim=1)
         self.vocab, self.n_pix = vocab, n_pix
 
-    def __call__(self, tokens, h, c, features, proj):
+    def __call__(self, *inputs):
+        return per_image(self.row_step)(*inputs)
+
+    def row_step(self, tokens, h, c, features, proj):
         state = (h[:, 0].long() * 31 + tokens + 7) % 997  # (n,)
         lp = self.table[state]
         alpha = torch.softmax(torch.stack([state.float() % (i + 2) for i in range(self.n_pix)], 1), 1)
@@ -88,7 +102,7 @@ class ToyLM:
         raw, tokens, best = torch.zeros(1, dtype=torch.float64), torch.tensor([1]), -np.inf
         words = [w for w in range(self.vocab) if w != 2]
         for t in range(max_len):
-            lp, _, h, c = self(tokens, h, c, f, p)
+            lp, _, h, c = self.row_step(tokens, h, c, f, p)
             total = raw.unsqueeze(1) + lp.double()  # (n_prefix, vocab)
             best = max(best, float(total[:, 2].max()) / (t + 1) ** length_penalty)
             raw = total[:, words].reshape(-1)  # (n_prefix * (vocab - 1),) the prefixes one word longer
@@ -105,7 +119,7 @@ class ToyLM:
         for t in range(max_len):
             cands = []
             for raw, h_b, tok in beams:
-                lp, _, h_next, _ = self(torch.tensor([tok]), h_b, c, f, p)
+                lp, _, h_next, _ = self.row_step(torch.tensor([tok]), h_b, c, f, p)
                 cands += [(raw + np.float32(lp[0, w].item()), h_next, w) for w in range(self.vocab)]
             top = sorted(cands, key=lambda cand: -cand[0])[: 2 * k]
             hyps += [float(raw) / (t + 1) ** length_penalty for raw, _, w in top[:k] if w == 2]
@@ -117,7 +131,7 @@ class ToyLM:
         f, p, h, c = self.image(img)
         tok, total = torch.tensor([1]), 0.0
         for w in cap.tokens + ([2] if cap.finished else []):
-            lp, _, h, c = self(tok, h, c, f, p)
+            lp, _, h, c = self.row_step(tok, h, c, f, p)
             total += lp[0, w].item()
             tok = torch.tensor([w])
         return total
@@ -144,7 +158,10 @@ class ForkLM:
         self.next[self.START, self.A], self.next[self.START, self.B] = self.AFTER_A, self.AFTER_B
         self.next[self.AFTER_A, self.A] = self.AFTER_AA
 
-    def __call__(self, tokens, h, c, features, proj):
+    def __call__(self, *inputs):
+        return per_image(self.row_step)(*inputs)
+
+    def row_step(self, tokens, h, c, features, proj):
         state = h[:, 0].long()  # (n,) the state the input word is read in
         h_next = self.next[state, tokens].float().unsqueeze(1)  # (n, 1)
         return self.table[h_next[:, 0].long()], torch.ones(tokens.numel(), 1), h_next, c
@@ -208,7 +225,7 @@ def test_alphas_align_with_tokens_and_beam_matches_rescoring():
                                  [tuple(x[i : i + 1] for x in lm.enc(4)) for i in range(4)]):
         tok, total, alphas = torch.tensor([1]), 0.0, []
         for w in cap.tokens + ([2] if cap.finished else []):
-            lp, alpha, h, c = lm(tok, h, c, f, p)
+            lp, alpha, h, c = lm.row_step(tok, h, c, f, p)
             total += lp[0, w].item()
             alphas.append(alpha[0].numpy())
             tok = torch.tensor([w])
@@ -292,8 +309,8 @@ def test_compare_beam_search_vs_reference_beam_search_on_random_step_functions(s
     lm = ToyLM(vocab=vocab, seed=seed, n_pix=4)  # the reference's alphas are (n, 4)
     got = beam_search(lm, lm.enc(n_img), SPECIALS, DecodeOptions(beam=beam, max_len=max_len,
                                                                  length_penalty=length_penalty))
-    for cap, (tokens, raw, alphas, finished) in zip(got, _reference_beam_search(lm, lm.enc(n_img), beam, max_len,
-                                                                                length_penalty)):
+    for cap, (tokens, raw, alphas, finished) in zip(got, _reference_beam_search(lm.row_step, lm.enc(n_img), beam,
+                                                                                max_len, length_penalty)):
         assert (cap.tokens, cap.finished) == (tokens, finished)
         np.testing.assert_array_equal(cap.alphas, alphas)
         length = len(tokens) + finished

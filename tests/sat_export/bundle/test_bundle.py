@@ -29,12 +29,13 @@ def _check(path):
 
 def test_manifest_records_everything_needed_to_run_the_bundle(tiny_bundle, vocab):
     manifest = manifest_of(tiny_bundle)
-    assert manifest["format"] == "sat-bundle" and manifest["version"] == 1
+    assert manifest["format"] == "sat-bundle" and manifest["version"] == 2
     assert manifest["vocab"]["itos"] == vocab.itos and manifest["special_ids"] == vocab.special_ids()
     assert manifest["preprocess"] == {"resize": 72, "crop": 64, "mean": [0.485, 0.456, 0.406],
                                       "std": [0.229, 0.224, 0.225], "interpolation": "bilinear",
                                       "resize_mode": "shorter_side", "reducing_gap": 3.0, "draft_margin": 2.0}
-    assert manifest["graphs"]["decoder_step"]["inputs"][0] == {"name": "tokens", "dtype": "int64", "shape": ["batch"]}
+    assert manifest["graphs"]["decoder_step"]["inputs"][0] == {"name": "tokens", "dtype": "int64",
+                                                                  "shape": ["batch", "beams"]}
     assert manifest["graphs"]["encoder"]["outputs"][1]["shape"] == ["batch", 16, 16]  # features_proj
     assert manifest["precisions"] == {"fp32": {"encoder": "encoder.onnx", "decoder_step": "decoder_step.onnx"}}
     assert set(manifest["files"]) == {"encoder.onnx", "decoder_step.onnx"}

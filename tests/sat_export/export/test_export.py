@@ -6,7 +6,7 @@ import onnx
 import pytest
 import torch
 
-from engines.contract import DECODER_STEP, ENCODER
+from engines.contract import BEAMS, DECODER_STEP, ENCODER
 from engines.ort import OrtBackend
 from sat_export.errors import BundleError
 from sat_export.export.onnx import (DecoderStepGraph, EncoderGraph, check_graph_io, export_graph, export_onnx,
@@ -25,7 +25,10 @@ def test_graphs_pass_checker_with_symbolic_batch_on_every_input_and_output(tiny_
         check_graph_io(path, spec, tiny_model().config.dims())
         graph = onnx.load(str(path)).graph
         for value in [*graph.input, *graph.output]:
-            assert value.type.tensor_type.shape.dim[0].dim_param, f"{spec.file}: {value.name} has a static batch"
+            dim = value.type.tensor_type.shape.dim
+            assert dim[0].dim_param, f"{spec.file}: {value.name} has a static batch"
+            if BEAMS in next(t for t in (*spec.inputs, *spec.outputs) if t.name == value.name).axes:
+                assert dim[1].dim_param not in ("", dim[0].dim_param), f"{value.name}: beams is not its own axis"
         assert all(t.data_location != onnx.TensorProto.EXTERNAL for t in graph.initializer)
 
 
@@ -68,11 +71,14 @@ def test_wrappers_call_the_models_own_encode_and_step():
     torch.testing.assert_close(out[0], model.step(*(feeds[n] for n in DECODER_STEP.input_names))[0])
 
 
-def test_export_refuses_a_batch_1_example(tmp_path):
+def test_export_refuses_a_batch_1_or_beams_1_example(tmp_path):
     model = tiny_model()
     with pytest.raises(ValueError, match="at least 2"):
         export_graph(EncoderGraph(model), ENCODER, {"images": torch.randn(1, 3, 64, 64)}, tmp_path / "e.onnx",
                      model.config.dims())
+    with pytest.raises(ValueError, match="at least 2 on batch, beams"):
+        export_graph(DecoderStepGraph(model), DECODER_STEP, step_inputs(model, torch.randn(2, 3, 64, 64), beams=1),
+                     tmp_path / "d.onnx", model.config.dims())
 
 
 def test_check_graph_io_names_the_file_on_contract_mismatch(tiny_bundle, tmp_path):
@@ -84,6 +90,11 @@ def test_check_graph_io_names_the_file_on_contract_mismatch(tiny_bundle, tmp_pat
     onnx.save(static, str(tmp_path / "static.onnx"))
     with pytest.raises(BundleError, match="static.onnx: input 'images'.*symbolic"):
         check_graph_io(tmp_path / "static.onnx", ENCODER, dims)
+    static = onnx.load(str(tiny_bundle / DECODER_STEP.file))
+    static.graph.input[1].type.tensor_type.shape.dim[1].dim_value = 3  # bake the beams of h
+    onnx.save(static, str(tmp_path / "static_beams.onnx"))
+    with pytest.raises(BundleError, match=r"static_beams.onnx: input 'h' has shape \['batch', 3, 32\].*\(beams must "):
+        check_graph_io(tmp_path / "static_beams.onnx", DECODER_STEP, dims)
     (tmp_path / "junk.onnx").write_bytes(b"not a model")
     with pytest.raises(BundleError, match="junk.onnx: not a valid ONNX model"):
         check_graph_io(tmp_path / "junk.onnx", ENCODER, dims)
@@ -121,4 +132,5 @@ def test_fp16_step_keeps_its_softmaxes_and_the_cell_state_in_float32(tmp_path):
             path_to_c_next.add(name)
             todo += list(producer[name].input) if name in producer else []
     on_the_way = after_c & path_to_c_next
-    assert {"c", "c_next"} < on_the_way and {dtype[t] for t in on_the_way} == {onnx.TensorProto.FLOAT}
+    shapes = {onnx.TensorProto.INT64}  # the rows' count, read off c's shape to reshape it
+    assert {"c", "c_next"} < on_the_way and {dtype[t] for t in on_the_way} - shapes == {onnx.TensorProto.FLOAT}
