@@ -236,7 +236,7 @@ def _prepare(recipe: Recipe, root: Path, console: Console, precision: str) -> di
                           batch_size=recipe.batch_size, lr=recipe.lr, encoder_lr=recipe.encoder_lr,
                           amp=precision == "bf16",
                           box_loss=recipe.box_loss, dropout=recipe.dropout, val_frac=0.05, test_frac=0.0,
-                          patience=epochs, seed=recipe.seed)
+                          patience=epochs, val_every_epoch=False, seed=recipe.seed)
         what = "end to end" if finetune else "decoder on the frozen backbone"
         console.print(f"training phase {i + 1}/{len(recipe.phases)}: {recipe.backbone} {what} at {crop} px, "
                       f"{epochs} epochs of {recipe.n_train} images", highlight=False, soft_wrap=True)

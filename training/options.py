@@ -66,6 +66,7 @@ class TrainConfig:
     test_frac: float = 0.05
     val_images: int = 500  # at most this many validation images are captioned for BLEU
     patience: int = 5
+    val_every_epoch: bool = True  # False: validate (and re-estimate batch norm) after the last epoch only, same weights
     seed: int = 0
     max_steps: int | None = None  # stop (and save last.pth) after this many optimiser steps in all
     threads: int | None = None  # torch intra-op threads (None: torch's default, one per core)

@@ -219,7 +219,16 @@ class Trainer:
         return True
 
     def _end_epoch(self, train_seconds: float) -> None:
+        """Re-estimate batch norm, validate, record and save. With ``val_every_epoch`` off only the last epoch is
+        validated (no early stopping): neither step changes the weights or draws from the RNG, and batch-norm
+        statistics are re-estimated from scratch, so the model trained is the same, only sooner."""
         started = time.perf_counter()
+        final = self.epoch + 1 >= self.cfg.epochs or (self.cfg.max_steps is not None
+                                                      and self.step >= self.cfg.max_steps)
+        if not (self.cfg.val_every_epoch or final):
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+            self.save("last.pth")
+            return
         if self.cfg.finetune_encoder:
             self.recalibrate_batchnorm()
         metrics = self.validate()

@@ -55,6 +55,20 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(shapes, tmp_p
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_validating_the_last_epoch_only_trains_the_same_weights_sooner(shapes, tmp_path):
+    """End to end with batch-norm re-estimation and dropout: skipping the earlier epochs' validation changes
+    nothing the model or the RNG sees, so the weights and the last epoch's metrics are the same."""
+    common = dict(epochs=3, finetune_encoder=True, dropout=0.3, lr=2e-3, encoder_lr=1e-3)
+    untimed = lambda record: {k: v for k, v in record.items() if not k.endswith("_seconds")}  # noqa: E731
+    every = Trainer(tiny(shapes, tmp_path / "every", **common))  # seeds the RNG: one trainer at a time
+    every_record = untimed(every.fit())
+    last = Trainer(tiny(shapes, tmp_path / "last", val_every_epoch=False, **common))
+    assert untimed(last.fit()) == every_record
+    assert [r["epoch"] for r in every.history] == [1, 2, 3] and [r["epoch"] for r in last.history] == [3]
+    a, b = every.model.state_dict(), last.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_box_attention_loss_is_minus_log_mass_in_the_box_over_boxed_steps_only():
     targets = torch.zeros(1, 3, 4)
     targets[0, 1] = torch.tensor([1.0, 0.5, 0.0, 0.0])  # only step 1 emits a boxed word
