@@ -67,9 +67,9 @@ class GraphSpec:
     def output_names(self) -> list[str]:
         return [t.name for t in self.outputs]
 
-    def input_sizes(self, inputs) -> dict[str, int]:
-        """The dynamic axes' sizes in ``inputs`` (tensors in the contract's order), to shape the outputs by."""
-        return {axis: n for t, x in zip(self.inputs, inputs) for axis, n in t.sizes(tuple(x.shape)).items()}
+    def input_sizes(self, shapes) -> dict[str, int]:
+        """The dynamic axes' sizes in inputs of ``shapes`` (in the contract's order), to shape the outputs by."""
+        return {axis: n for t, shape in zip(self.inputs, shapes) for axis, n in t.sizes(tuple(shape)).items()}
 
     def check_inputs(self, arrays: dict, dims: dict[str, int]) -> None:
         """Raise ``ShapeError`` naming the tensor if names, dtypes or shapes break the contract."""
@@ -110,13 +110,16 @@ def check_graph_io(path, spec: GraphSpec, found: dict[str, list[tuple[str, str, 
             if dtype != want.dtype:
                 raise ShapeError(f"{path}: {kind} '{name}' has dtype {dtype}, the contract says {want.dtype}")
             wanted_shape = want.shape(dims)
-            if len(shape) != len(wanted_shape) or any((w in DYNAMIC) != isinstance(s, str) or
-                                                      (w not in DYNAMIC and s != w)
-                                                      for s, w in zip(shape, wanted_shape)):
+            if len(shape) != len(wanted_shape) or not all(map(_axis_fits, shape, wanted_shape)):
                 baked = [w for s, w in zip(shape, wanted_shape) if w in DYNAMIC and not isinstance(s, str)]
                 note = f" ({' and '.join(baked)} must be symbolic axes)" if baked else ""
                 raise ShapeError(f"{path}: {kind} '{name}' has shape {list(shape)}, the model config says "
                                  f"{list(wanted_shape)}{note}")
+
+
+def _axis_fits(found: int | str, wanted: int | str) -> bool:
+    """A graph's axis fits the contract's: symbolic (any name) where the contract's is dynamic, else its size."""
+    return isinstance(found, str) if wanted in DYNAMIC else found == wanted
 
 
 def _f32(name: str, *axes) -> TensorSpec:

@@ -144,7 +144,7 @@ class OrtBackend(GraphBackend):
         binding = session.io_binding()
         with self.on_stream():
             inputs = [x.to(self.device, _TORCH_DTYPES[t.dtype]).contiguous() for t, x in zip(spec.inputs, inputs)]
-            sizes = spec.input_sizes(inputs)
+            sizes = spec.input_sizes(x.shape for x in inputs)
             outputs = [torch.empty(t.shape(self._dims, sizes), dtype=_TORCH_DTYPES[t.dtype], device=self.device)
                        for t in spec.outputs]
             for t, x in zip(spec.inputs, inputs):

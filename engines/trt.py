@@ -91,7 +91,7 @@ class _Engine:
         return tuple(torch.cat(outs) for outs in zip(*parts))
 
     def _run(self, inputs: tuple[Tensor, ...], stream: int) -> tuple[Tensor, ...]:
-        sizes = self.spec.input_sizes(inputs)
+        sizes = self.spec.input_sizes(x.shape for x in inputs)
         keep = []  # inputs converted here must outlive the asynchronous launch
         for t, x in zip(self.spec.inputs, inputs):
             x = aligned(x.to(device=self.device, dtype=self.dtypes[t.name]).contiguous())
