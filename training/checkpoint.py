@@ -28,7 +28,9 @@ from training.vocab import Vocab
 FORMAT = "sat-checkpoint"
 VERSION = 1
 REQUIRED_KEYS = ("format", "version", "config", "vocab", "state_dict")
-TRUNCATION_SIGNS = ("failed finding central directory", "Ran out of input", "EOF")
+# What torch's loaders say of a file that ends early: zip (no central directory) or pickle (cut between opcodes,
+# or inside one's argument: "pickle data was truncated").
+TRUNCATION_SIGNS = ("failed finding central directory", "Ran out of input", "EOF", "pickle data was truncated")
 
 
 @dataclass

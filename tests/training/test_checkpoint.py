@@ -101,3 +101,18 @@ def test_save_refuses_vocab_size_mismatch(tmp_path):
     from training.vocab import Vocab
     with pytest.raises(ValueError, match="vocab"):
         save_checkpoint(tmp_path / "x.pth", tiny_model(), Vocab.build([["only"]]))
+
+
+def test_a_pickle_cut_anywhere_is_truncated_not_corrupt():
+    """Cut between two opcodes, pickle runs out of input; inside an opcode's argument (a string, a list of
+    numbers) it says its data was truncated: both are a file that ends early."""
+    from training.checkpoint import is_truncated
+
+    data = pickle.dumps({"weights": list(range(300)), "name": "x" * 200}, protocol=2)
+    kinds = set()
+    for cut in range(1, len(data) - 1):
+        with pytest.raises(Exception) as caught:
+            pickle.loads(data[:cut])
+        kinds.add(str(caught.value))
+        assert is_truncated(caught.value), (cut, caught.value)
+    assert {"Ran out of input", "pickle data was truncated"} <= kinds
