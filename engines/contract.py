@@ -90,7 +90,7 @@ def check_tensors(graph: str, kind: str, specs, arrays: dict, dims: dict[str, in
         dtype = str(arr.dtype).removeprefix("torch.")
         if dtype != spec.dtype:
             raise ShapeError(f"{graph}: {kind} '{spec.name}' has dtype {dtype}, contract says {spec.dtype}")
-        sizes = {**spec.sizes(tuple(arr.shape)[:len(spec.axes)]), **sizes}
+        sizes = {**spec.sizes(arr.shape), **sizes}
         want = spec.shape(dims, sizes)
         if tuple(arr.shape) != want:
             raise ShapeError(f"{graph}: {kind} '{spec.name}' has shape {tuple(arr.shape)}, contract says {want}")

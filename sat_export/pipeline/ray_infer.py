@@ -226,12 +226,11 @@ def _check_fits(resources: dict[str, float], ray_options: RayOptions, readers: b
     ``readers``: a folder's files are decoded by tasks, a shard by its actor): it would hang."""
     cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
     need_cpus = ray_options.actors * ray_options.cpus_per_actor
-    if readers and need_cpus > cpus - 1:
-        raise SatError(f"{ray_options.actors} actor(s) x {ray_options.cpus_per_actor:g} CPU leave no CPU of the "
-                       f"cluster's {cpus:g} to read images: lower --ray-actors or --ray-cpus-per-actor")
-    if need_cpus > cpus:
-        raise SatError(f"{ray_options.actors} actor(s) x {ray_options.cpus_per_actor:g} CPU need more than the "
-                       f"cluster's {cpus:g} CPU(s): lower --ray-actors or --ray-cpus-per-actor")
+    if need_cpus > cpus - readers:  # one CPU kept for the reader tasks
+        short = (f"leave no CPU of the cluster's {cpus:g} to read images" if readers
+                 else f"need more than the cluster's {cpus:g} CPU(s)")
+        raise SatError(f"{ray_options.actors} actor(s) x {ray_options.cpus_per_actor:g} CPU {short}: lower "
+                       "--ray-actors or --ray-cpus-per-actor")
     if ray_options.actors * ray_options.gpus_per_actor > gpus:
         raise SatError(f"{ray_options.actors} actor(s) x {ray_options.gpus_per_actor:g} GPU need more than the "
                        f"cluster's {gpus:g} GPU(s): lower --ray-actors or --ray-gpus-per-actor")
